@@ -1,0 +1,49 @@
+# splitd — set-up, run, test, bench.
+#   make run    install what is missing, start the daemon in the foreground on ./var
+#   make test   same install, then the whole test suite
+#   make bench  the referee benchmark (splitd vs nbdkit vs qemu-nbd) on tmpfs
+SHELL := /bin/sh
+# python3-libnbd installs the `nbd` module for Debian's interpreter only, so the
+# virtualenv is made from /usr/bin/python3 with the system site-packages visible.
+SYSPYTHON ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VAR := $(CURDIR)/var
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv run test bench crash clean distclean
+
+all: venv
+
+deps:
+	@scripts/install-deps
+
+$(VENV)/.installed: pyproject.toml scripts/install-deps
+	@scripts/install-deps
+	@test -x $(PY) || $(SYSPYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	@mkdir -p $(VAR)
+	@echo "splitd: data in $(VAR); NBD on $(VAR)/nbd.sock and 127.0.0.1:10809; admin on $(VAR)/admin.sock"
+	@echo "  try:  nbdinfo 'nbd+unix:///demo?socket=$(VAR)/nbd.sock'"
+	@echo "        SPLITD_ADMIN_SOCKET=$(VAR)/admin.sock $(VENV)/bin/splitctl status"
+	exec $(VENV)/bin/splitd --data-dir $(VAR) \
+		--listen unix:$(VAR)/nbd.sock --listen tcp://127.0.0.1:10809 \
+		--admin-socket $(VAR)/admin.sock --ensure-volume demo:1G
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf .pytest_cache .hypothesis build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(VAR)

@@ -1,0 +1,121 @@
+"""The admin API: one method per admin request, and the table naming them.
+
+Every method takes keyword parameters as they arrive in a request's "params"
+(already decoded from JSON, so untrusted), checks them, and returns a
+JSON-able dict, or raises an error from controller.errors. Methods are
+synchronous and quick; the admin server calls them on the event loop, so
+none of them may block on anything slower than a metadata commit.
+
+To add a request, write the method and add one line to METHODS at the end.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from controller.errors import BadInput, Conflict, UnknownMethod
+from volumes.names import parse_region_size, parse_size, quoted, validate_name
+
+
+class Controller:
+    def __init__(self, manager, registry, info: Callable[[], dict]):
+        self.manager = manager      # volumes.manager.VolumeManager
+        self.registry = registry    # daemon.connections.ConnectionRegistry
+        self.info = info            # daemon facts: version, pid, uptime_s, listeners
+
+    def call(self, method: str, params: dict | None = None) -> Any:
+        """Run one admin request: look the method up, check params, call it."""
+        handler = METHODS.get(method)
+        if handler is None:
+            raise UnknownMethod(f"unknown method {quoted(method)}")
+        params = {} if params is None else params
+        _check_params(method, handler, params)
+        return handler(self, **params)
+
+    # -- daemon -----------------------------------------------------------
+
+    def status(self) -> dict:
+        result = dict(self.info())
+        result["volumes"] = len(self.manager.list())
+        result["unavailable_volumes"] = dict(self.manager.unavailable)
+        result["connections"] = self.registry.snapshot()
+        return result
+
+    # -- volumes ----------------------------------------------------------
+
+    def volume_create(self, name, size, region_size=None, read_only=False) -> dict:
+        vol = self.manager.create(validate_name(name), parse_size(size),
+                                  parse_region_size(region_size), _flag(read_only, "read_only"))
+        return self._describe(vol)
+
+    def volume_list(self) -> dict:
+        return {"volumes": [self._describe(v) for v in self.manager.list()]}
+
+    def volume_show(self, name) -> dict:
+        return self._describe(self.manager.get(validate_name(name)))
+
+    def volume_resize(self, name, size) -> dict:
+        return self._describe(self.manager.resize(validate_name(name), parse_size(size)))
+
+    def volume_delete(self, name, force=False) -> dict:
+        name = validate_name(name)
+        force = _flag(force, "force")
+        in_use = self.registry.count(name)
+        if in_use and not force:
+            conns = "connection" if in_use == 1 else "connections"
+            raise Conflict(f"volume {name!r} is in use by {in_use} NBD {conns}; disconnect "
+                           "first, or delete with force (splitctl volume delete --force)")
+        closed = self.registry.close_export(name, "volume deleted") if in_use else 0
+        self.manager.delete(name)
+        return {"name": name, "deleted": True, "connections_closed": closed}
+
+    def _describe(self, vol) -> dict:
+        return {
+            "name": vol.name,
+            "size": vol.size,
+            "region_size": vol.region_size,
+            "read_only": vol.read_only,
+            "allocated": self.manager.allocated_bytes(vol.name),
+            "connections": self.registry.count(vol.name),
+            "path": vol.path,
+        }
+
+
+# Admin method name -> Controller method. The one place requests are named.
+METHODS: dict[str, Callable[..., Any]] = {
+    "status": Controller.status,
+    "volume.create": Controller.volume_create,
+    "volume.list": Controller.volume_list,
+    "volume.show": Controller.volume_show,
+    "volume.resize": Controller.volume_resize,
+    "volume.delete": Controller.volume_delete,
+}
+
+
+def _flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadInput(f"{what} must be true or false")
+    return value
+
+
+@functools.cache
+def _signature(handler: Callable) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(every parameter name, the required ones in order), without `self`."""
+    params = list(inspect.signature(handler).parameters.values())[1:]
+    return (frozenset(p.name for p in params),
+            tuple(p.name for p in params if p.default is inspect.Parameter.empty))
+
+
+def _check_params(method: str, handler: Callable, params: dict) -> None:
+    # Named checks here, so a typo in a request is a clear bad-input error and
+    # never a TypeError from deep inside the call.
+    allowed, required = _signature(handler)
+    unknown = sorted(quoted(k) for k in params if k not in allowed)
+    if unknown:
+        raise BadInput(f"unknown parameter{'s' if len(unknown) > 1 else ''} for {method}: "
+                       f"{', '.join(unknown)} (accepted: {', '.join(sorted(allowed)) or 'none'})")
+    missing = [p for p in required if p not in params]
+    if missing:
+        raise BadInput(f"missing parameter{'s' if len(missing) > 1 else ''} for {method}: "
+                       f"{', '.join(missing)}")

@@ -1,0 +1,140 @@
+"""The admin server: newline-delimited JSON requests on a Unix socket.
+
+    request:  {"id": <any>, "method": "volume.create", "params": {...}}
+    reply:    {"id": <same>, "result": <any>}
+          or  {"id": <same>, "error": {"code": "<code>", "message": "<one line>"}}
+
+Error codes: "bad-request" (the line is not a JSON object with a string
+"method"), "unknown-method", the `code` of any controller.errors error
+("bad-input", "not-found", "conflict", ...), and "internal" for a bug, which
+is logged with its traceback while the daemon carries on.
+
+A connection may send many requests; each is answered in order. A line
+longer than MAX_LINE is answered with a bad-request error and the connection
+is closed, since we cannot tell where the next request would start.
+
+Controller methods are synchronous and quick, so they run right here on the
+event loop: no request ever sees another one half done.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import stat
+import time
+
+from controller.errors import SplitdError
+from volumes.names import quoted
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20
+
+
+async def start_admin_server(path: str, controller) -> asyncio.AbstractServer:
+    """Listen on the Unix socket `path` (mode 0660) and serve `controller`."""
+    _remove_stale_socket(path)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _serve_connection(reader, writer, controller)
+
+    # limit: a line of MAX_LINE bytes, newline included, still fits.
+    server = await asyncio.start_unix_server(serve, path, limit=MAX_LINE)
+    os.chmod(path, 0o660)
+    return server
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by an earlier daemon; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"admin socket path {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: stale
+            return
+    raise FileExistsError(f"another process is already listening on {path}")
+
+
+async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            controller) -> None:
+    # Runs as a task of its own: handles every error itself so a bad client
+    # never reaches the loop's exception handler.
+    try:
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as e:
+                line = e.partial  # EOF: a last request may lack its newline
+                if line.strip():
+                    await _send(writer, handle_line(line, controller))
+                return
+            except asyncio.LimitOverrunError:
+                await _send(writer, _error(None, "bad-request",
+                                           f"request line longer than {MAX_LINE} bytes"))
+                return
+            if line.strip():
+                await _send(writer, handle_line(line, controller))
+    except (ConnectionError, BrokenPipeError):
+        pass  # the client went away; nothing to answer
+    except Exception:
+        log.exception("admin connection failed")
+    finally:
+        writer.close()
+
+
+async def _send(writer: asyncio.StreamWriter, reply: bytes) -> None:
+    writer.write(reply)
+    await writer.drain()
+
+
+def handle_line(line: bytes, controller) -> bytes:
+    """One request line in, one reply line out (newline included). Never raises."""
+    started = time.monotonic()
+    try:
+        request = json.loads(line)
+    except ValueError as e:  # includes UnicodeDecodeError
+        return _error(None, "bad-request", f"request is not JSON: {e}")
+    except RecursionError:
+        return _error(None, "bad-request", "request is nested too deeply")
+    if not isinstance(request, dict):
+        return _error(None, "bad-request", "request must be a JSON object")
+    req_id = request.get("id")
+    method = request.get("method")
+    params = request.get("params")
+    if not isinstance(method, str):
+        return _error(req_id, "bad-request", 'request needs a "method" string')
+    if params is not None and not isinstance(params, dict):
+        return _error(req_id, "bad-request", '"params" must be a JSON object')
+
+    try:
+        reply = _encode({"id": req_id, "result": controller.call(method, params)})
+        outcome = "ok"
+    except SplitdError as e:
+        reply = _error(req_id, e.code, str(e))
+        outcome = e.code
+    except Exception as e:
+        log.exception("admin request %s failed", method)
+        reply = _error(req_id, "internal", f"internal error in {method}: {type(e).__name__}: {e}")
+        outcome = "internal"
+    log.debug("admin %s id=%s: %s (%.1f ms)", quoted(method), quoted(req_id), outcome,
+              (time.monotonic() - started) * 1000)
+    return reply
+
+
+def _error(req_id, code: str, message: str) -> bytes:
+    # Messages are one line by contract; make sure of it for unexpected ones.
+    message = " ".join(message.split())
+    return _encode({"id": req_id, "error": {"code": code, "message": message}})
+
+
+def _encode(reply: dict) -> bytes:
+    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"

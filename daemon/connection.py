@@ -1,0 +1,555 @@
+"""One NBD client connection: bytes in, requests served, replies out.
+
+The request path, in order (proto.md "Transmission"):
+
+    data_received -> decode header -> check magic -> validate -> (WRITE: take
+    the payload, or drain it if rejected) -> backend operation -> reply
+
+Small operations (reads and writes to the page cache) run inline on the event
+loop: that is the fast path, and replies produced by one data_received call go
+out in one write. Operations that block (fdatasync for FLUSH and FUA) run in
+a thread and reply when done; the in-flight cap pauses reading while too many
+are outstanding. Replies may go out of order; each carries its cookie.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+
+from . import codec as c
+from .handshake import MAX_PAYLOAD, STARTTLS, TRANSMISSION, CLOSE, Negotiation
+
+log = logging.getLogger("splitd.nbd")
+
+_REQ = c.REQUEST
+_REQ_SIZE = c.REQUEST.size
+_REQUEST_MAGIC = c.REQUEST_MAGIC
+_SIMPLE = c.SIMPLE_REPLY
+_SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
+_KNOWN_FLAGS = (c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_DF | c.CMD_FLAG_REQ_ONE
+                | c.CMD_FLAG_FAST_ZERO)
+# A BLOCK_STATUS reply lists at most this many extents per context; the spec
+# lets a server describe less than the whole range.
+MAX_EXTENTS = 64 * 1024
+
+# errno from the storage -> NBD error ("Error values"); anything else is EIO.
+_ERRNO_TO_NBD = {
+    errno.EPERM: c.EPERM, errno.EACCES: c.EPERM, errno.EROFS: c.EPERM,
+    errno.EIO: c.EIO, errno.ENOMEM: c.ENOMEM, errno.EINVAL: c.EINVAL,
+    errno.ENOSPC: c.ENOSPC, errno.EDQUOT: c.ENOSPC, errno.EFBIG: c.ENOSPC,
+    errno.EOVERFLOW: c.EOVERFLOW, errno.ENOTSUP: c.ENOTSUP, errno.ESHUTDOWN: c.ESHUTDOWN,
+}
+
+
+def nbd_error(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno in _ERRNO_TO_NBD:
+        return _ERRNO_TO_NBD[exc.errno]
+    return c.EIO
+
+
+SEND_BUFFER = 4 * 1024 * 1024
+INITIAL_BUFFER = 256 * 1024
+MIN_READ_ROOM = 64 * 1024
+# Reads this large go out with sendfile(2) when the backend allows it.
+SENDFILE_MIN = 128 * 1024
+
+
+def _grow_send_buffer(sock) -> None:
+    # A 1 MiB read reply that fits in the socket buffer goes out in one send;
+    # otherwise the event loop copies the rest and sends it piecemeal.
+    for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SEND_BUFFER)
+            return
+        except OSError:
+            continue
+
+
+class RequestError(Exception):
+    """A request fails with an NBD error; the connection goes on."""
+
+    def __init__(self, error: int, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    # Phases of a connection.
+    GREETING, OPTIONS, TLS_UPGRADE, TRANSMISSION, CLOSED = range(5)
+
+    def __init__(self, server, listener):
+        self.server = server
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.transport = None
+        self.peer = "?"
+        self.phase = self.GREETING
+        self.buf = bytearray()      # handshake bytes not yet parsed
+        self.rbuf = bytearray(INITIAL_BUFFER)
+        self.rstart = 0
+        self.rend = 0
+        self.want = 0               # bytes a partly received WRITE needs in one piece
+        self.negotiation = Negotiation(
+            server.exports, tls_available=server.tls_context is not None,
+            tls_required=listener.tls_required)
+        self.export = None
+        self.backend = None
+        self.structured = False
+        self.meta: dict[int, str] = {}
+        self.discard = 0            # bytes of a rejected WRITE payload still to drop
+        self.inflight = 0           # requests handed to threads, not yet replied
+        self.paused = set()         # why reading is paused: "writes", "inflight"
+        self.disconnecting = False  # NBD_CMD_DISC seen: close once inflight drains
+        self.shutting_down = False
+        self.handshake_timer = None
+        self.since = time.monotonic()
+        self.sockfd = -1            # raw socket for sendfile; -1 once TLS wraps it
+
+    # -- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or self.listener.name)
+        sock = transport.get_extra_info("socket")
+        self.sockfd = sock.fileno() if sock is not None else -1
+        if sock is not None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _grow_send_buffer(sock)
+        if not self.server.admit(self):
+            log.warning("refused connection from %s on %s: %d connections is the cap",
+                        self.peer, self.listener.name, self.server.max_connections)
+            self.phase = self.CLOSED
+            transport.abort()
+            return
+        if self.server.stopping:
+            self.phase = self.CLOSED
+            transport.close()
+            return
+        self.handshake_timer = self.loop.call_later(
+            self.server.handshake_timeout, self._handshake_timed_out)
+        transport.write(c.encode_greeting())
+
+    def connection_lost(self, exc) -> None:
+        self.phase = self.CLOSED
+        if self.handshake_timer:
+            self.handshake_timer.cancel()
+        self.server.forget(self)
+        self.buf = bytearray()
+        self.rstart = self.rend = 0
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests.
+        self._pause("writes")
+
+    def resume_writing(self) -> None:
+        self._resume("writes")
+
+    # Input is a BufferedProtocol: the loop receives straight into self.rbuf,
+    # bytes [rstart, rend) are unparsed. A WRITE payload is copied once, from
+    # this buffer to the volume.
+
+    def get_buffer(self, sizehint: int):
+        if len(self.rbuf) - self.rend < MIN_READ_ROOM:
+            self._make_room(MIN_READ_ROOM)
+        return memoryview(self.rbuf)[self.rend:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.rend += nbytes
+        if self.phase == self.TRANSMISSION:
+            self._transmission_data()
+        elif self.phase in (self.GREETING, self.OPTIONS):
+            self.buf += self.rbuf[self.rstart:self.rend]
+            self.rstart = self.rend = 0
+            try:
+                self._handshake()
+            except c.ProtocolError as e:
+                self.close_now(f"protocol error in handshake: {e}")
+        else:
+            # TLS_UPGRADE / CLOSED: nothing may arrive; drop it.
+            self.rstart = self.rend = 0
+
+    def _make_room(self, room: int) -> None:
+        """Ensure `room` free bytes after the unparsed data, moving it to the
+        front or into a bigger buffer. Never resizes in place: the loop may
+        still hold a view of the old buffer."""
+        pending = self.rend - self.rstart
+        size = len(self.rbuf)
+        if pending + room > size:
+            # Room for several payloads of this size, so a payload rarely
+            # straddles the end and has to be moved.
+            size = max(pending + room, 4 * room, 2 * size)
+            new = bytearray(size)
+            new[:pending] = self.rbuf[self.rstart:self.rend]
+            self.rbuf = new
+        elif self.rstart:
+            self.rbuf[:pending] = self.rbuf[self.rstart:self.rend]
+        self.rstart, self.rend = 0, pending
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close_now(self, reason: str) -> None:
+        """Hard disconnect (protocol error, forced delete, timeout)."""
+        if self.phase == self.CLOSED:
+            return
+        log.info("closing connection %s (%s): %s", self.peer,
+                 self.export.name if self.export else "handshake", reason)
+        self.phase = self.CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close_soon(self, reason: str) -> None:
+        """Close once what was written has gone out."""
+        if self.phase == self.CLOSED:
+            return
+        log.info("closing connection %s: %s", self.peer, reason)
+        self.phase = self.CLOSED
+        self.transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        if self.phase in (self.GREETING, self.OPTIONS, self.TLS_UPGRADE):
+            self.close_now(f"handshake not finished in {self.server.handshake_timeout:g}s")
+
+    def begin_shutdown(self) -> None:
+        """Daemon stopping: new requests get ESHUTDOWN; the daemon closes us later."""
+        self.shutting_down = True
+        self.negotiation.shutting_down = True
+        if self.phase in (self.GREETING, self.OPTIONS, self.TLS_UPGRADE):
+            self.close_now("server shutting down")
+
+    # -- handshake phase ------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        buf = self.buf
+        pos = 0
+        if self.phase == self.GREETING:
+            if len(buf) < c.CLIENT_FLAGS.size:
+                return
+            (flags,) = c.CLIENT_FLAGS.unpack_from(buf, 0)
+            pos = c.CLIENT_FLAGS.size
+            reason = self.negotiation.client_flags(flags)
+            if reason:
+                self.close_now(reason)
+                return
+            self.phase = self.OPTIONS
+        while self.phase == self.OPTIONS:
+            got = c.decode_option(buf, pos)
+            if got is None:
+                break
+            opt, used = got
+            pos += used
+            step = self.negotiation.handle(opt)
+            if step.out:
+                self.transport.write(step.out)
+            if step.action == CLOSE:
+                self._close_soon(step.reason)
+                return
+            if step.action == STARTTLS:
+                if len(buf) > pos:
+                    # The client may not send anything between STARTTLS and its ACK.
+                    raise c.ProtocolError("data sent before the TLS handshake")
+                self.phase = self.TLS_UPGRADE
+                self.transport.pause_reading()
+                self.loop.create_task(self._start_tls())
+                break
+            if step.action == TRANSMISSION:
+                self._enter_transmission(step.export)
+                del buf[:pos]
+                if buf:
+                    self._make_room(len(buf))
+                    self.rbuf[self.rend:self.rend + len(buf)] = buf
+                    self.rend += len(buf)
+                    self.buf = bytearray()
+                    self._transmission_data()
+                return
+        del buf[:pos]
+
+    async def _start_tls(self) -> None:
+        # Background task: handles its own errors and closes on failure.
+        try:
+            self.transport = await self.loop.start_tls(
+                self.transport, self, self.server.tls_context, server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout)
+        except Exception as e:  # noqa: BLE001 (any TLS failure ends the session)
+            self.close_now(f"TLS handshake failed: {e}")
+            return
+        if self.phase == self.TLS_UPGRADE:
+            self.negotiation.tls_active = True
+            self.sockfd = -1  # bytes now go through TLS: no more sendfile
+            self.phase = self.OPTIONS
+            log.info("TLS active with %s", self.peer)
+
+    def _enter_transmission(self, export) -> None:
+        self.export = export
+        self.backend = export.backend
+        self.structured = self.negotiation.structured
+        self.meta = {i: export.contexts[name] for i, name in self.negotiation.meta.items()
+                     if name in export.contexts}
+        if self.handshake_timer:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+        self.phase = self.TRANSMISSION
+        self.server.registry.add(self, export.name, self.peer, self.listener.name)
+        log.info("client %s on %s opened export %s (%s replies)", self.peer,
+                 self.listener.name, export.name, "structured" if self.structured else "simple")
+
+    # -- transmission phase: the request path ----------------------------------
+
+    def _transmission_data(self) -> None:
+        buf = self.rbuf
+        end = self.rend
+        pos = self.rstart
+        out: list = []
+        view = memoryview(buf)
+        try:
+            while not self.disconnecting:
+                if self.discard:
+                    # Drop a rejected WRITE's payload as it streams in: never buffer it.
+                    n = min(self.discard, end - pos)
+                    pos += n
+                    self.discard -= n
+                    if self.discard:
+                        break
+                if end - pos < _REQ_SIZE:
+                    break
+                magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
+                if magic != _REQUEST_MAGIC:
+                    # "Transmission": a bad magic means we lost sync; disconnect.
+                    self.close_now(f"bad request magic 0x{magic:08x}")
+                    return
+                if cmd == c.CMD_WRITE:
+                    if length > MAX_PAYLOAD:
+                        self._reply_error(out, cookie, c.EINVAL,
+                                          f"write of {length} bytes exceeds the {MAX_PAYLOAD} byte limit")
+                        pos += _REQ_SIZE
+                        self.discard = length
+                        continue
+                    if end - pos - _REQ_SIZE < length:
+                        # Wait for the whole payload, with room for it in one piece.
+                        self.want = _REQ_SIZE + length
+                        break
+                    start = pos + _REQ_SIZE
+                    pos = start + length
+                    self._request(out, flags, cmd, cookie, offset, length, view[start:pos])
+                else:
+                    pos += _REQ_SIZE
+                    self._request(out, flags, cmd, cookie, offset, length, None)
+        finally:
+            view.release()
+            if pos == end:
+                self.rstart = self.rend = 0
+            else:
+                self.rstart = pos
+                if self.want > len(buf) - pos:
+                    self._make_room(self.want - (end - pos))
+            self.want = 0
+            if out and self.phase == self.TRANSMISSION:
+                self.transport.writelines(out)
+        if self.disconnecting:
+            self._maybe_finish_disc()
+
+    def _request(self, out, flags, cmd, cookie, offset, length, payload) -> None:
+        try:
+            if self.shutting_down and cmd != c.CMD_DISC:
+                raise RequestError(c.ESHUTDOWN, "server is shutting down")
+            if flags & ~_KNOWN_FLAGS:
+                raise RequestError(c.EINVAL, f"unknown command flags 0x{flags:x}")
+            if cmd == c.CMD_READ:
+                self._check_range(offset, length, c.EINVAL)
+                if length > MAX_PAYLOAD:
+                    raise RequestError(c.EINVAL, f"read of {length} bytes exceeds the limit")
+                if length >= SENDFILE_MIN and self.sockfd >= 0:
+                    src = self.backend.read_fd(offset, length)
+                    if src is not None and self._sendfile(out, cookie, offset, length, *src):
+                        return
+                data = self.backend.read(offset, length)
+                if self.structured:
+                    out.append(c.encode_offset_data_header(cookie, offset, length))
+                else:
+                    out.append(_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie))
+                out.append(data)
+                return
+            if cmd == c.CMD_WRITE:
+                self._check_writable()
+                self._check_range(offset, length, c.ENOSPC)
+                self.backend.write(offset, payload)
+                self._done(out, cookie, flags)
+                return
+            if cmd == c.CMD_FLUSH:
+                self._in_thread(cookie, self.backend.flush)
+                return
+            if cmd == c.CMD_TRIM:
+                self._check_writable()
+                self._check_range(offset, length, c.EINVAL)
+                self.backend.trim(offset, length)
+                self._done(out, cookie, flags)
+                return
+            if cmd == c.CMD_WRITE_ZEROES:
+                self._check_writable()
+                self._check_range(offset, length, c.ENOSPC)
+                self._write_zeroes(flags, offset, length)
+                self._done(out, cookie, flags)
+                return
+            if cmd == c.CMD_BLOCK_STATUS:
+                self._block_status(out, flags, cookie, offset, length)
+                return
+            if cmd == c.CMD_CACHE:
+                # Our storage is the page cache already: validate and succeed.
+                self._check_range(offset, length, c.EINVAL)
+                self._reply_ok(out, cookie)
+                return
+            if cmd == c.CMD_DISC:
+                # No reply; finish what is in flight, then close.
+                self.disconnecting = True
+                return
+            raise RequestError(c.EINVAL, f"unknown command {cmd}")
+        except RequestError as e:
+            self._reply_error(out, cookie, e.error, str(e))
+        except OSError as e:
+            err = nbd_error(e)
+            log.warning("%s %s on %s at %d+%d failed: %s", self.peer,
+                        c.COMMAND_NAMES.get(cmd, cmd), self.export.name, offset, length, e)
+            self._reply_error(out, cookie, err, e.strerror or str(e))
+
+    def _sendfile(self, out, cookie, offset, length, fd, file_offset) -> bool:
+        """Send a read reply straight from the volume's file with sendfile(2).
+
+        Only while the transport holds nothing unsent, so bytes on the wire stay
+        in order; whatever the socket does not take at once is queued on the
+        transport as usual. Returns False (nothing sent) if the path is busy.
+        """
+        if out:
+            self.transport.writelines(out)
+            out.clear()
+        if self.transport.get_write_buffer_size():
+            return False
+        if self.structured:
+            header = c.encode_offset_data_header(cookie, offset, length)
+        else:
+            header = _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
+        try:
+            n = os.write(self.sockfd, header)
+        except BlockingIOError:
+            n = 0
+        if n < len(header):
+            self.transport.write(header[n:])
+            self.transport.write(os.pread(fd, length, file_offset))
+            return True
+        sent = 0
+        while sent < length:
+            try:
+                n = os.sendfile(self.sockfd, fd, file_offset + sent, length - sent)
+            except BlockingIOError:
+                break
+            if n == 0:
+                break
+            sent += n
+        if sent < length:
+            rest = os.pread(fd, length - sent, file_offset + sent)
+            if len(rest) < length - sent:  # past the end of file reads as zeroes
+                rest += bytes(length - sent - len(rest))
+            self.transport.write(rest)
+        return True
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int, error: int) -> None:
+        if offset + length > self.export.size:
+            raise RequestError(error, f"{offset}+{length} is beyond the end ({self.export.size})")
+
+    def _check_writable(self) -> None:
+        if self.export.read_only:
+            raise RequestError(c.EPERM, "export is read-only")
+
+    # -- operations ------------------------------------------------------------------------
+
+    def _write_zeroes(self, flags: int, offset: int, length: int) -> None:
+        punch = not flags & c.CMD_FLAG_NO_HOLE
+        if flags & c.CMD_FLAG_FAST_ZERO and not getattr(self.backend, "can_fast_zero", True):
+            # "NBD_CMD_FLAG_FAST_ZERO": fail fast rather than write zeroes slowly.
+            raise RequestError(c.ENOTSUP, "zeroing would not be fast")
+        self.backend.zero(offset, length, punch)
+
+    def _block_status(self, out, flags, cookie, offset, length) -> None:
+        if not self.structured or not self.meta:
+            # "NBD_CMD_BLOCK_STATUS": needs structured replies and a context set.
+            raise RequestError(c.EINVAL, "no meta context was negotiated")
+        if length == 0:
+            raise RequestError(c.EINVAL, "block status of length 0")
+        self._check_range(offset, length, c.EINVAL)
+        items = list(self.meta.items())
+        for n, (ctx_id, fn) in enumerate(items):
+            extents = fn(offset, length)
+            if flags & c.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            elif len(extents) > MAX_EXTENTS:
+                extents = extents[:MAX_EXTENTS]
+            out.append(c.encode_block_status(cookie, ctx_id, extents, done=n == len(items) - 1))
+
+    def _done(self, out, cookie: int, flags: int) -> None:
+        """Reply to a data-changing request, after a flush if FUA asks for one."""
+        if flags & c.CMD_FLAG_FUA:
+            self._in_thread(cookie, self.backend.flush)
+        else:
+            self._reply_ok(out, cookie)
+
+    def _reply_ok(self, out, cookie: int) -> None:
+        if self.structured:
+            out.append(c.encode_done(cookie))
+        else:
+            out.append(_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie))
+
+    def _reply_error(self, out, cookie: int, error: int, message: str) -> None:
+        if self.structured:
+            out.append(c.encode_error_chunk(cookie, error, message))
+        else:
+            out.append(_SIMPLE.pack(_SIMPLE_MAGIC, error, cookie))
+
+    # -- work in threads -------------------------------------------------------------------
+
+    def _in_thread(self, cookie: int, fn, *args) -> None:
+        self.inflight += 1
+        if self.inflight >= self.server.max_inflight:
+            self._pause("inflight")
+        fut = self.loop.run_in_executor(None, fn, *args)
+        fut.add_done_callback(lambda f: self._thread_done(cookie, f))
+
+    def _thread_done(self, cookie: int, fut) -> None:
+        self.inflight -= 1
+        if self.inflight < self.server.max_inflight:
+            self._resume("inflight")
+        if self.phase != self.TRANSMISSION:
+            return
+        out: list = []
+        exc = fut.exception()
+        if exc is None:
+            self._reply_ok(out, cookie)
+        else:
+            log.warning("%s: flush of %s failed: %s", self.peer, self.export.name, exc)
+            self._reply_error(out, cookie, nbd_error(exc), str(exc))
+        self.transport.writelines(out)
+        if self.disconnecting:
+            self._maybe_finish_disc()
+
+    def _maybe_finish_disc(self) -> None:
+        if self.inflight == 0:
+            self._close_soon("client disconnected")
+
+    # -- flow control --------------------------------------------------------------------------
+
+    def _pause(self, why: str) -> None:
+        if not self.paused and self.transport is not None and self.phase != self.CLOSED:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why not in self.paused:
+            return
+        self.paused.discard(why)
+        if not self.paused and self.phase != self.CLOSED:
+            self.transport.resume_reading()

@@ -1,0 +1,64 @@
+"""What the NBD server serves: exports, looked up by name at handshake time.
+
+An Export is the NBD server's whole view of a volume: its size, whether it is
+writable, the backend that does I/O (volumes.volume.Volume or a layer over it
+with the same methods), and the meta contexts it can answer BLOCK_STATUS for.
+The server never looks behind this: pairs add their layers and refusals here,
+not in the request path.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from volumes.volume import Volume
+
+# A meta context answers BLOCK_STATUS: (offset, length) -> [(length, flags)].
+ContextFn = Callable[[int, int], list[tuple[int, int]]]
+
+BASE_ALLOCATION = "base:allocation"
+
+
+class ExportUnknown(Exception):
+    """No export by that name (NBD_REP_ERR_UNKNOWN)."""
+
+
+class ExportUnavailable(Exception):
+    """The export exists but may not be opened now; the message says why."""
+
+
+class Export:
+    __slots__ = ("name", "backend", "size", "read_only", "description", "contexts")
+
+    def __init__(self, name: str, backend, size: int, read_only: bool,
+                 description: str = "", contexts: dict[str, ContextFn] | None = None):
+        self.name = name
+        self.backend = backend
+        self.size = size
+        self.read_only = read_only
+        self.description = description
+        self.contexts = contexts if contexts is not None else {BASE_ALLOCATION: backend.extents}
+
+
+class VolumeExports:
+    """Every volume of a VolumeManager is an export of the same name."""
+
+    def __init__(self, manager, default_export: str | None = None):
+        self.manager = manager
+        self.default_export = default_export
+
+    def names(self) -> Iterable[str]:
+        return [v.name for v in self.manager.list()]
+
+    def context_names(self) -> list[str]:
+        """Every meta context any export may offer (for LIST_META_CONTEXT)."""
+        return [BASE_ALLOCATION]
+
+    def lookup(self, name: str) -> Export:
+        if name == "" and self.default_export:
+            name = self.default_export
+        vol: Volume | None = self.manager.find(name)
+        if vol is None:
+            raise ExportUnknown(f"no export named {name!r}" if name
+                                else "no default export: give an export name")
+        return Export(vol.name, vol, vol.size, vol.read_only,
+                      description=f"splitd volume {vol.name}")

@@ -1,0 +1,152 @@
+"""Listen addresses ("ports" in DESIGN.md): parsing, interface lookup, binding.
+
+A listen spec is `[NAME=]URI` where URI is one of
+    unix:/path/to/socket
+    tcp://ADDRESS:PORT        (IPv6 as tcp://[::1]:PORT)
+    tcp://%IFACE:PORT         (every address of a network interface, via pyroute2)
+NAME lets the host agent ask for an export "as reached through" that port;
+it defaults to the URI itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+
+log = logging.getLogger("splitd.listen")
+
+
+class ListenSpecError(ValueError):
+    pass
+
+
+@dataclass
+class Listener:
+    name: str
+    uri: str
+    kind: str                       # "unix" or "tcp"
+    path: str = ""                  # unix
+    host: str = ""                  # tcp: address, or "%iface"
+    port: int = 0
+    tls_required: bool = False
+    bound: list[str] = field(default_factory=list)   # what we actually bound
+    servers: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "uri": self.uri, "kind": self.kind,
+                "tls_required": self.tls_required, "bound": list(self.bound)}
+
+
+def parse_listen(spec: str) -> Listener:
+    name, sep, uri = spec.partition("=")
+    if not sep or "://" in name or name.startswith("unix:"):
+        name, uri = "", spec
+    if uri.startswith("unix:"):
+        path = uri[len("unix:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ListenSpecError(f"{spec!r}: unix listener needs a path (unix:/run/splitd/nbd.sock)")
+        path = os.path.abspath(path)
+        return Listener(name or f"unix:{path}", f"unix:{path}", "unix", path=path)
+    if uri.startswith("tcp://"):
+        rest = uri[len("tcp://"):].rstrip("/")
+        host, colon, port_text = rest.rpartition(":")
+        if not colon:
+            host, port_text = rest, "10809"
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ListenSpecError(f"{spec!r}: port {port_text!r} is not a number") from None
+        if not 0 <= port <= 65535:
+            raise ListenSpecError(f"{spec!r}: port {port} is out of range")
+        if not host:
+            raise ListenSpecError(f"{spec!r}: give an address or %interface (tcp://0.0.0.0:10809)")
+        if not host.startswith("%"):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                if host != "localhost":
+                    raise ListenSpecError(f"{spec!r}: {host!r} is not an IP address "
+                                          "(use %NAME for a network interface)") from None
+        return Listener(name or uri, uri, "tcp", host=host, port=port)
+    raise ListenSpecError(f"{spec!r}: a listen URI is unix:/path, tcp://ADDR:PORT or tcp://%IFACE:PORT")
+
+
+def interface_addresses(ifname: str) -> list[str]:
+    """Every IPv4/IPv6 address of a network interface, looked up over netlink."""
+    from pyroute2 import IPRoute  # imported here: only %IFACE listeners need it
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise ListenSpecError(f"no network interface named {ifname!r}")
+        addrs = []
+        for msg in ipr.get_addr(index=idx[0]):
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr:
+                # Link-local IPv6 needs a scope id to bind.
+                if msg["family"] == socket.AF_INET6 and addr.startswith("fe80:"):
+                    addr = f"{addr}%{ifname}"
+                addrs.append(addr)
+    if not addrs:
+        raise ListenSpecError(f"network interface {ifname!r} has no address")
+    return addrs
+
+
+async def bind(listener: Listener, protocol_factory) -> None:
+    loop = asyncio.get_running_loop()
+    if listener.kind == "unix":
+        _remove_stale_socket(listener.path)
+        os.makedirs(os.path.dirname(listener.path) or ".", exist_ok=True)
+        server = await loop.create_unix_server(protocol_factory, listener.path, backlog=128)
+        os.chmod(listener.path, 0o660)
+        listener.servers.append(server)
+        listener.bound.append(listener.path)
+        return
+    hosts = (interface_addresses(listener.host[1:]) if listener.host.startswith("%")
+             else [listener.host])
+    for host in hosts:
+        server = await loop.create_server(protocol_factory, host, listener.port,
+                                          reuse_address=True, backlog=128)
+        for sock in server.sockets:
+            addr = sock.getsockname()
+            h = addr[0]
+            listener.bound.append(f"[{h}]:{addr[1]}" if ":" in h else f"{h}:{addr[1]}")
+        listener.servers.append(server)
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenSpecError(f"{path} exists and is not a socket; not removing it")
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: a leftover from an unclean stop
+            return
+    raise ListenSpecError(f"{path}: another process is listening there")
+
+
+async def close_all(listeners: list[Listener]) -> None:
+    for listener in listeners:
+        for server in listener.servers:
+            server.close()
+    for listener in listeners:
+        for server in listener.servers:
+            await server.wait_closed()
+        if listener.kind == "unix":
+            try:
+                os.unlink(listener.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,269 @@
+"""`splitd`: the daemon's entry point -- configuration, start-up, stop.
+
+Start-up order: read config (file, then flags win) -> open the data directory
+-> bind every listener and the admin socket -> READY=1 to systemd. Any failure
+before READY is one clear line on stderr and exit status 2 (bad configuration)
+or 1 (the system refused something).
+
+SIGTERM/SIGINT: stop accepting, answer new requests ESHUTDOWN, let in-flight
+ones finish within the grace period, flush every volume, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import tomllib
+
+from . import __version__
+from .connections import ConnectionRegistry
+from .listeners import ListenSpecError, bind, close_all, parse_listen
+from .notify import sd_notify
+from .server import NBDServer
+from .tls import TLSConfigError, server_context
+from volumes.errors import BadInput, SplitdError
+
+log = logging.getLogger("splitd")
+
+DEFAULT_CONFIG = "/etc/splitd/splitd.toml"
+DEFAULTS = {
+    "data_dir": "/var/lib/splitd",
+    "listen": ["unix:/run/splitd/nbd.sock", "tcp://127.0.0.1:10809"],
+    "admin_socket": "/run/splitd/admin.sock",
+    "default_export": None,
+    "tls": "off",
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_ca": None,
+    "tls_verify_peer": False,
+    "max_connections": 256,
+    "max_inflight": 64,
+    "handshake_timeout": 10.0,
+    "shutdown_grace": 10.0,
+    "log_level": "info",
+    "ensure_volume": [],
+}
+
+EPILOG = """\
+configuration:
+  Settings come from the TOML file (--config, default /etc/splitd/splitd.toml,
+  ignored if absent), then from flags, which win. File keys are the long option
+  names with '_' for '-', e.g.:
+      data_dir = "/srv/splitd"
+      listen = ["unix:/run/splitd/nbd.sock", "backup=tcp://%eth1:10809"]
+      tls = "require"
+      tls_cert = "/etc/splitd/server-cert.pem"
+      tls_key = "/etc/splitd/server-key.pem"
+
+listen URIs:
+  unix:/path              a Unix socket (mode 0660)
+  tcp://ADDR:PORT         TCP on an address (IPv6: tcp://[::1]:10809)
+  tcp://%IFACE:PORT       TCP on every address of a network interface
+  NAME=URI                the same, with a name the host agent can ask for
+
+signals:
+  SIGTERM, SIGINT   stop: finish in-flight requests, flush, exit 0
+
+examples:
+  splitd --data-dir ./var --listen unix:./var/nbd.sock --admin-socket ./var/admin.sock
+  splitd --listen tcp://0.0.0.0:10809 --tls require --tls-cert c.pem --tls-key k.pem
+"""
+
+
+class ConfigError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="splitd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Serve volumes over NBD, with split-mirror snapshots. "
+                    "Managed with splitctl over the admin socket.")
+    p.add_argument("--version", action="version", version=f"splitd {__version__}")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML configuration file (default {DEFAULT_CONFIG}, if it exists)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"where volumes and metadata live (default {DEFAULTS['data_dir']})")
+    p.add_argument("--listen", metavar="[NAME=]URI", action="append",
+                   help="NBD listen address; repeat for several (default: "
+                        + ", ".join(DEFAULTS["listen"]) + ")")
+    p.add_argument("--admin-socket", metavar="PATH",
+                   help=f"admin Unix socket for splitctl (default {DEFAULTS['admin_socket']})")
+    p.add_argument("--default-export", metavar="NAME",
+                   help="export served to clients that ask for the empty name")
+    p.add_argument("--tls", choices=["off", "on", "require"],
+                   help="off: no TLS; on: offer STARTTLS; require: TCP listeners refuse "
+                        "plaintext (Unix sockets stay plaintext). Default off")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain)")
+    p.add_argument("--tls-key", metavar="PEM", help="server private key")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate for client certificates")
+    p.add_argument("--tls-verify-peer", action="store_true", default=None,
+                   help="require client certificates signed by --tls-ca")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help=f"NBD connection cap (default {DEFAULTS['max_connections']})")
+    p.add_argument("--max-inflight", type=int, metavar="N",
+                   help=f"requests in flight per connection (default {DEFAULTS['max_inflight']})")
+    p.add_argument("--handshake-timeout", type=float, metavar="S",
+                   help=f"seconds a client has to finish the handshake "
+                        f"(default {DEFAULTS['handshake_timeout']:g})")
+    p.add_argument("--shutdown-grace", type=float, metavar="S",
+                   help=f"seconds in-flight requests get at stop (default {DEFAULTS['shutdown_grace']:g})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info")
+    p.add_argument("--ensure-volume", metavar="NAME:SIZE", action="append",
+                   help="create this volume at start if it does not exist (e.g. demo:1G)")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> dict:
+    cfg = dict(DEFAULTS)
+    path = args.config or DEFAULT_CONFIG
+    if args.config or os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        unknown = set(data) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown keys: {', '.join(sorted(unknown))}")
+        cfg.update(data)
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg[key] = value
+    if cfg["tls"] != "off" and not (cfg["tls_cert"] and cfg["tls_key"]):
+        raise ConfigError(f"--tls {cfg['tls']} needs --tls-cert and --tls-key")
+    for key in ("max_connections", "max_inflight"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
+    if isinstance(cfg["listen"], str):
+        cfg["listen"] = [cfg["listen"]]
+    return cfg
+
+
+def setup_logging(level: str) -> None:
+    # One line per event on stderr; journald adds the time and unit.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if sys.stderr.isatty() or not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+class Daemon:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.started = time.time()
+        self.listeners = [parse_listen(s) for s in cfg["listen"]]
+        self.stop_event: asyncio.Event | None = None
+
+    def info(self) -> dict:
+        return {"version": __version__, "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 3),
+                "data_dir": os.path.abspath(self.cfg["data_dir"]),
+                "listeners": [l.as_dict() for l in self.listeners]}
+
+    async def run(self) -> int:
+        from controller.service import Controller
+        from daemon.admin_server import start_admin_server
+        from volumes.manager import VolumeManager
+        from volumes.names import parse_size
+
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        tls_context = None
+        if cfg["tls"] != "off":
+            tls_context = server_context(cfg["tls_cert"], cfg["tls_key"], cfg["tls_ca"],
+                                         bool(cfg["tls_verify_peer"]))
+        for l in self.listeners:
+            l.tls_required = cfg["tls"] == "require" and l.kind == "tcp"
+
+        manager = VolumeManager(cfg["data_dir"])
+        for spec in cfg["ensure_volume"]:
+            name, _, size = spec.partition(":")
+            if manager.find(name) is None:
+                manager.create(name, parse_size(size or "1G"))
+        registry = ConnectionRegistry()
+        from .exports import VolumeExports
+        exports = VolumeExports(manager, cfg["default_export"])
+        server = NBDServer(exports, registry, tls_context=tls_context,
+                           max_connections=int(cfg["max_connections"]),
+                           max_inflight=int(cfg["max_inflight"]),
+                           handshake_timeout=float(cfg["handshake_timeout"]))
+        controller = Controller(manager, registry, self.info)
+        try:
+            for l in self.listeners:
+                await bind(l, server.protocol_factory(l))
+                log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
+                         " TLS required" if l.tls_required else "")
+            admin = await start_admin_server(cfg["admin_socket"], controller)
+        except BaseException:
+            await close_all(self.listeners)
+            manager.close()
+            raise
+        log.info("admin socket %s; %d volumes; ready", cfg["admin_socket"], len(manager.list()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        sd_notify(f"READY=1\nSTATUS=serving {len(manager.list())} volumes\nMAINPID={os.getpid()}")
+
+        await self.stop_event.wait()
+
+        log.info("stopping: finishing in-flight requests")
+        sd_notify("STOPPING=1")
+        await close_all(self.listeners)
+        await server.shutdown(float(cfg["shutdown_grace"]))
+        admin.close()
+        try:
+            os.unlink(cfg["admin_socket"])
+        except FileNotFoundError:
+            pass
+        for vol in manager.list():
+            try:
+                await loop.run_in_executor(None, vol.flush)
+            except OSError as e:
+                log.error("flush of %s failed at stop: %s", vol.name, e)
+        manager.close()
+        log.info("stopped")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args)
+        setup_logging(cfg["log_level"])
+        daemon = Daemon(cfg)
+    except (ConfigError, ListenSpecError) as e:
+        parser.exit(2, f"splitd: error: {e}\n")
+    try:
+        import uvloop
+        return uvloop.run(daemon.run()) if hasattr(uvloop, "run") else _run_with_policy(daemon)
+    except (ListenSpecError, TLSConfigError, BadInput) as e:
+        print(f"splitd: error: {e}", file=sys.stderr)
+        return 2
+    except SplitdError as e:
+        print(f"splitd: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"splitd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run_with_policy(daemon: Daemon) -> int:
+    import uvloop
+    uvloop.install()
+    return asyncio.run(daemon.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""splitctl against the real daemon (the `daemon` fixture of tests/conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BIN
+
+
+def run_splitctl(*args: str, socket_path: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SPLITD_ADMIN_SOCKET=socket_path)
+    return subprocess.run([str(BIN / "splitctl"), *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def one_line_error(cp: subprocess.CompletedProcess, prefix: str) -> str:
+    assert cp.stdout == ""
+    assert cp.stderr.count("\n") == 1 and cp.stderr.startswith(prefix), cp.stderr
+    assert "Traceback" not in cp.stderr
+    return cp.stderr
+
+
+# -- without a daemon ---------------------------------------------------------
+
+@pytest.mark.parametrize("command", [[], ["status"], ["volume"], ["volume", "create"],
+                                     ["volume", "list"], ["volume", "show"],
+                                     ["volume", "resize"], ["volume", "delete"]])
+def test_help(command, tmp_path):
+    cp = run_splitctl(*command, "--help", socket_path=str(tmp_path / "none"))
+    assert cp.returncode == 0
+    assert cp.stdout.startswith("usage: splitctl") and "examples:" in cp.stdout
+
+
+def test_daemon_not_running(tmp_path):
+    path = str(tmp_path / "admin.sock")
+    cp = run_splitctl("volume", "list", socket_path=path)
+    assert cp.returncode == 1
+    one_line_error(cp, f"splitctl: cannot reach splitd at {path}: ")
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["volume", "create", "db", "1000"], "not a multiple of 4096"),
+    (["volume", "create", "db", "1.5G"], "invalid size"),
+    (["volume", "create", "db", "0"], "greater than 0"),
+    (["volume", "create", "../db", "1G"], "invalid volume name"),
+    (["volume", "create", "db", "1G", "--region-size", "3K"], "power of two"),
+    (["volume", "resize", "db", "12345"], "multiple of 4096"),
+    (["volume", "show", "a b"], "invalid volume name"),
+    (["volume", "frobnicate"], "invalid choice"),
+    (["volume", "create", "db"], "required: SIZE"),
+])
+def test_bad_command_lines_exit_2_in_one_line(args, reason, tmp_path):
+    # Checked before anything is sent: no daemon is needed to refuse these.
+    cp = run_splitctl(*args, socket_path=str(tmp_path / "none"))
+    assert cp.returncode == 2
+    assert reason in one_line_error(cp, "splitctl: error: ")
+
+
+# -- with the daemon ----------------------------------------------------------
+
+def test_status(daemon):
+    cp = daemon.splitctl("status")
+    assert cp.stdout.startswith("splitd ") and "volumes:     0" in cp.stdout
+    assert f"  unix:{daemon.nbd_socket}\n" in cp.stdout
+    status = json.loads(daemon.splitctl("status", "--json").stdout)
+    assert status["pid"] == daemon.proc.pid
+    assert status["volumes"] == 0 and status["connections"] == []
+
+
+def test_volume_commands(daemon):
+    out = daemon.splitctl("volume", "create", "db", "10G").stdout
+    assert out == "created volume db: 10 GiB, region size 64 KiB\n"
+    daemon.splitctl("volume", "create", "scratch", "512M", "--region-size", "1M", "--read-only")
+
+    lines = daemon.splitctl("volume", "list").stdout.splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "ALLOCATED", "REGION", "MODE", "CONNS"]
+    assert lines[1].split() == ["db", "10", "GiB", "0", "B", "64", "KiB", "rw", "0"]
+    assert lines[2].split() == ["scratch", "512", "MiB", "0", "B", "1", "MiB", "ro", "0"]
+    assert len({len(line) for line in lines}) == 1  # columns line up (CONNS is right-aligned)
+
+    shown = daemon.splitctl("volume", "show", "db").stdout
+    assert "size:        10 GiB (10737418240 bytes)" in shown
+    assert f"path:        {daemon.data_dir}/volumes/db.img" in shown
+
+    out = daemon.splitctl("volume", "resize", "db", "20G").stdout
+    assert out.startswith("volume db is now 20 GiB")
+    assert daemon.call("volume.show", name="db")["size"] == 20 << 30
+
+    assert daemon.splitctl("volume", "delete", "scratch").stdout == "deleted volume scratch\n"
+    assert [v["name"] for v in daemon.call("volume.list")["volumes"]] == ["db"]
+    assert not (daemon.data_dir / "volumes" / "scratch.img").exists()
+
+
+def test_json_output_on_every_command(daemon):
+    created = json.loads(daemon.splitctl("volume", "create", "db", "1G", "--json").stdout)
+    assert created["size"] == 1 << 30 and created["region_size"] == 65536
+    for args in (["volume", "list", "--json"], ["--json", "volume", "list"],
+                 ["volume", "--json", "list"]):
+        listed = json.loads(daemon.splitctl(*args).stdout)
+        assert [v["name"] for v in listed["volumes"]] == ["db"]
+    shown = json.loads(daemon.splitctl("volume", "show", "db", "--json").stdout)
+    assert shown == created
+    resized = json.loads(daemon.splitctl("volume", "resize", "db", "2G", "--json").stdout)
+    assert resized["size"] == 2 << 30
+    deleted = json.loads(daemon.splitctl("volume", "delete", "db", "--json").stdout)
+    assert deleted == {"name": "db", "deleted": True, "connections_closed": 0}
+
+
+def test_socket_option_wins_over_the_environment(daemon, tmp_path):
+    cp = run_splitctl("--socket", str(daemon.admin_socket), "status",
+                      socket_path=str(tmp_path / "wrong.sock"))
+    assert cp.returncode == 0, cp.stderr
+    cp = run_splitctl("volume", "list", "--socket", str(daemon.admin_socket),
+                      socket_path=str(tmp_path / "wrong.sock"))
+    assert cp.returncode == 0 and cp.stdout == "no volumes\n"
+
+
+def test_daemon_refusals_exit_1(daemon):
+    daemon.splitctl("volume", "create", "db", "1G")
+    cases = [
+        (["volume", "create", "db", "1G"], "splitctl: volume 'db' already exists"),
+        (["volume", "show", "nope"], "splitctl: no volume named 'nope'"),
+        (["volume", "delete", "nope"], "splitctl: no volume named 'nope'"),
+        (["volume", "resize", "db", "512M"], "splitctl: volume 'db' is 1 GiB; volumes only grow"),
+    ]
+    for args, message in cases:
+        cp = daemon.splitctl(*args, check=False)
+        assert cp.returncode == 1, cp
+        one_line_error(cp, message)
+
+
+def test_daemon_stopped(daemon):
+    daemon.stop()
+    cp = daemon.splitctl("status", check=False)
+    assert cp.returncode == 1
+    one_line_error(cp, "splitctl: cannot reach splitd at ")
+
+
+def test_invalid_input_creates_nothing(daemon):
+    for size in ("1000", "-1G", "1.5G", "0"):
+        assert daemon.splitctl("volume", "create", "db", size, check=False).returncode == 2
+    assert daemon.call("volume.list") == {"volumes": []}
+    assert os.listdir(daemon.data_dir / "volumes") == []
+
+
+def test_delete_refused_while_an_nbd_client_is_connected(daemon):
+    nbd = pytest.importorskip("nbd")
+    daemon.splitctl("volume", "create", "db", "64M")
+    h = nbd.NBD()
+    h.set_export_name("db")
+    h.connect_uri(daemon.uri("db"))
+    h.pwrite(b"x" * 4096, 0)
+    wait_for(lambda: daemon.call("volume.show", name="db")["connections"] == 1)
+    status = daemon.splitctl("status").stdout
+    assert "connections: 1" in status
+    assert status.splitlines()[-2].split()[:1] == ["EXPORT"]
+    assert status.splitlines()[-1].split()[0] == "db"
+
+    cp = daemon.splitctl("volume", "delete", "db", check=False)
+    assert cp.returncode == 1
+    assert "in use by 1 NBD connection" in one_line_error(cp, "splitctl: volume 'db'")
+    assert h.pread(4096, 0) == b"x" * 4096  # the client was left alone
+
+    out = daemon.splitctl("volume", "delete", "db", "--force").stdout
+    assert out == "deleted volume db, closed 1 connection\n"
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    assert daemon.call("volume.list") == {"volumes": []}
+
+
+def test_volumes_survive_a_restart(daemon):
+    daemon.splitctl("volume", "create", "a", "1G", "--region-size", "4K")
+    daemon.splitctl("volume", "create", "b", "2G", "--read-only")
+    before = daemon.call("volume.list")
+    daemon.restart()
+    assert daemon.call("volume.list") == before
+
+
+def test_a_hundred_terabyte_volumes_are_cheap(daemon):
+    for i in range(100):
+        daemon.call("volume.create", name=f"vol{i:03d}", size="1T")
+    started = time.monotonic()
+    listed = daemon.call("volume.list")["volumes"]
+    elapsed = time.monotonic() - started
+    assert len(listed) == 100 and all(v["allocated"] == 0 for v in listed)
+    assert elapsed < 0.1, f"volume.list took {elapsed * 1000:.0f} ms"
+    assert rss_bytes(daemon.proc.pid) < 80 << 20
+    out = daemon.splitctl("volume", "list").stdout
+    assert out.count("1 TiB") == 100
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)

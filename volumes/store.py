@@ -1,0 +1,150 @@
+"""The metadata store: one SQLite database, <data_dir>/splitd.db.
+
+Rules kept here:
+- Every state change is one transaction (BEGIN IMMEDIATE ... COMMIT), so a
+  crash leaves either the old state or the new one, never half of each.
+- WAL journal with synchronous=FULL: a commit that returned is on disk.
+- The schema version lives in PRAGMA user_version. MIGRATIONS[i] takes the
+  schema from version i to i+1; opening a database applies the missing ones,
+  each in its own transaction together with its version bump. A later table
+  (pairs, bitmap generations, backups) is one more entry at the end of that
+  list and, usually, a few methods here.
+- Only this module writes SQL.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+from volumes.errors import SplitdError
+
+MIGRATIONS: list[str] = [
+    # 0 -> 1: volumes.
+    """
+    CREATE TABLE volumes (
+        name        TEXT PRIMARY KEY,
+        size        INTEGER NOT NULL,
+        region_size INTEGER NOT NULL,
+        read_only   INTEGER NOT NULL DEFAULT 0,
+        created     REAL NOT NULL
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class VolumeRecord(NamedTuple):
+    name: str
+    size: int
+    region_size: int
+    read_only: bool
+    created: float
+
+
+class SchemaTooNew(SplitdError):
+    """The database was written by a newer splitd; we must not touch it."""
+
+    code = "schema-too-new"
+
+
+class MetadataStore:
+    def __init__(self, path: str):
+        self.path = path
+        # Autocommit mode (isolation_level=None): transactions are ours, explicit.
+        # The daemon uses the store from its event loop thread, but a helper
+        # thread may read it too; the lock keeps one statement group at a time.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One state change: everything inside commits together or not at all."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full, say) can leave the transaction
+                # open; roll it back so the next one can BEGIN.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(f"{self.path} has schema version {version}; this splitd "
+                               f"knows up to {SCHEMA_VERSION} (was it written by a newer one?)")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as db:
+                # executescript() would COMMIT on its own; run statement by statement.
+                for statement in _statements(MIGRATIONS[target - 1]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target:d}")
+
+    # -- volumes ------------------------------------------------------------
+
+    def add_volume(self, name: str, size: int, region_size: int, read_only: bool,
+                   created: float | None = None) -> VolumeRecord:
+        record = VolumeRecord(name, size, region_size, bool(read_only),
+                              time.time() if created is None else created)
+        with self.transaction() as db:
+            db.execute("INSERT INTO volumes (name, size, region_size, read_only, created) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (record.name, record.size, record.region_size, int(record.read_only),
+                        record.created))
+        return record
+
+    def get_volume(self, name: str) -> VolumeRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT name, size, region_size, read_only, created "
+                                   "FROM volumes WHERE name = ?", (name,)).fetchone()
+        return _volume(row) if row else None
+
+    def list_volumes(self) -> list[VolumeRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, size, region_size, read_only, created "
+                                    "FROM volumes ORDER BY name").fetchall()
+        return [_volume(r) for r in rows]
+
+    def set_volume_size(self, name: str, size: int) -> None:
+        with self.transaction() as db:
+            cur = db.execute("UPDATE volumes SET size = ? WHERE name = ?", (size, name))
+            if cur.rowcount != 1:
+                raise KeyError(name)
+
+    def remove_volume(self, name: str) -> bool:
+        """Delete the row; False if there was none."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 1
+
+
+def _volume(row) -> VolumeRecord:
+    name, size, region_size, read_only, created = row
+    return VolumeRecord(name, size, region_size, bool(read_only), created)
+
+
+def _statements(script: str) -> list[str]:
+    # Migrations are plain DDL without ';' inside literals, so a split is enough.
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,224 @@
+"""A volume's data: one sparse file, and the plain operations on it.
+
+This is the bottom of the stack. Everything above it (the NBD server, and the
+pair layers that add dirty tracking, copy-on-write and read policies) talks to
+this small interface:
+
+    read(offset, length) -> bytes      write(offset, data)
+    zero(offset, length, punch)        trim(offset, length)
+    flush()  (blocking: run it off the event loop)
+    extents(offset, length) -> [(length, flags)]  (flags: HOLE | ZERO)
+
+Rules kept here:
+- Creation never writes zeroes: the file is made with ftruncate, so a new
+  volume is one hole.
+- Bounds are the caller's job (the NBD server validates every request before
+  it gets here); a short read past the end of file reads as zeroes.
+- Errors are OSError with the errno the storage gave; the server maps them.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+# Flags of an extent, as NBD's base:allocation context defines them.
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+_PUNCH = getattr(os, "FALLOC_FL_PUNCH_HOLE", 0x02)
+_KEEP_SIZE = getattr(os, "FALLOC_FL_KEEP_SIZE", 0x01)
+_ZERO_RANGE = getattr(os, "FALLOC_FL_ZERO_RANGE", 0x10)
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+class Volume:
+    """The data of one volume, kept in a sparse file."""
+
+    __slots__ = ("name", "path", "size", "region_size", "read_only", "fd",
+                 "_can_punch", "_can_zero_range")
+
+    def __init__(self, name: str, path: str, size: int, region_size: int = 65536,
+                 read_only: bool = False):
+        self.name = name
+        self.path = path
+        self.size = size
+        self.region_size = region_size
+        self.read_only = read_only
+        self.fd = -1
+        self._can_punch = True
+        self._can_zero_range = True
+
+    # -- life cycle -------------------------------------------------------
+
+    @staticmethod
+    def create_file(path: str, size: int) -> None:
+        """Make the sparse backing file; refuses to overwrite an existing one."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def open(self) -> "Volume":
+        if self.fd < 0:
+            flags = os.O_RDONLY if self.read_only else os.O_RDWR
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+            # A file shorter than the recorded size (cut short outside of us)
+            # reads as zeroes past its end; grow it so writes land in place.
+            if not self.read_only and os.fstat(self.fd).st_size < self.size:
+                os.ftruncate(self.fd, self.size)
+        return self
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def resize(self, new_size: int) -> None:
+        """Grow the volume (the file stays sparse)."""
+        if new_size < self.size:
+            raise ValueError("volumes only grow")
+        fd = self.fd if self.fd >= 0 and not self.read_only else os.open(self.path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, new_size)
+            os.fsync(fd)
+        finally:
+            if fd != self.fd:
+                os.close(fd)
+        self.size = new_size
+
+    # -- data -------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            data = self._read_rest(data, offset, length)
+        return data
+
+    def _read_rest(self, data: bytes, offset: int, length: int) -> bytes:
+        # pread may return short on a large read; past the file's end is zeroes.
+        parts = [data]
+        done = len(data)
+        while done < length:
+            more = os.pread(self.fd, length - done, offset + done)
+            if not more:
+                parts.append(bytes(length - done))
+                break
+            parts.append(more)
+            done += len(more)
+        return b"".join(parts)
+
+    def read_fd(self, offset: int, length: int) -> tuple[int, int] | None:
+        """Where [offset, offset+length) can be read straight from a file:
+        (fd, file offset), for sendfile(2). Layers answer None where the bytes
+        must come through read() (not yet copied, say)."""
+        return (self.fd, offset)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def zero(self, offset: int, length: int, punch: bool = True) -> None:
+        """Make [offset, offset+length) read as zeroes.
+
+        punch=True lets the range become a hole (NBD_CMD_WRITE_ZEROES without
+        NO_HOLE); punch=False keeps it allocated.
+        """
+        if punch and self._can_punch:
+            try:
+                _fallocate(self.fd, _PUNCH | _KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._can_punch = False
+        if self._can_zero_range:
+            try:
+                _fallocate(self.fd, _ZERO_RANGE | _KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._can_zero_range = False
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            self.write(offset, memoryview(_ZERO_CHUNK)[:n])
+            offset += n
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard a range: it reads as zeroes afterwards (we always punch)."""
+        self.zero(offset, length, punch=True)
+
+    def flush(self) -> None:
+        """Make every write so far durable. Blocking: call it from a thread."""
+        os.fdatasync(self.fd)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Allocation of [offset, offset+length): a list of (length, flags).
+
+        Holes (found with SEEK_HOLE/SEEK_DATA) read as zeroes and are reported
+        HOLE|ZERO; data is reported 0. The lengths add up to `length`.
+        """
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        fd = self.fd
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = end  # no data from pos to the end of file
+            if data > pos:
+                stop = min(data, end)
+                _append(out, stop - pos, EXTENT_HOLE | EXTENT_ZERO)
+                pos = stop
+                continue
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                hole = end
+            stop = min(hole, end)
+            _append(out, stop - pos, 0)
+            pos = stop
+        return out
+
+
+def _append(out: list[tuple[int, int]], length: int, flags: int) -> None:
+    if out and out[-1][1] == flags:
+        out[-1] = (out[-1][0] + length, flags)
+    else:
+        out.append((length, flags))
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _libc_fallocate(fd, mode, offset, length)
+
+
+def _load_fallocate():
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+
+    def call(fd: int, mode: int, offset: int, length: int) -> None:
+        if fn(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return call
+
+
+_libc_fallocate = _load_fallocate()
