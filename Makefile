@@ -2,6 +2,7 @@
 #   make run    install what is missing, start the daemon in the foreground on ./var
 #   make test   same install, then the whole test suite
 #   make bench  the referee benchmark (splitd vs nbdkit vs qemu-nbd) on tmpfs
+#   make install  install under $(PREFIX) with the systemd unit (as root)
 SHELL := /bin/sh
 # python3-libnbd installs the `nbd` module for Debian's interpreter only, so the
 # virtualenv is made from /usr/bin/python3 with the system site-packages visible.
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv run test bench crash clean distclean
+.PHONY: all deps venv run test bench install clean distclean
 
 all: venv
 
@@ -41,9 +42,37 @@ test: venv
 bench: venv
 	$(PY) bench/run.py
 
+PREFIX ?= /opt/splitd
+install:
+	@scripts/install-deps
+	test -x $(PREFIX)/bin/python || $(SYSPYTHON) -m venv --system-site-packages $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check .
+	ln -sf $(PREFIX)/bin/splitd /usr/local/bin/splitd
+	ln -sf $(PREFIX)/bin/splitctl /usr/local/bin/splitctl
+	install -D -m 0644 systemd/splitd.service /etc/systemd/system/splitd.service
+	install -D -m 0644 systemd/splitd.sysusers /usr/lib/sysusers.d/splitd.conf
+	test -e /etc/splitd/splitd.toml || install -D -m 0640 systemd/splitd.toml /etc/splitd/splitd.toml
+	-systemd-sysusers /usr/lib/sysusers.d/splitd.conf
+	-systemctl daemon-reload
+	@echo "installed; start with: systemctl enable --now splitd"
+
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-distclean: clean
+distPREFIX ?= /opt/splitd
+install:
+	@scripts/install-deps
+	test -x $(PREFIX)/bin/python || $(SYSPYTHON) -m venv --system-site-packages $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check .
+	ln -sf $(PREFIX)/bin/splitd /usr/local/bin/splitd
+	ln -sf $(PREFIX)/bin/splitctl /usr/local/bin/splitctl
+	install -D -m 0644 systemd/splitd.service /etc/systemd/system/splitd.service
+	install -D -m 0644 systemd/splitd.sysusers /usr/lib/sysusers.d/splitd.conf
+	test -e /etc/splitd/splitd.toml || install -D -m 0640 systemd/splitd.toml /etc/splitd/splitd.toml
+	-systemd-sysusers /usr/lib/sysusers.d/splitd.conf
+	-systemctl daemon-reload
+	@echo "installed; start with: systemctl enable --now splitd"
+
+clean: clean
 	rm -rf $(VENV) $(VAR)

@@ -110,8 +110,11 @@ async def bind(listener: Listener, protocol_factory) -> None:
         listener.servers.append(server)
         listener.bound.append(listener.path)
         return
-    hosts = (interface_addresses(listener.host[1:]) if listener.host.startswith("%")
-             else [listener.host])
+    if listener.host.startswith("%"):
+        # pyroute2's synchronous API runs an event loop of its own: not on ours.
+        hosts = await loop.run_in_executor(None, interface_addresses, listener.host[1:])
+    else:
+        hosts = [listener.host]
     for host in hosts:
         server = await loop.create_server(protocol_factory, host, listener.port,
                                           reuse_address=True, backlog=128)

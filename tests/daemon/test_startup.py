@@ -1,0 +1,135 @@
+"""Daemon start-up: systemd readiness, configuration file, bad flags, the unit file."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, ROOT, Daemon, free_tcp_port
+
+
+def test_ready_is_sent_only_once_listeners_are_bound(tmp_path):
+    """Type=notify: when READY=1 arrives, both sockets already accept."""
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify_path))
+        ns.settimeout(20)
+        d = Daemon(tmp_path)
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        d.proc = subprocess.Popen(d.args(), env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        d._log = open(os.devnull, "wb")
+        try:
+            msg = ns.recv(4096).decode()
+            assert "READY=1" in msg.splitlines()
+            # Right now, with no retry: every listener answers.
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(d.nbd_socket))
+                assert s.recv(8) == b"NBDMAGIC"
+            with socket.create_connection(("127.0.0.1", d.tcp_port), timeout=5) as s:
+                assert s.recv(8) == b"NBDMAGIC"
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(d.admin_socket))
+            d.proc.send_signal(15)
+            assert "STOPPING=1" in ns.recv(4096).decode()
+            assert d.proc.wait(30) == 0
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+            d.proc = None
+
+
+def test_config_file_is_read_and_flags_win(tmp_path):
+    port = free_tcp_port()
+    cfg = tmp_path / "splitd.toml"
+    data_dir = tmp_path / "from-config"
+    cfg.write_text(f'data_dir = "{data_dir}"\n'
+                   f'listen = ["tcp://127.0.0.1:{port}"]\n'
+                   f'ensure_volume = ["cfgvol:4M"]\n'
+                   f'max_connections = 7\n')
+    d = Daemon(tmp_path, tcp=False)
+    # Flags: our own --listen unix and --admin-socket win over the file's listen.
+    d.extra_args = []
+    args = [str(BIN / "splitd"), "--config", str(cfg),
+            "--listen", f"unix:{d.nbd_socket}", "--admin-socket", str(d.admin_socket)]
+    d.args = lambda: args
+    d.start()
+    try:
+        st = d.call("status")
+        assert st["data_dir"] == str(data_dir)
+        assert [l["kind"] for l in st["listeners"]] == ["unix"]
+        vols = d.call("volume.list")["volumes"]
+        assert [v["name"] for v in vols] == ["cfgvol"]
+        assert (data_dir / "volumes" / "cfgvol.img").exists()
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--listen", "tcp://nowhere:80"], "not an IP address"),
+    (["--listen", "udp://1.2.3.4:5"], "listen URI"),
+    (["--listen", "tcp://127.0.0.1:99999"], "out of range"),
+    (["--tls", "require"], "needs --tls-cert"),
+    (["--max-connections", "0"], "at least 1"),
+    (["--config", "/nonexistent/splitd.toml"], "does not exist"),
+    (["--ensure-volume", "bad/name:1G"], "name"),
+])
+def test_bad_configuration_is_one_line_and_exit_2(tmp_path, args, words):
+    cp = subprocess.run([str(BIN / "splitd"), "--data-dir", str(tmp_path / "d"),
+                         "--admin-socket", str(tmp_path / "a.sock"),
+                         "--listen", f"unix:{tmp_path}/n.sock", *args],
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 2, cp.stderr
+    lines = [l for l in cp.stderr.splitlines() if l.strip()]
+    assert lines and words in lines[-1]
+    assert "Traceback" not in cp.stderr
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('data_dri = "/tmp/x"\n')
+    cp = subprocess.run([str(BIN / "splitd"), "--config", str(cfg)],
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 2
+    assert "unknown keys: data_dri" in cp.stderr
+
+
+def test_listener_on_interface_by_name(tmp_path):
+    """tcp://%lo:PORT binds every address of the loopback interface."""
+    port = free_tcp_port()
+    d = Daemon(tmp_path, extra_args=["--listen", f"lo=tcp://%lo:{port}"], tcp=False).start()
+    try:
+        lst = [l for l in d.call("status")["listeners"] if l["name"] == "lo"]
+        assert lst and f"127.0.0.1:{port}" in lst[0]["bound"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            assert s.recv(8) == b"NBDMAGIC"
+    finally:
+        d.stop()
+
+
+def test_unknown_interface_is_refused(tmp_path):
+    cp = subprocess.run([str(BIN / "splitd"), "--data-dir", str(tmp_path / "d"),
+                         "--admin-socket", str(tmp_path / "a.sock"),
+                         "--listen", "tcp://%nosuchif0:10809"],
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 2
+    assert "no network interface named 'nosuchif0'" in cp.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_unit_file_verifies(tmp_path):
+    unit = (ROOT / "systemd" / "splitd.service").read_text()
+    assert "Type=notify" in unit and "StateDirectory=splitd" in unit
+    # verify needs ExecStart to exist: point it at our venv's entry point.
+    unit = unit.replace("/usr/local/bin/splitd", str(BIN / "splitd"))
+    path = tmp_path / "splitd.service"
+    path.write_text(unit)
+    cp = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                        text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
