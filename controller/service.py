@@ -19,10 +19,11 @@ from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
 
 class Controller:
-    def __init__(self, manager, registry, info: Callable[[], dict]):
+    def __init__(self, manager, registry, info: Callable[[], dict], pairs=None):
         self.manager = manager      # volumes.manager.VolumeManager
         self.registry = registry    # daemon.connections.ConnectionRegistry
         self.info = info            # daemon facts: version, pid, uptime_s, listeners
+        self.pairs = pairs          # controller.pairs.PairManager
 
     def call(self, method: str, params: dict | None = None) -> Any:
         """Run one admin request: look the method up, check params, call it."""
@@ -40,6 +41,9 @@ class Controller:
         result["volumes"] = len(self.manager.list())
         result["unavailable_volumes"] = dict(self.manager.unavailable)
         result["connections"] = self.registry.snapshot()
+        if self.pairs is not None:
+            result["pairs"] = {p.name: p.state for p in self.pairs.pairs.values()}
+            result["unavailable_pairs"] = dict(self.pairs.unavailable)
         return result
 
     # -- volumes ----------------------------------------------------------
@@ -56,11 +60,21 @@ class Controller:
         return self._describe(self.manager.get(validate_name(name)))
 
     def volume_resize(self, name, size) -> dict:
-        return self._describe(self.manager.resize(validate_name(name), parse_size(size)))
+        name = validate_name(name)
+        self._refuse_if_paired(name, "resize")
+        return self._describe(self.manager.resize(name, parse_size(size)))
+
+    def _refuse_if_paired(self, name: str, action: str) -> None:
+        roles = self.pairs.roles(name) if self.pairs is not None else []
+        if roles:
+            raise Conflict(f"volume {name!r} is in pair{'s' if len(roles) > 1 else ''} "
+                           f"{', '.join(repr(r) for r in roles)}: delete the pair first "
+                           f"(splitctl pair delete), then {action} the volume")
 
     def volume_delete(self, name, force=False) -> dict:
         name = validate_name(name)
         force = _flag(force, "force")
+        self._refuse_if_paired(name, "delete")
         in_use = self.registry.count(name)
         if in_use and not force:
             conns = "connection" if in_use == 1 else "connections"
@@ -69,6 +83,45 @@ class Controller:
         closed = self.registry.close_export(name, "volume deleted") if in_use else 0
         self.manager.delete(name)
         return {"name": name, "deleted": True, "connections_closed": closed}
+
+    # -- pairs ------------------------------------------------------------
+
+    def pair_create(self, primary, secondary, create_secondary=False, read_policy="copy-on-read",
+                    rate=0, group=None) -> dict:
+        return self.pairs.create(primary, secondary, _flag(create_secondary, "create_secondary"),
+                                 read_policy, rate, group).describe()
+
+    def pair_list(self) -> dict:
+        return {"pairs": [p.describe() for p in self.pairs.pairs.values()]}
+
+    def pair_show(self, name) -> dict:
+        return self.pairs.get(name).describe()
+
+    def pair_split(self, name) -> dict:
+        return self.pairs.split([name])[0].describe()
+
+    def pair_resync(self, name) -> dict:
+        return self.pairs.resync(name).describe()
+
+    def pair_restore(self, name) -> dict:
+        return self.pairs.restore(name).describe()
+
+    def pair_delete(self, name, force=False) -> dict:
+        return self.pairs.delete(name, _flag(force, "force"))
+
+    def pair_set(self, name, rate=None, read_policy=None) -> dict:
+        return self.pairs.set(name, rate, read_policy).describe()
+
+    def group_split(self, name) -> dict:
+        members = self.pairs.group_members(validate_name(name))
+        return {"group": name, "pairs": [p.describe() for p in self.pairs.split(members)]}
+
+    def group_list(self) -> dict:
+        groups: dict[str, list[str]] = {}
+        for p in self.pairs.pairs.values():
+            if p.group:
+                groups.setdefault(p.group, []).append(p.name)
+        return {"groups": [{"name": g, "pairs": sorted(m)} for g, m in sorted(groups.items())]}
 
     def _describe(self, vol) -> dict:
         return {
@@ -90,6 +143,16 @@ METHODS: dict[str, Callable[..., Any]] = {
     "volume.show": Controller.volume_show,
     "volume.resize": Controller.volume_resize,
     "volume.delete": Controller.volume_delete,
+    "pair.create": Controller.pair_create,
+    "pair.list": Controller.pair_list,
+    "pair.show": Controller.pair_show,
+    "pair.split": Controller.pair_split,
+    "pair.resync": Controller.pair_resync,
+    "pair.restore": Controller.pair_restore,
+    "pair.delete": Controller.pair_delete,
+    "pair.set": Controller.pair_set,
+    "group.split": Controller.group_split,
+    "group.list": Controller.group_list,
 }
 
 

@@ -279,8 +279,16 @@ def encode_option_reply(option: int, reply_type: int, data: bytes = b"") -> byte
     return OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply_type, len(data)) + data
 
 
+def _utf8(text: str, limit: int) -> bytes:
+    """UTF-8 of text, cut to at most `limit` bytes without splitting a character."""
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
 def encode_option_error(option: int, reply_type: int, message: str = "") -> bytes:
-    return encode_option_reply(option, reply_type, message.encode("utf-8")[:MAX_STRING])
+    return encode_option_reply(option, reply_type, _utf8(message, MAX_STRING))
 
 
 def encode_rep_server(option: int, name: str, description: str = "") -> bytes:
@@ -352,7 +360,7 @@ def encode_offset_data_header(cookie: int, offset: int, length: int, done: bool 
 
 
 def encode_error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    raw = message.encode("utf-8")[:4096]
+    raw = _utf8(message, MAX_STRING)
     return (STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR,
                                   cookie, ERROR_CHUNK.size + len(raw))
             + ERROR_CHUNK.pack(error, len(raw)) + raw)

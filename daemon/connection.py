@@ -363,11 +363,19 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._check_range(offset, length, c.EINVAL)
                 if length > MAX_PAYLOAD:
                     raise RequestError(c.EINVAL, f"read of {length} bytes exceeds the limit")
+                if length == 0:
+                    # An OFFSET_DATA chunk must carry at least one byte: plain success.
+                    self._reply_ok(out, cookie)
+                    return
                 if length >= SENDFILE_MIN and self.sockfd >= 0:
                     src = self.backend.read_fd(offset, length)
                     if src is not None and self._sendfile(out, cookie, offset, length, *src):
                         return
                 data = self.backend.read(offset, length)
+                if type(data) is not bytes:
+                    # A layer holds this read (pair read policy `wait`).
+                    self._reply_when_read(cookie, offset, length, data)
+                    return
                 if self.structured:
                     out.append(c.encode_offset_data_header(cookie, offset, length))
                 else:
@@ -535,6 +543,31 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.transport.writelines(out)
         if self.disconnecting:
             self._maybe_finish_disc()
+
+    def _reply_when_read(self, cookie: int, offset: int, length: int, fut) -> None:
+        self.inflight += 1
+        if self.inflight >= self.server.max_inflight:
+            self._pause("inflight")
+
+        def done(f) -> None:
+            self.inflight -= 1
+            if self.inflight < self.server.max_inflight:
+                self._resume("inflight")
+            if self.phase != self.TRANSMISSION:
+                return
+            out: list = []
+            exc = f.exception()
+            if exc is not None:
+                self._reply_error(out, cookie, nbd_error(exc), str(exc))
+            elif self.structured:
+                out += [c.encode_offset_data_header(cookie, offset, length), f.result()]
+            else:
+                out += [_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie), f.result()]
+            self.transport.writelines(out)
+            if self.disconnecting:
+                self._maybe_finish_disc()
+
+        fut.add_done_callback(done)
 
     def _maybe_finish_disc(self) -> None:
         if self.inflight == 0:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from controller.states import SECONDARY_SERVED
 from volumes.volume import Volume
 
 # A meta context answers BLOCK_STATUS: (offset, length) -> [(length, flags)].
 ContextFn = Callable[[int, int], list[tuple[int, int]]]
 
 BASE_ALLOCATION = "base:allocation"
+PENDING = "splitd:pending"   # regions of a secondary not yet copied (flag 1)
+DELTA = "splitd:delta"       # regions changed since the previous split (flag 1)
 
 
 class ExportUnknown(Exception):
@@ -40,18 +43,17 @@ class Export:
 
 
 class VolumeExports:
-    """Every volume of a VolumeManager is an export of the same name."""
+    """Every volume of a VolumeManager is an export of the same name, served
+    through its layer (controller.layers.ManagedVolume). A secondary is
+    refused unless its pair is split."""
 
-    def __init__(self, manager, default_export: str | None = None):
+    def __init__(self, manager, pairs, default_export: str | None = None):
         self.manager = manager
+        self.pairs = pairs              # controller.pairs.PairManager
         self.default_export = default_export
 
     def names(self) -> Iterable[str]:
         return [v.name for v in self.manager.list()]
-
-    def context_names(self) -> list[str]:
-        """Every meta context any export may offer (for LIST_META_CONTEXT)."""
-        return [BASE_ALLOCATION]
 
     def lookup(self, name: str) -> Export:
         if name == "" and self.default_export:
@@ -60,5 +62,15 @@ class VolumeExports:
         if vol is None:
             raise ExportUnknown(f"no export named {name!r}" if name
                                 else "no default export: give an export name")
-        return Export(vol.name, vol, vol.size, vol.read_only,
-                      description=f"splitd volume {vol.name}")
+        layer = self.pairs.layer(vol.name)
+        contexts = {BASE_ALLOCATION: layer.extents}
+        pair = layer.secondary_of
+        if pair is not None:
+            if pair.state not in SECONDARY_SERVED:
+                raise ExportUnavailable(
+                    f"volume {name!r} is the secondary of pair {pair.name!r} (primary "
+                    f"{pair.primary.name!r}) in state {pair.state!r}: it is served only when split")
+            contexts[PENDING] = layer.pending_extents
+            contexts[DELTA] = layer.delta_extents
+        return Export(vol.name, layer, vol.size, vol.read_only,
+                      description=f"splitd volume {vol.name}", contexts=contexts)

@@ -46,6 +46,7 @@ DEFAULTS = {
     "shutdown_grace": 10.0,
     "log_level": "info",
     "ensure_volume": [],
+    "copy_rate": 0,
 }
 
 EPILOG = """\
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULTS['handshake_timeout']:g})")
     p.add_argument("--shutdown-grace", type=float, metavar="S",
                    help=f"seconds in-flight requests get at stop (default {DEFAULTS['shutdown_grace']:g})")
+    p.add_argument("--copy-rate", metavar="BYTES_PER_S",
+                   help="cap on the copy engine's total rate, all pairs together "
+                        "(K/M/G suffixes; 0 = unlimited, the default)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="default info")
     p.add_argument("--ensure-volume", metavar="NAME:SIZE", action="append",
@@ -143,6 +147,11 @@ def load_config(args: argparse.Namespace) -> dict:
     for key in ("max_connections", "max_inflight"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
+    try:
+        from volumes.names import parse_rate
+        cfg["copy_rate"] = parse_rate(cfg["copy_rate"], "copy rate")
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
     if isinstance(cfg["listen"], str):
         cfg["listen"] = [cfg["listen"]]
     return cfg
@@ -170,7 +179,9 @@ class Daemon:
                 "listeners": [l.as_dict() for l in self.listeners]}
 
     async def run(self) -> int:
+        from controller.pairs import PairManager
         from controller.service import Controller
+        from daemon.exports import VolumeExports
         from daemon.admin_server import start_admin_server
         from volumes.manager import VolumeManager
         from volumes.names import parse_size
@@ -191,13 +202,13 @@ class Daemon:
             if manager.find(name) is None:
                 manager.create(name, parse_size(size or "1G"))
         registry = ConnectionRegistry()
-        from .exports import VolumeExports
-        exports = VolumeExports(manager, cfg["default_export"])
+        pairs = PairManager(manager, registry, int(cfg["copy_rate"]))
+        exports = VolumeExports(manager, pairs, cfg["default_export"])
         server = NBDServer(exports, registry, tls_context=tls_context,
                            max_connections=int(cfg["max_connections"]),
                            max_inflight=int(cfg["max_inflight"]),
                            handshake_timeout=float(cfg["handshake_timeout"]))
-        controller = Controller(manager, registry, self.info)
+        controller = Controller(manager, registry, self.info, pairs)
         try:
             for l in self.listeners:
                 await bind(l, server.protocol_factory(l))
@@ -206,8 +217,10 @@ class Daemon:
             admin = await start_admin_server(cfg["admin_socket"], controller)
         except BaseException:
             await close_all(self.listeners)
+            pairs.close()
             manager.close()
             raise
+        pairs.start()
         log.info("admin socket %s; %d volumes; ready", cfg["admin_socket"], len(manager.list()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
@@ -219,6 +232,7 @@ class Daemon:
         sd_notify("STOPPING=1")
         await close_all(self.listeners)
         await server.shutdown(float(cfg["shutdown_grace"]))
+        await pairs.stop()
         admin.close()
         try:
             os.unlink(cfg["admin_socket"])
@@ -229,6 +243,7 @@ class Daemon:
                 await loop.run_in_executor(None, vol.flush)
             except OSError as e:
                 log.error("flush of %s failed at stop: %s", vol.name, e)
+        pairs.close()
         manager.close()
         log.info("stopped")
         return 0

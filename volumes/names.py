@@ -92,6 +92,14 @@ def format_size(n: int) -> str:
     return f"{value:.1f} {_UNITS[exp - 1]}iB"
 
 
+def parse_rate(value, what: str = "rate") -> int:
+    """A copy rate in bytes/s ("100M", 1048576); 0 means unlimited."""
+    rate = _parse_bytes(value, what)
+    if rate < 0:
+        raise BadInput(f"{what} must be 0 (unlimited) or more bytes/s")
+    return rate
+
+
 def _parse_bytes(value, what: str) -> int:
     # bool is an int subclass; JSON `true` must not become a 1-byte size.
     if isinstance(value, bool) or not isinstance(value, (int, str)):

@@ -32,6 +32,24 @@ MIGRATIONS: list[str] = [
         created     REAL NOT NULL
     );
     """,
+    # 1 -> 2: pairs. A pair is named by its secondary. `generation` names the
+    # set of bitmap files that goes with this row (pairs/<secondary>/*.<gen>.bm):
+    # a transition that rewrites bitmaps writes generation+1 first, then
+    # commits the row, so a crash leaves the old set or the new one.
+    """
+    CREATE TABLE pairs (
+        secondary   TEXT PRIMARY KEY REFERENCES volumes(name),
+        primary_vol TEXT NOT NULL REFERENCES volumes(name),
+        state       TEXT NOT NULL,
+        read_policy TEXT NOT NULL,
+        rate        INTEGER NOT NULL DEFAULT 0,
+        grp         TEXT,
+        generation  INTEGER NOT NULL,
+        reason      TEXT NOT NULL DEFAULT '',
+        created     REAL NOT NULL,
+        split_at    REAL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -138,6 +156,51 @@ class MetadataStore:
         """Delete the row; False if there was none."""
         with self.transaction() as db:
             return db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 1
+
+
+    # -- pairs --------------------------------------------------------------
+
+    def add_pair(self, rec: "PairRecord") -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO pairs (secondary, primary_vol, state, read_policy, rate, grp, "
+                       "generation, reason, created, split_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rec)
+
+    def list_pairs(self) -> list["PairRecord"]:
+        with self._lock:
+            rows = self._db.execute("SELECT secondary, primary_vol, state, read_policy, rate, grp, "
+                                    "generation, reason, created, split_at FROM pairs "
+                                    "ORDER BY secondary").fetchall()
+        return [PairRecord(*r) for r in rows]
+
+    def update_pairs(self, changes: list[tuple[str, dict]]) -> None:
+        """Change several pairs in one transaction: [(secondary, {column: value})]."""
+        with self.transaction() as db:
+            for secondary, cols in changes:
+                bad = set(cols) - set(PairRecord._fields)
+                if bad:
+                    raise ValueError(f"unknown pair columns {bad}")
+                assigns = ", ".join(f"{c} = ?" for c in cols)
+                cur = db.execute(f"UPDATE pairs SET {assigns} WHERE secondary = ?",
+                                 (*cols.values(), secondary))
+                if cur.rowcount != 1:
+                    raise KeyError(secondary)
+
+    def remove_pair(self, secondary: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM pairs WHERE secondary = ?", (secondary,)).rowcount == 1
+
+
+class PairRecord(NamedTuple):
+    secondary: str
+    primary_vol: str
+    state: str
+    read_policy: str
+    rate: int
+    grp: str | None
+    generation: int
+    reason: str
+    created: float
+    split_at: float | None
 
 
 def _volume(row) -> VolumeRecord:

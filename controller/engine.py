@@ -1,0 +1,181 @@
+"""The copy engine: one for every pair, draining each pair's work bitmap.
+
+What it copies depends on the pair's state (Pair.work_bitmap): diff P->S in
+copy/pair/resync, pending P->S in split, the restore set S->P in restore.
+Regions a reader waits on (read policy `wait`, or staged buffers) go first.
+
+It runs as one background task on the event loop and copies in slices of at
+most SLICE bytes, yielding to the loop between slices, so client requests
+are served between any two slices and never wait behind a long copy. `step()`
+is the same work, synchronous and deterministic, for tests.
+
+Rate limits: a token bucket per pair (Pair.rate, bytes/s, 0 = unlimited) and
+one for the whole engine (global_rate), both changeable while running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Iterable
+
+from . import states as st
+
+log = logging.getLogger("splitd.engine")
+
+SLICE = 2 * 1024 * 1024
+RATE_WINDOW = 1.0       # seconds over which copy rates are measured
+
+
+class CopyEngine:
+    def __init__(self, pairs: Callable[[], Iterable], on_drained: Callable, on_error: Callable,
+                 global_rate: int = 0):
+        self.pairs = pairs              # () -> every Pair
+        self.on_drained = on_drained    # (pair) -> None: state change when the work is done
+        self.on_error = on_error        # (pair, reason) -> None
+        self.global_rate = global_rate
+        self.global_tokens = 0.0
+        self.global_refill = time.monotonic()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.stopping = False
+
+    # -- wiring ------------------------------------------------------------------
+
+    def attach(self, pair) -> None:
+        pair.kick = self.kick
+
+    def kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._task is not None:
+            self.kick()
+            try:
+                await asyncio.wait_for(self._task, 5)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    # -- one step (sync) ------------------------------------------------------------
+
+    def step(self, pair, max_bytes: int = SLICE) -> int:
+        """Copy up to max_bytes worth of regions of one pair; returns data bytes
+        copied. Handles the end of a drain (state change) and I/O errors."""
+        bm = pair.work_bitmap()
+        if bm is None:
+            pair.urgent.clear()
+            return 0
+        budget = max(1, max_bytes // pair.region_size)
+        copied = 0
+        try:
+            while pair.urgent and budget > 0:
+                r = pair.urgent.pop()
+                if bm[r]:
+                    copied += pair.copy_regions(r, r, bm)
+                    budget -= 1
+            if budget > 0 and bm.count():
+                r = bm.next_set(pair.cursor)
+                if r is None:
+                    r = bm.next_set(0)
+                if r is not None:
+                    last = min(r + budget - 1, pair.nregions - 1)
+                    j = bm.next_clear(r, last)
+                    end = last if j is None else j - 1
+                    copied += pair.copy_regions(r, end, bm)
+                    pair.cursor = end + 1 if end + 1 < pair.nregions else 0
+        except OSError as e:
+            self.on_error(pair, f"copy engine I/O error: {e}")
+            return copied
+        if bm.count() == 0 and pair.state in (st.COPY, st.RESYNC, st.RESTORE):
+            self.on_drained(pair)
+        return copied
+
+    def drain(self, pair, max_steps: int = 1 << 30) -> None:
+        """Step one pair until it has nothing to copy (tests)."""
+        for _ in range(max_steps):
+            bm = pair.work_bitmap()
+            if bm is None or (bm.count() == 0 and not pair.urgent):
+                if bm is not None and pair.state in (st.COPY, st.RESYNC, st.RESTORE):
+                    self.on_drained(pair)
+                return
+            self.step(pair)
+
+    # -- the background task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        # Background task: handles its own errors; one bad pair must not stop the others.
+        sample_at = time.monotonic()
+        sample_bytes: dict[str, int] = {}
+        while not self.stopping:
+            busy = [p for p in self.pairs() if _has_work(p)]
+            if not busy:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = time.monotonic()
+            delay = 0.0
+            worked = False
+            for pair in busy:
+                allowance, wait = self._allowance(pair, now)
+                if allowance <= 0 and not pair.urgent:
+                    delay = wait if not delay else min(delay, wait)
+                    continue
+                try:
+                    before = pair.copied_regions
+                    copied = self.step(pair, max(pair.region_size, min(SLICE, allowance)))
+                    region_bytes = (pair.copied_regions - before) * pair.region_size
+                except Exception:  # noqa: BLE001 -- logged, the pair goes to error
+                    log.exception("copy engine failed on pair %s", pair.name)
+                    self.on_error(pair, "internal error in the copy engine (see the log)")
+                    continue
+                self._spend(pair, copied)
+                sample_bytes[pair.name] = sample_bytes.get(pair.name, 0) + region_bytes
+                worked = True
+            if now - sample_at >= RATE_WINDOW:
+                dt = now - sample_at
+                for pair in self.pairs():
+                    pair.rate_ewma = 0.5 * pair.rate_ewma + 0.5 * sample_bytes.get(pair.name, 0) / dt
+                sample_bytes.clear()
+                sample_at = now
+            # Yield to client I/O between slices; sleep when every busy pair is
+            # over its rate.
+            await asyncio.sleep(0 if worked else max(delay, 0.001))
+
+    # -- rate limits ----------------------------------------------------------------------
+
+    def _allowance(self, pair, now: float) -> tuple[int, float]:
+        """(bytes this pair may copy now, seconds until it may copy more)."""
+        allowance = SLICE
+        wait = 0.0
+        if pair.rate:
+            pair.tokens = min(pair.tokens + (now - pair.last_refill) * pair.rate,
+                              max(pair.rate * 0.2, pair.region_size))
+            pair.last_refill = now
+            allowance = min(allowance, int(pair.tokens))
+            if pair.tokens <= 0:
+                wait = -pair.tokens / pair.rate + 0.001
+        if self.global_rate:
+            self.global_tokens = min(self.global_tokens + (now - self.global_refill) * self.global_rate,
+                                     max(self.global_rate * 0.2, SLICE))
+            self.global_refill = now
+            allowance = min(allowance, int(self.global_tokens))
+            if self.global_tokens <= 0:
+                wait = max(wait, -self.global_tokens / self.global_rate + 0.001)
+        return allowance, wait
+
+    def _spend(self, pair, nbytes: int) -> None:
+        if pair.rate:
+            pair.tokens -= nbytes
+        if self.global_rate:
+            self.global_tokens -= nbytes
+
+
+def _has_work(pair) -> bool:
+    bm = pair.work_bitmap()
+    return bm is not None and (bm.count() > 0 or bool(pair.urgent))

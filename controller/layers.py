@@ -1,0 +1,105 @@
+"""The backend the NBD server talks to for every volume.
+
+ManagedVolume has the plain volume's interface (read, write, zero, trim,
+flush, extents, read_fd) and adds what the volume's pairs need: dirty
+tracking and copy-on-write for a primary, read policies and fills for a
+secondary. The server never branches on pair state; a volume in no pair goes
+straight to the file, after two attribute checks.
+
+It is one stable object per volume, so a connection opened before a pair was
+created is tracked from the pair's first moment on.
+"""
+from __future__ import annotations
+
+from volumes.volume import Volume
+
+
+class ManagedVolume:
+    __slots__ = ("vol", "name", "primary_of", "secondary_of")
+
+    def __init__(self, vol: Volume):
+        self.vol = vol
+        self.name = vol.name
+        self.primary_of: list = []      # pairs where this volume is P
+        self.secondary_of = None        # the pair where this volume is S, if any
+
+    @property
+    def size(self) -> int:
+        return self.vol.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.vol.read_only
+
+    @property
+    def can_fast_zero(self) -> bool:
+        return True
+
+    # -- reads ---------------------------------------------------------------
+
+    def read(self, offset: int, length: int):
+        if self.secondary_of is not None:
+            return self.secondary_of.secondary_read(offset, length)
+        for pair in self.primary_of:
+            pair.before_primary_read(offset, length)
+        return self.vol.read(offset, length)
+
+    def read_fd(self, offset: int, length: int):
+        # sendfile straight from the file only where the file holds the image.
+        s = self.secondary_of
+        if s is not None:
+            first, last = s.regions(offset, length)
+            if s.diff.any_in(first, last):
+                return None
+        for pair in self.primary_of:
+            if pair.primary_needs_layer(offset, length):
+                return None
+        return self.vol.read_fd(offset, length)
+
+    def extents(self, offset: int, length: int):
+        if self.secondary_of is not None:
+            return self.secondary_of.secondary_extents(offset, length)
+        for pair in self.primary_of:
+            if pair.primary_needs_layer(offset, length):
+                return pair.primary_extents(offset, length)
+        return self.vol.extents(offset, length)
+
+    # -- changes ---------------------------------------------------------------
+
+    def _before_change(self, offset: int, length: int) -> None:
+        for pair in self.primary_of:
+            pair.before_primary_change(offset, length)
+        if self.secondary_of is not None:
+            self.secondary_of.before_secondary_change(offset, length)
+
+    def write(self, offset: int, data) -> None:
+        if self.primary_of or self.secondary_of is not None:
+            self._before_change(offset, len(data))
+        self.vol.write(offset, data)
+
+    def zero(self, offset: int, length: int, punch: bool = True) -> None:
+        if self.primary_of or self.secondary_of is not None:
+            self._before_change(offset, length)
+        self.vol.zero(offset, length, punch)
+
+    def trim(self, offset: int, length: int) -> None:
+        if self.primary_of or self.secondary_of is not None:
+            self._before_change(offset, length)
+        self.vol.trim(offset, length)
+
+    def flush(self) -> None:
+        """Blocking (runs in a thread): the bitmaps that describe this volume's
+        writes are made durable before the data flush completes."""
+        for pair in list(self.primary_of):
+            pair.sync_bitmaps()
+        if self.secondary_of is not None:
+            self.secondary_of.sync_bitmaps()
+        self.vol.flush()
+
+    # -- meta contexts ------------------------------------------------------------
+
+    def pending_extents(self, offset: int, length: int):
+        return self.secondary_of.bitmap_extents("diff", offset, length)
+
+    def delta_extents(self, offset: int, length: int):
+        return self.secondary_of.bitmap_extents("delta", offset, length)

@@ -1,0 +1,405 @@
+"""One pair: its bitmaps, and what happens to P and S I/O in each state.
+
+Bitmaps (one bit per region of the primary's region size):
+
+    diff       copy/pair/resync: regions of P not yet on S.
+               split: the *pending* regions (not yet copied at the split).
+               restore: pending plus regions P wrote during the restore,
+               all to be copied P->S once the restore is done.
+    changed_p  split: regions P wrote since the split.
+    changed_s  split: regions S wrote since the split.
+    delta      regions changed since the previous split (all, before the first).
+    restore    restore: regions still to copy S->P.
+
+Pending is disjoint from changed_p and changed_s: a write to a pending region
+on either side first fills it and clears its pending bit.
+
+Everything here runs on the event loop thread, synchronously. A copy of a
+region and the client request that needed it therefore never interleave with
+another request: "copies never run under a client write to the same region"
+holds by construction. The copy engine copies in small slices between requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+
+from volumes.bitmap import Bitmap
+from volumes.volume import EXTENT_HOLE
+
+from . import states as st
+
+log = logging.getLogger("splitd.pair")
+
+READ_POLICIES = ("copy-on-read", "staging", "wait")
+BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
+STAGING_LIMIT = 64 * 1024 * 1024   # bytes of staged regions held at once, per pair
+
+
+def copy_range(src, dst, offset: int, length: int) -> int:
+    """Copy [offset, offset+length) of src to dst; holes stay holes.
+
+    Returns the bytes of data copied (holes cost nothing). Uses
+    copy_file_range(2) where the files allow it.
+    """
+    copied = 0
+    pos = offset
+    for ext_len, flags in src.extents(offset, length):
+        if flags & EXTENT_HOLE:
+            dst.zero(pos, ext_len, punch=True)
+        else:
+            _copy_data(src.fd, dst.fd, pos, ext_len)
+            copied += ext_len
+        pos += ext_len
+    return copied
+
+
+_copy_file_range_ok = hasattr(os, "copy_file_range")
+
+
+def _copy_data(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    global _copy_file_range_ok
+    end = offset + length
+    while offset < end:
+        if _copy_file_range_ok:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, end - offset, offset, offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                _copy_file_range_ok = False
+                continue
+            if n == 0:
+                # Source shorter than expected: the rest reads as zeroes.
+                _write_all(dst_fd, bytes(end - offset), offset)
+                return
+        else:
+            data = os.pread(src_fd, min(end - offset, 4 << 20), offset)
+            if not data:
+                data = bytes(min(end - offset, 4 << 20))
+            n = _write_all(dst_fd, data, offset)
+        offset += n
+
+
+def _write_all(fd: int, data, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+class Pair:
+    def __init__(self, name: str, primary, secondary, state: str, read_policy: str,
+                 rate: int, group: str | None, generation: int, bitmaps: dict[str, Bitmap],
+                 reason: str = "", created: float = 0.0, split_at: float | None = None):
+        self.name = name                # = the secondary volume's name
+        self.primary = primary          # volumes.volume.Volume
+        self.secondary = secondary      # volumes.volume.Volume
+        self.state = state
+        self.read_policy = read_policy
+        self.rate = rate                # bytes/s for the copy engine; 0 = unlimited
+        self.group = group
+        self.generation = generation
+        self.reason = reason
+        self.created = created
+        self.split_at = split_at
+        self.region_size = primary.region_size
+        self.size = primary.size
+        self.nregions = (self.size + self.region_size - 1) // self.region_size
+        self.bm = bitmaps
+        self.staged: dict[int, bytes] = {}
+        self.staged_bytes = 0
+        self.waiters: list[tuple[int, int, asyncio.Future]] = []
+        self.urgent: list[int] = []     # regions readers wait for: copy these first
+        self.cursor = 0                 # where the engine scans next
+        self.kick = lambda: None        # set by the engine: there is work
+        # Counters (since the daemon started) and progress of the current drain.
+        self.cow_count = 0
+        self.cor_count = 0
+        self.staged_count = 0
+        self.copied_regions = 0
+        self.copied_bytes = 0
+        self.drain_total = 0
+        self.drain_done = 0
+        self.rate_ewma = 0.0
+        self.tokens = 0.0
+        self.last_refill = time.monotonic()
+
+    # -- shape ----------------------------------------------------------------
+
+    @property
+    def diff(self) -> Bitmap:
+        return self.bm["diff"]
+
+    def regions(self, offset: int, length: int) -> tuple[int, int]:
+        rs = self.region_size
+        return offset // rs, (offset + max(length, 1) - 1) // rs
+
+    def span(self, first: int, last: int) -> tuple[int, int]:
+        """Bytes covered by regions first..last (the last region may be short)."""
+        start = first * self.region_size
+        return start, min((last + 1) * self.region_size, self.size) - start
+
+    def work_bitmap(self) -> Bitmap | None:
+        """What the copy engine drains in this state (None: nothing to do)."""
+        if self.state == st.RESTORE:
+            return self.bm["restore"]
+        if self.state in (st.COPY, st.PAIR, st.RESYNC, st.SPLIT):
+            return self.diff
+        return None
+
+    def copy_source_target(self):
+        return (self.secondary, self.primary) if self.state == st.RESTORE else (self.primary, self.secondary)
+
+    # -- copying regions (sync) ------------------------------------------------------
+
+    def copy_regions(self, first: int, last: int, bitmap: Bitmap) -> int:
+        """Copy regions first..last in this state's direction and clear their
+        bits in `bitmap`. Staged buffers are written instead of re-reading P."""
+        src, dst = self.copy_source_target()
+        copied = 0
+        r = first
+        while r <= last:
+            buf = self.staged.pop(r, None) if self.staged else None
+            if buf is not None:
+                self.staged_bytes -= len(buf)
+                off, _ = self.span(r, r)
+                _write_all(dst.fd, buf, off)
+                copied += len(buf)
+                r += 1
+                continue
+            # A run of regions with nothing staged: one copy.
+            end = r
+            while end < last and not (self.staged and (end + 1) in self.staged):
+                end += 1
+            off, length = self.span(r, end)
+            copied += copy_range(src, dst, off, length)
+            r = end + 1
+        bitmap.clear_range(first, last)
+        n = last - first + 1
+        self.copied_regions += n
+        self.copied_bytes += copied
+        self.drain_done += n
+        if self.waiters:
+            self._wake_waiters()
+        return copied
+
+    def _fill_pending(self, first: int, last: int) -> int:
+        """Copy every pending region in first..last P->S now (copy-on-write,
+        copy-on-read, or filling before an S write). Returns regions filled."""
+        pending = self.diff
+        filled = 0
+        for a, b in list(pending.runs(first, last)):
+            self.copy_regions(a, b, pending)
+            filled += b - a + 1
+        return filled
+
+    # -- the data path: primary -----------------------------------------------------------
+
+    def before_primary_change(self, offset: int, length: int) -> None:
+        """A write, zero or trim of P is about to land on [offset, offset+length)."""
+        first, last = self.regions(offset, length)
+        state = self.state
+        if state == st.SPLIT:
+            if self.diff.any_in(first, last):
+                self.cow_count += self._fill_pending(first, last)
+            self.bm["changed_p"].set_range(first, last)
+            return
+        if state == st.RESTORE:
+            restore = self.bm["restore"]
+            if restore.any_in(first, last):
+                # P must hold the restored bytes before this write lands on them.
+                for a, b in list(restore.runs(first, last)):
+                    self.copy_regions(a, b, restore)
+            self.diff.set_range(first, last)
+            self.bm["delta"].set_range(first, last)
+            return
+        if state == st.ERROR:
+            return  # only a full resync leaves error: nothing to track
+        # copy, pair, resync: mirror.
+        if self.diff.set_range(first, last):
+            self.drain_total += last - first + 1
+            self.kick()
+        self.bm["delta"].set_range(first, last)
+
+    def before_primary_read(self, offset: int, length: int) -> None:
+        """During a restore, P regions not yet restored come from S first."""
+        if self.state == st.RESTORE:
+            first, last = self.regions(offset, length)
+            restore = self.bm["restore"]
+            if restore.any_in(first, last):
+                for a, b in list(restore.runs(first, last)):
+                    self.copy_regions(a, b, restore)
+                    self.cor_count += b - a + 1
+
+    def primary_needs_layer(self, offset: int, length: int) -> bool:
+        if self.state != st.RESTORE:
+            return False
+        first, last = self.regions(offset, length)
+        return self.bm["restore"].any_in(first, last)
+
+    # -- the data path: secondary (served only in split) ---------------------------------
+
+    def check_secondary_served(self) -> None:
+        if self.state not in st.SECONDARY_SERVED:
+            raise OSError(errno.EIO, f"pair {self.name} is in state {self.state}: "
+                                     "the secondary is not served")
+
+    def before_secondary_change(self, offset: int, length: int) -> None:
+        self.check_secondary_served()
+        first, last = self.regions(offset, length)
+        if self.diff.any_in(first, last):
+            # Fill from P first: a partial write must land on the split image.
+            self._fill_pending(first, last)
+        self.bm["changed_s"].set_range(first, last)
+
+    def secondary_read(self, offset: int, length: int):
+        """Bytes of S's image, or a Future of them (read policy `wait`)."""
+        self.check_secondary_served()
+        first, last = self.regions(offset, length)
+        pending = self.diff
+        if not pending.any_in(first, last):
+            return self.secondary.read(offset, length)
+        policy = self.read_policy
+        if policy == "copy-on-read":
+            self.cor_count += self._fill_pending(first, last)
+            return self.secondary.read(offset, length)
+        if policy == "staging":
+            return self._staged_read(offset, length, first, last)
+        # wait: the engine copies these regions first; reply when it has.
+        fut = asyncio.get_running_loop().create_future()
+        fut.read_args = (offset, length)  # type: ignore[attr-defined]
+        self.waiters.append((first, last, fut))
+        self.urgent.extend(r for a, b in pending.runs(first, last) for r in range(a, b + 1))
+        self.kick()
+        return fut
+
+    def _staged_read(self, offset: int, length: int, first: int, last: int) -> bytes:
+        pending = self.diff
+        out = bytearray(self.secondary.read(offset, length))
+        for a, b in list(pending.runs(first, last)):
+            for r in range(a, b + 1):
+                buf = self.staged.get(r)
+                roff, rlen = self.span(r, r)
+                if buf is None:
+                    if self.staged_bytes + rlen > STAGING_LIMIT:
+                        # Memory bound reached: this one is copied on read instead.
+                        self.copy_regions(r, r, pending)
+                        self.cor_count += 1
+                        buf = self.secondary.read(roff, rlen)
+                    else:
+                        buf = self.primary.read(roff, rlen)
+                        self.staged[r] = buf
+                        self.staged_bytes += rlen
+                        self.staged_count += 1
+                        self.urgent.append(r)
+                # Overlay the part of region r that the request covers.
+                lo = max(offset, roff)
+                hi = min(offset + length, roff + rlen)
+                out[lo - offset:hi - offset] = buf[lo - roff:hi - roff]
+        self.kick()
+        return bytes(out)
+
+    def _wake_waiters(self) -> None:
+        pending = self.diff
+        still = []
+        for first, last, fut in self.waiters:
+            if fut.done():
+                continue
+            if self.state != st.SPLIT:
+                fut.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
+            elif pending.any_in(first, last):
+                still.append((first, last, fut))
+            else:
+                off, length = fut.read_args  # type: ignore[attr-defined]
+                try:
+                    fut.set_result(self.secondary.read(off, length))
+                except OSError as e:
+                    fut.set_exception(e)
+        self.waiters = still
+
+    def fail_waiters(self) -> None:
+        for _, _, fut in self.waiters:
+            if not fut.done():
+                fut.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
+        self.waiters = []
+
+    # -- meta contexts ------------------------------------------------------------------------
+
+    def bitmap_extents(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
+        return self.bm[name].extents(offset, length, self.region_size, self.size)
+
+    def secondary_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation of S's image: P's allocation where still pending."""
+        return _merge_by_bitmap(self, self.diff, offset, length,
+                                self.primary.extents, self.secondary.extents)
+
+    def primary_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if self.state != st.RESTORE:
+            return self.primary.extents(offset, length)
+        return _merge_by_bitmap(self, self.bm["restore"], offset, length,
+                                self.secondary.extents, self.primary.extents)
+
+    # -- durability ------------------------------------------------------------------------------
+
+    def sync_bitmaps(self) -> None:
+        """fdatasync every bitmap with changes (blocking: called from FLUSH's thread)."""
+        for bm in self.bm.values():
+            bm.sync()
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        work = self.work_bitmap()
+        remaining = work.count() if work is not None else 0
+        eta = None
+        if remaining and self.rate_ewma > 0:
+            eta = round(remaining * self.region_size / self.rate_ewma, 1)
+        return {
+            "name": self.name,
+            "primary": self.primary.name,
+            "secondary": self.secondary.name,
+            "state": self.state,
+            "reason": self.reason,
+            "group": self.group,
+            "read_policy": self.read_policy,
+            "rate": self.rate,
+            "region_size": self.region_size,
+            "regions": self.nregions,
+            "pending": self.diff.count() if self.state == st.SPLIT else 0,
+            "diff": self.diff.count(),
+            "changed_p": self.bm["changed_p"].count(),
+            "changed_s": self.bm["changed_s"].count(),
+            "delta": self.bm["delta"].count(),
+            "to_restore": self.bm["restore"].count(),
+            "remaining": remaining,
+            "progress": {"done": self.drain_done, "total": max(self.drain_total, self.drain_done + remaining)},
+            "copy_rate": round(self.rate_ewma),
+            "eta_s": eta,
+            "copy_on_write": self.cow_count,
+            "copy_on_read": self.cor_count,
+            "staged": self.staged_count,
+            "copied_regions": self.copied_regions,
+            "copied_bytes": self.copied_bytes,
+            "generation": self.generation,
+            "created": self.created,
+            "split_at": self.split_at,
+        }
+
+
+def _merge_by_bitmap(pair: Pair, bitmap: Bitmap, offset: int, length: int, fn_set, fn_clear):
+    """Extents over a range, taken from fn_set where the region's bit is set
+    and from fn_clear elsewhere."""
+    out: list[tuple[int, int]] = []
+    for part_len, flag in bitmap.extents(offset, length, pair.region_size, pair.size):
+        for ext in (fn_set if flag else fn_clear)(offset, part_len):
+            if out and out[-1][1] == ext[1]:
+                out[-1] = (out[-1][0] + ext[0], ext[1])
+            else:
+                out.append(ext)
+        offset += part_len
+    return out

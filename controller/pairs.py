@@ -1,0 +1,423 @@
+"""Every pair of the daemon: creating them, moving them between states,
+persisting them, and wiring them into the volumes' layers.
+
+Crash safety (DESIGN.md "Crash safety"):
+- Bitmaps write through to their files (volumes/bitmap.py), so after a
+  kill -9 each file is exactly the bitmap the daemon had.
+- A transition that only changes the state (split, drained, fail) is one
+  SQLite transaction; the split moment is that commit, between two requests.
+- A transition that rewrites bitmaps (create, resync, restore) writes the
+  new set as generation N+1 files first, then commits the row naming N+1, then
+  removes generation N. A crash in between leaves the old row and old files,
+  or the new ones: never a state with the wrong bitmaps.
+- A pair whose bitmap files are missing or unreadable at start goes to
+  `error` with the reason; only a full resync leaves it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from volumes.bitmap import Bitmap
+from volumes.errors import BadInput, Conflict, NotFound, SplitdError
+from volumes.names import format_size, parse_rate, validate_name
+from volumes.store import PairRecord
+
+from . import states as st
+from .engine import CopyEngine
+from .layers import ManagedVolume
+from .pair import BITMAPS, READ_POLICIES, Pair
+
+log = logging.getLogger("splitd.pairs")
+
+
+class Refused(SplitdError):
+    """The action is not allowed in the pair's state."""
+
+    code = "refused"
+
+
+class PairManager:
+    def __init__(self, volumes, registry, global_rate: int = 0):
+        self.volumes = volumes          # volumes.manager.VolumeManager
+        self.store = volumes.store
+        self.registry = registry        # daemon.connections.ConnectionRegistry
+        self.dir = os.path.join(volumes.data_dir, "pairs")
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        self.layers: dict[str, ManagedVolume] = {}
+        self.pairs: dict[str, Pair] = {}
+        self.unavailable: dict[str, str] = {}
+        self.engine = CopyEngine(lambda: list(self.pairs.values()), self._drained, self.fail,
+                                 global_rate)
+        self._load()
+
+    # -- layers ------------------------------------------------------------------
+
+    def layer(self, name: str) -> ManagedVolume:
+        layer = self.layers.get(name)
+        if layer is None or layer.vol is not self.volumes.find(name):
+            layer = self.layers[name] = ManagedVolume(self.volumes.get(name))
+        return layer
+
+    def roles(self, volume: str) -> list[str]:
+        """Names of the pairs a volume belongs to (as P or S)."""
+        return sorted(p.name for p in self.pairs.values()
+                      if volume in (p.primary.name, p.secondary.name))
+
+    def _wire(self, pair: Pair) -> None:
+        self.layer(pair.primary.name).primary_of.append(pair)
+        self.layer(pair.secondary.name).secondary_of = pair
+        self.engine.attach(pair)
+
+    def _unwire(self, pair: Pair) -> None:
+        p_layer = self.layers.get(pair.primary.name)
+        if p_layer is not None and pair in p_layer.primary_of:
+            p_layer.primary_of.remove(pair)
+        s_layer = self.layers.get(pair.secondary.name)
+        if s_layer is not None and s_layer.secondary_of is pair:
+            s_layer.secondary_of = None
+
+    # -- bitmap files ---------------------------------------------------------------
+
+    def _path(self, pair_name: str, kind: str, generation: int) -> str:
+        return os.path.join(self.dir, pair_name, f"{kind}.{generation}.bm")
+
+    def _write_generation(self, pair_name: str, nbits: int, generation: int,
+                          contents: dict[str, bytes | None]) -> dict[str, Bitmap]:
+        os.makedirs(os.path.join(self.dir, pair_name), mode=0o750, exist_ok=True)
+        out = {}
+        try:
+            for kind in BITMAPS:
+                bm = Bitmap.create(nbits, self._path(pair_name, kind, generation))
+                out[kind] = bm
+                data = contents.get(kind)
+                if data is not None:
+                    bm.replace_with(data)
+                bm.dirty_since_sync = True
+                bm.sync()
+        except BaseException:
+            for bm in out.values():
+                bm.close()
+            self._remove_generation(pair_name, generation)
+            raise
+        return out
+
+    def _remove_generation(self, pair_name: str, generation: int) -> None:
+        for kind in BITMAPS:
+            try:
+                os.unlink(self._path(pair_name, kind, generation))
+            except FileNotFoundError:
+                pass
+
+    def _keep_only_generation(self, pair_name: str, generation: int) -> None:
+        folder = os.path.join(self.dir, pair_name)
+        for entry in os.listdir(folder):
+            if not entry.endswith(f".{generation}.bm"):
+                os.unlink(os.path.join(folder, entry))
+
+    # -- start -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        for rec in self.store.list_pairs():
+            p_vol = self.volumes.find(rec.primary_vol)
+            s_vol = self.volumes.find(rec.secondary)
+            if p_vol is None or s_vol is None:
+                missing = rec.primary_vol if p_vol is None else rec.secondary
+                self.unavailable[rec.secondary] = f"volume {missing!r} is not available"
+                log.error("pair %s not loaded: volume %s is not available", rec.secondary, missing)
+                continue
+            nbits = _nregions(p_vol)
+            state, reason, generation = rec.state, rec.reason, rec.generation
+            try:
+                bitmaps = {k: Bitmap.load(nbits, self._path(rec.secondary, k, generation))
+                           for k in BITMAPS}
+            except OSError as e:
+                # The guarantee cannot be checked without the bitmaps: error,
+                # never silently wrong. Fresh files; a full resync rebuilds S.
+                reason = f"bitmaps of generation {generation} unreadable at start: {e}"
+                log.error("pair %s: %s; state error", rec.secondary, reason)
+                state, generation = st.ERROR, generation + 1
+                bitmaps = self._write_generation(rec.secondary, nbits, generation, {})
+                self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason,
+                                                          "generation": generation})])
+            self._keep_only_generation(rec.secondary, generation)
+            pair = Pair(rec.secondary, p_vol, s_vol, state, rec.read_policy, rec.rate, rec.grp,
+                        generation, bitmaps, reason, rec.created, rec.split_at)
+            work = pair.work_bitmap()
+            pair.drain_total = work.count() if work is not None else 0
+            self.pairs[pair.name] = pair
+            self._wire(pair)
+            log.info("pair %s (%s -> %s): %s, %d regions to copy", pair.name, p_vol.name,
+                     s_vol.name, state, pair.drain_total)
+
+    # -- create / delete -------------------------------------------------------------------
+
+    def create(self, primary: str, secondary: str, create_secondary: bool = False,
+               read_policy: str = "copy-on-read", rate: int = 0, group: str | None = None) -> Pair:
+        primary, secondary = validate_name(primary), validate_name(secondary)
+        if read_policy not in READ_POLICIES:
+            raise BadInput(f"read policy {read_policy!r} is not one of {', '.join(READ_POLICIES)}")
+        rate = parse_rate(rate)
+        if group is not None:
+            group = validate_name(group)
+        if primary == secondary:
+            raise BadInput(f"cannot pair volume {primary!r} with itself")
+        p_vol = self.volumes.get(primary)
+        if secondary in self.pairs:
+            raise Conflict(f"volume {secondary!r} is already the secondary of pair {secondary!r} "
+                           f"(primary {self.pairs[secondary].primary.name!r})")
+        as_primary = [p.name for p in self.pairs.values() if p.primary.name == secondary]
+        if as_primary:
+            raise Conflict(f"volume {secondary!r} is the primary of pair {as_primary[0]!r}; "
+                           "a secondary cannot be a primary too")
+        if primary in self.pairs:
+            raise Conflict(f"volume {primary!r} is the secondary of pair {primary!r}; "
+                           "cascaded pairs are not supported")
+        s_vol = self.volumes.find(secondary)
+        created = False
+        if s_vol is None:
+            if not create_secondary:
+                raise NotFound(f"no volume named {secondary!r} (add --create-secondary to "
+                               f"create it with the primary's size)")
+            s_vol = self.volumes.create(secondary, p_vol.size, p_vol.region_size)
+            created = True
+        else:
+            if create_secondary:
+                raise Conflict(f"volume {secondary!r} exists already; drop --create-secondary "
+                               "to pair with it (its data will be overwritten)")
+            if s_vol.size != p_vol.size:
+                raise BadInput(f"sizes differ: primary {primary!r} is {format_size(p_vol.size)} "
+                               f"({p_vol.size} bytes), secondary {secondary!r} is "
+                               f"{format_size(s_vol.size)} ({s_vol.size} bytes)")
+            if s_vol.read_only:
+                raise BadInput(f"volume {secondary!r} is read-only and cannot be a secondary")
+            conns = self.registry.count(secondary)
+            if conns:
+                raise Conflict(f"volume {secondary!r} has {conns} open NBD connection"
+                               f"{'s' if conns > 1 else ''}; disconnect them before pairing "
+                               "(its data will be overwritten)")
+        nbits = _nregions(p_vol)
+        # A new secondary is one hole: only P's allocated regions need copying.
+        # An existing one may hold anything: every region is copied.
+        diff = _allocated_bits(p_vol, nbits) if created else _all_bits(nbits)
+        generation = 1
+        try:
+            self._remove_generation(secondary, generation)
+            bitmaps = self._write_generation(secondary, nbits, generation,
+                                             {"diff": diff, "delta": _all_bits(nbits)})
+            now = time.time()
+            rec = PairRecord(secondary, primary, st.COPY, read_policy, rate, group, generation,
+                             "", now, None)
+            self.store.add_pair(rec)
+        except BaseException:
+            shutil.rmtree(os.path.join(self.dir, secondary), ignore_errors=True)
+            if created:
+                self.volumes.delete(secondary)
+            raise
+        pair = Pair(secondary, p_vol, s_vol, st.COPY, read_policy, rate, group, generation,
+                    bitmaps, "", now, None)
+        pair.drain_total = pair.diff.count()
+        self.pairs[secondary] = pair
+        self._wire(pair)
+        pair.kick()
+        log.info("pair %s created: %s -> %s, %d of %d regions to copy", secondary, primary,
+                 secondary, pair.drain_total, nbits)
+        return pair
+
+    def delete(self, name: str, force: bool = False) -> dict:
+        pair = self.get(name)
+        if not force:
+            if pair.state == st.SPLIT and pair.diff.count():
+                raise Refused(f"pair {name!r} is split with {pair.diff.count()} regions not yet "
+                              "copied: deleting it now leaves the secondary incomplete "
+                              "(wait with `splitctl pair wait --until copied`, or use --force)")
+            if pair.state == st.RESTORE:
+                raise Refused(f"pair {name!r} is restoring: deleting it now leaves the primary "
+                              "half restored (wait, or use --force)")
+        self.store.remove_pair(name)
+        self._close_secondary(pair, "pair deleted")
+        self._unwire(pair)
+        del self.pairs[name]
+        for bm in pair.bm.values():
+            bm.close()
+        shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        log.info("pair %s deleted (was %s)", name, pair.state)
+        return {"name": name, "deleted": True, "state_was": pair.state}
+
+    def get(self, name: str) -> Pair:
+        pair = self.pairs.get(validate_name(name))
+        if pair is None:
+            raise NotFound(f"no pair named {name!r} (a pair is named by its secondary volume)")
+        return pair
+
+    def set(self, name: str, rate: int | None = None, read_policy: str | None = None) -> Pair:
+        pair = self.get(name)
+        changes = {}
+        if rate is not None:
+            changes["rate"] = parse_rate(rate)
+        if read_policy is not None:
+            if read_policy not in READ_POLICIES:
+                raise BadInput(f"read policy {read_policy!r} is not one of {', '.join(READ_POLICIES)}")
+            changes["read_policy"] = read_policy
+        if not changes:
+            raise BadInput("nothing to set: give a rate or a read policy")
+        self.store.update_pairs([(name, changes)])
+        pair.rate = changes.get("rate", pair.rate)
+        pair.read_policy = changes.get("read_policy", pair.read_policy)
+        pair.tokens = 0.0
+        pair.kick()
+        return pair
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def _next(self, pair: Pair, action: str) -> str:
+        try:
+            return st.next_state(pair.name, pair.state, action)
+        except st.TransitionRefused as e:
+            raise Refused(str(e)) from None
+
+    def split(self, names: list[str]) -> list[Pair]:
+        """Split pairs at one single point: one transaction, one loop tick, so
+        no P write of any of them lands between the first and the last."""
+        pairs = [self.get(n) for n in names]
+        for pair in pairs:
+            self._next(pair, "split")
+        now = time.time()
+        self.store.update_pairs([(p.name, {"state": st.SPLIT, "split_at": now}) for p in pairs])
+        for pair in pairs:
+            pair.state = st.SPLIT
+            pair.split_at = now
+            pair.drain_total = pair.diff.count()
+            pair.drain_done = 0
+            pair.kick()
+        log.info("split %s: %s", "group" if len(pairs) > 1 else "pair",
+                 ", ".join(f"{p.name} ({p.diff.count()} pending)" for p in pairs))
+        return pairs
+
+    def group_members(self, group: str) -> list[str]:
+        members = sorted(p.name for p in self.pairs.values() if p.group == group)
+        if not members:
+            raise NotFound(f"no pairs in group {group!r}")
+        return members
+
+    def resync(self, name: str) -> Pair:
+        pair = self.get(name)
+        self._next(pair, "resync")
+        nbits = pair.nregions
+        if pair.state == st.ERROR:
+            full = _all_bits(nbits)
+            contents = {"diff": full, "delta": full}
+        else:
+            changed = _or(pair.bm["changed_p"], pair.bm["changed_s"])
+            contents = {"diff": _or(pair.diff, changed), "delta": changed}
+        self._rewrite(pair, st.RESYNC, contents, "resync")
+        return pair
+
+    def restore(self, name: str) -> Pair:
+        pair = self.get(name)
+        self._next(pair, "restore")
+        contents = {"diff": pair.diff.copy_bits(), "delta": pair.bm["delta"].copy_bits(),
+                    "restore": _or(pair.bm["changed_p"], pair.bm["changed_s"])}
+        self._rewrite(pair, st.RESTORE, contents, "restore")
+        return pair
+
+    def _rewrite(self, pair: Pair, state: str, contents: dict, why: str) -> None:
+        generation = pair.generation + 1
+        bitmaps = self._write_generation(pair.name, pair.nregions, generation, contents)
+        try:
+            self.store.update_pairs([(pair.name, {"state": state, "generation": generation,
+                                                  "reason": ""})])
+        except BaseException:
+            for bm in bitmaps.values():
+                bm.close()
+            self._remove_generation(pair.name, generation)
+            raise
+        self._close_secondary(pair, f"pair {why}")
+        old = pair.bm
+        pair.bm = bitmaps
+        pair.generation = generation
+        pair.state = state
+        pair.reason = ""
+        pair.staged.clear()
+        pair.staged_bytes = 0
+        pair.urgent.clear()
+        pair.cursor = 0
+        work = pair.work_bitmap()
+        pair.drain_total = work.count() if work is not None else 0
+        pair.drain_done = 0
+        for bm in old.values():
+            bm.close()
+        self._remove_generation(pair.name, generation - 1)
+        pair.kick()
+        log.info("pair %s: %s, %d regions to copy", pair.name, state, pair.drain_total)
+
+    def _drained(self, pair: Pair) -> None:
+        new = st.next_state(pair.name, pair.state, "drained")
+        self.store.update_pairs([(pair.name, {"state": new})])
+        log.info("pair %s: %s done, now %s", pair.name, pair.state, new)
+        pair.state = new
+        pair.drain_total = pair.diff.count()
+        pair.drain_done = 0
+        pair.kick()
+
+    def fail(self, pair: Pair, reason: str) -> None:
+        log.error("pair %s: %s; state error (only a full resync leaves it)", pair.name, reason)
+        try:
+            self.store.update_pairs([(pair.name, {"state": st.ERROR, "reason": reason})])
+        except Exception:  # noqa: BLE001 -- still suspend the pair in memory
+            log.exception("could not record the error of pair %s", pair.name)
+        pair.state = st.ERROR
+        pair.reason = reason
+        self._close_secondary(pair, reason)
+
+    def _close_secondary(self, pair: Pair, reason: str) -> None:
+        """S stops being served: close its connections, fail waiting reads."""
+        pair.fail_waiters()
+        n = self.registry.close_export(pair.secondary.name, reason)
+        if n:
+            log.info("closed %d connection(s) to %s: %s", n, pair.secondary.name, reason)
+
+    # -- daemon life --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+        for pair in self.pairs.values():
+            pair.sync_bitmaps()
+
+    def close(self) -> None:
+        for pair in self.pairs.values():
+            for bm in pair.bm.values():
+                bm.close()
+
+
+def _nregions(vol) -> int:
+    return (vol.size + vol.region_size - 1) // vol.region_size
+
+
+def _all_bits(nbits: int) -> bytes:
+    bm = Bitmap(nbits)
+    if nbits:
+        bm.set_range(0, nbits - 1)
+    return bm.copy_bits()
+
+
+def _allocated_bits(vol, nbits: int) -> bytes:
+    """Bits of the regions that hold any allocated data of `vol`."""
+    bm = Bitmap(nbits)
+    rs = vol.region_size
+    pos = 0
+    for length, flags in vol.extents(0, vol.size):
+        if not flags & 1:  # data
+            bm.set_range(pos // rs, (pos + length - 1) // rs)
+        pos += length
+    return bm.copy_bits()
+
+
+def _or(a: Bitmap, b: Bitmap) -> bytes:
+    n = len(a.bits)
+    return (int.from_bytes(a.bits, "little") | int.from_bytes(b.bits, "little")).to_bytes(n, "little")
