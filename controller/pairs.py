@@ -418,6 +418,10 @@ def _allocated_bits(vol, nbits: int) -> bytes:
     return bm.copy_bits()
 
 
-def _or(a: Bitmap, b: Bitmap) -> bytes:
-    n = len(a.bits)
-    return (int.from_bytes(a.bits, "little") | int.from_bytes(b.bits, "little")).to_bytes(n, "little")
+def _or(*maps: "Bitmap | bytes") -> bytes:
+    """The union of bitmaps (or their bytes), as bytes."""
+    raw = [m.bits if isinstance(m, Bitmap) else m for m in maps]
+    acc = 0
+    for r in raw:
+        acc |= int.from_bytes(r, "little")
+    return acc.to_bytes(len(raw[0]), "little")
