@@ -117,6 +117,7 @@ class Pair:
         self.urgent: list[int] = []     # regions readers wait for: copy these first
         self.cursor = 0                 # where the engine scans next
         self.kick = lambda: None        # set by the engine: there is work
+        self.siblings = lambda: ()      # set by PairManager: other pairs of the same primary
         # Counters (since the daemon started) and progress of the current drain.
         self.cow_count = 0
         self.cor_count = 0
@@ -161,6 +162,12 @@ class Pair:
         """Copy regions first..last in this state's direction and clear their
         bits in `bitmap`. Staged buffers are written instead of re-reading P."""
         src, dst = self.copy_source_target()
+        if dst is self.primary:
+            # A restore copy changes P: to the primary's other pairs it is a
+            # P write (copy-on-write of their pending regions, dirty tracking).
+            off, length = self.span(first, last)
+            for other in self.siblings():
+                other.before_primary_change(off, length)
         copied = 0
         r = first
         while r <= last:

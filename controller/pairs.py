@@ -69,6 +69,8 @@ class PairManager:
     def _wire(self, pair: Pair) -> None:
         self.layer(pair.primary.name).primary_of.append(pair)
         self.layer(pair.secondary.name).secondary_of = pair
+        primary_layer = self.layer(pair.primary.name)
+        pair.siblings = lambda: [p for p in primary_layer.primary_of if p is not pair]
         self.engine.attach(pair)
 
     def _unwire(self, pair: Pair) -> None:
