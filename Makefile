@@ -2,6 +2,7 @@
 #   make run    install what is missing, start the daemon in the foreground on ./var
 #   make test   same install, then the whole test suite
 #   make bench  the referee benchmark (splitd vs nbdkit vs qemu-nbd) on tmpfs
+#   make crash  many rounds of kill -9 under load, checking every pair's guarantee
 #   make install  install under $(PREFIX) with the systemd unit (as root)
 SHELL := /bin/sh
 # python3-libnbd installs the `nbd` module for Debian's interpreter only, so the
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv run test bench install clean distclean
+.PHONY: all deps venv run test bench crash install clean distclean
 
 all: venv
 
@@ -41,6 +42,11 @@ test: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+# Many rounds of kill -9 during copies, resync and restore (make test runs a few).
+CRASH_ROUNDS ?= 50
+crash: venv
+	$(PY) scripts/crash.py --rounds $(CRASH_ROUNDS)
 
 PREFIX ?= /opt/splitd
 install:
