@@ -91,6 +91,10 @@ class ManagedVolume:
         """Blocking (runs in a thread): the bitmaps that describe this volume's
         writes are made durable before the data flush completes."""
         for pair in list(self.primary_of):
+            if pair.cow_count:
+                # Copy-on-write put the split image of regions into S: it must
+                # be durable before the bitmaps that say it is there.
+                pair.secondary.flush()
             pair.sync_bitmaps()
         if self.secondary_of is not None:
             self.secondary_of.sync_bitmaps()
