@@ -66,19 +66,5 @@ clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
-distPREFIX ?= /opt/splitd
-install:
-	@scripts/install-deps
-	test -x $(PREFIX)/bin/python || $(SYSPYTHON) -m venv --system-site-packages $(PREFIX)
-	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check .
-	ln -sf $(PREFIX)/bin/splitd /usr/local/bin/splitd
-	ln -sf $(PREFIX)/bin/splitctl /usr/local/bin/splitctl
-	install -D -m 0644 systemd/splitd.service /etc/systemd/system/splitd.service
-	install -D -m 0644 systemd/splitd.sysusers /usr/lib/sysusers.d/splitd.conf
-	test -e /etc/splitd/splitd.toml || install -D -m 0640 systemd/splitd.toml /etc/splitd/splitd.toml
-	-systemd-sysusers /usr/lib/sysusers.d/splitd.conf
-	-systemctl daemon-reload
-	@echo "installed; start with: systemctl enable --now splitd"
-
-clean: clean
+distclean: clean
 	rm -rf $(VENV) $(VAR)
