@@ -22,11 +22,10 @@ import asyncio
 import json
 import logging
 import os
-import socket
-import stat
 import time
 
 from controller.errors import SplitdError
+from daemon.listeners import remove_stale_socket
 from volumes.names import quoted
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ MAX_LINE = 1 << 20
 
 async def start_admin_server(path: str, controller) -> asyncio.AbstractServer:
     """Listen on the Unix socket `path` (mode 0660) and serve `controller`."""
-    _remove_stale_socket(path)
+    remove_stale_socket(path)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_connection(reader, writer, controller)
@@ -47,21 +46,6 @@ async def start_admin_server(path: str, controller) -> asyncio.AbstractServer:
     return server
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by an earlier daemon; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"admin socket path {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # nobody listens: stale
-            return
-    raise FileExistsError(f"another process is already listening on {path}")
 
 
 async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -53,6 +53,8 @@ def nbd_error(exc: BaseException) -> int:
 
 SEND_BUFFER = 4 * 1024 * 1024
 INITIAL_BUFFER = 256 * 1024
+MAX_SLACK = 4 * 1024 * 1024
+MAX_IDLE_BUFFER = 8 * 1024 * 1024
 MIN_READ_ROOM = 64 * 1024
 # Reads this large go out with sendfile(2) when the backend allows it.
 SENDFILE_MIN = 128 * 1024
@@ -181,9 +183,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         pending = self.rend - self.rstart
         size = len(self.rbuf)
         if pending + room > size:
-            # Room for several payloads of this size, so a payload rarely
-            # straddles the end and has to be moved.
-            size = max(pending + room, 4 * room, 2 * size)
+            # Some slack after the payload (up to MAX_SLACK), so the next
+            # payloads rarely straddle the end and have to be moved; never a
+            # multiple of a large payload.
+            size = pending + room + min(3 * room, MAX_SLACK)
             new = bytearray(size)
             new[:pending] = self.rbuf[self.rstart:self.rend]
             self.rbuf = new
@@ -343,6 +346,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             view.release()
             if pos == end:
                 self.rstart = self.rend = 0
+                if len(buf) > MAX_IDLE_BUFFER:
+                    # A big payload has gone through: give its memory back.
+                    self.rbuf = bytearray(INITIAL_BUFFER)
             else:
                 self.rstart = pos
                 if self.want > len(buf) - pos:
@@ -376,10 +382,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                     # A layer holds this read (pair read policy `wait`).
                     self._reply_when_read(cookie, offset, length, data)
                     return
-                if self.structured:
-                    out.append(c.encode_offset_data_header(cookie, offset, length))
-                else:
-                    out.append(_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie))
+                out.append(self._data_header(cookie, offset, length))
                 out.append(data)
                 return
             if cmd == c.CMD_WRITE:
@@ -436,10 +439,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             out.clear()
         if self.transport.get_write_buffer_size():
             return False
-        if self.structured:
-            header = c.encode_offset_data_header(cookie, offset, length)
-        else:
-            header = _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
+        header = self._data_header(cookie, offset, length)
         try:
             n = os.write(self.sockfd, header)
         except BlockingIOError:
@@ -506,6 +506,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             self._reply_ok(out, cookie)
 
+    def _data_header(self, cookie: int, offset: int, length: int) -> bytes:
+        """What goes before `length` bytes of read data: one OFFSET_DATA chunk
+        header (structured) or a simple reply."""
+        if self.structured:
+            return c.encode_offset_data_header(cookie, offset, length)
+        return _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
+
     def _reply_ok(self, out, cookie: int) -> None:
         if self.structured:
             out.append(c.encode_done(cookie))
@@ -559,10 +566,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             exc = f.exception()
             if exc is not None:
                 self._reply_error(out, cookie, nbd_error(exc), str(exc))
-            elif self.structured:
-                out += [c.encode_offset_data_header(cookie, offset, length), f.result()]
             else:
-                out += [_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie), f.result()]
+                out += [self._data_header(cookie, offset, length), f.result()]
             self.transport.writelines(out)
             if self.disconnecting:
                 self._maybe_finish_disc()

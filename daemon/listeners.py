@@ -103,7 +103,7 @@ def interface_addresses(ifname: str) -> list[str]:
 async def bind(listener: Listener, protocol_factory) -> None:
     loop = asyncio.get_running_loop()
     if listener.kind == "unix":
-        _remove_stale_socket(listener.path)
+        remove_stale_socket(listener.path)
         os.makedirs(os.path.dirname(listener.path) or ".", exist_ok=True)
         server = await loop.create_unix_server(protocol_factory, listener.path, backlog=128)
         os.chmod(listener.path, 0o660)
@@ -125,20 +125,22 @@ async def bind(listener: Listener, protocol_factory) -> None:
         listener.servers.append(server)
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
+    """Remove a Unix socket left by an earlier, unclean stop; refuse anything
+    else (a regular file, or a socket somebody still listens on)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ListenSpecError(f"{path} exists and is not a socket; not removing it")
+        raise FileExistsError(f"{path} exists and is not a socket; not removing it")
     with socket.socket(socket.AF_UNIX) as s:
         try:
             s.connect(path)
         except OSError:
             os.unlink(path)  # nobody listens: a leftover from an unclean stop
             return
-    raise ListenSpecError(f"{path}: another process is listening there")
+    raise FileExistsError(f"{path}: another process is listening there")
 
 
 async def close_all(listeners: list[Listener]) -> None:
