@@ -208,7 +208,7 @@ async def test_stale_socket_is_replaced(tmp_path):
         controller = Controller(manager, ConnectionRegistry(), dict)
         server = await start_admin_server(path, controller)
         try:
-            with pytest.raises(FileExistsError, match="already listening"):
+            with pytest.raises(FileExistsError, match="another process is listening"):
                 await start_admin_server(path, controller)
             status = await asyncio.to_thread(AdminClient(path).call, "status")
             assert status["volumes"] == 0
