@@ -203,6 +203,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         log.info("closing connection %s (%s): %s", self.peer,
                  self.export.name if self.export else "handshake", reason)
         self.phase = self.CLOSED
+        if self.handshake_timer:
+            self.handshake_timer.cancel()
+        # Free the slot now: once a TLS upgrade has begun, the transport's
+        # connection_lost does not reach us if the TLS handshake never finished.
+        self.server.forget(self)
         if self.transport is not None:
             self.transport.abort()
 
