@@ -103,6 +103,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.structured = False
         self.meta: dict[int, str] = {}
         self.discard = 0            # bytes of a rejected WRITE payload still to drop
+        self.discard_reply = (0, 0, "")  # its error reply, sent once it is dropped
         self.inflight = 0           # requests handed to threads, not yet replied
         self.paused = set()         # why reading is paused: "writes", "inflight"
         self.disconnecting = False  # NBD_CMD_DISC seen: close once inflight drains
@@ -286,11 +287,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         except Exception as e:  # noqa: BLE001 (any TLS failure ends the session)
             self.close_now(f"TLS handshake failed: {e}")
             return
-        if self.phase == self.TLS_UPGRADE:
-            self.negotiation.tls_active = True
-            self.sockfd = -1  # bytes now go through TLS: no more sendfile
-            self.phase = self.OPTIONS
-            log.info("TLS active with %s", self.peer)
+        if self.phase != self.TLS_UPGRADE:
+            # Closed (timed out) while the TLS handshake ran: drop what it made.
+            self.transport.abort()
+            return
+        self.negotiation.tls_active = True
+        self.sockfd = -1  # bytes now go through TLS: no more sendfile
+        self.phase = self.OPTIONS
+        log.info("TLS active with %s", self.peer)
 
     def _enter_transmission(self, export) -> None:
         self.export = export
@@ -323,6 +327,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self.discard -= n
                     if self.discard:
                         break
+                    # Reply once the payload is gone, as a client still sending
+                    # it may not expect the reply before (libnbd does not).
+                    self._reply_error(out, *self.discard_reply)
                 if end - pos < _REQ_SIZE:
                     break
                 magic, flags, cmd, cookie, offset, length = _REQ.unpack_from(buf, pos)
@@ -332,10 +339,10 @@ class NBDConnection(asyncio.BufferedProtocol):
                     return
                 if cmd == c.CMD_WRITE:
                     if length > MAX_PAYLOAD:
-                        self._reply_error(out, cookie, c.EINVAL,
-                                          f"write of {length} bytes exceeds the {MAX_PAYLOAD} byte limit")
                         pos += _REQ_SIZE
                         self.discard = length
+                        self.discard_reply = (cookie, c.EINVAL, f"write of {length} bytes exceeds "
+                                                                f"the {MAX_PAYLOAD} byte limit")
                         continue
                     if end - pos - _REQ_SIZE < length:
                         # Wait for the whole payload, with room for it in one piece.
