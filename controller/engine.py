@@ -19,11 +19,15 @@ import logging
 import time
 from typing import Callable, Iterable
 
+from . import layers
 from . import states as st
 
 log = logging.getLogger("splitd.engine")
 
-SLICE = 2 * 1024 * 1024
+SLICE = 2 * 1024 * 1024      # per step when no client is doing I/O
+BUSY_SLICE = 256 * 1024      # per step while clients are doing I/O ...
+BUSY_PAUSE = 0.001           # ... and then this long for them
+HOLE_COST = 4096             # rate-limit charge for a region that is a hole
 RATE_WINDOW = 1.0       # seconds over which copy rates are measured
 
 
@@ -103,6 +107,9 @@ class CopyEngine:
             if bm is None or (bm.count() == 0 and not pair.urgent):
                 if bm is not None and pair.state in (st.COPY, st.RESYNC, st.RESTORE):
                     self.on_drained(pair)
+                    # The new state may have work of its own (a restore leaves
+                    # pending regions in the diff, copied P->S once in pair).
+                    continue
                 return
             self.step(pair)
 
@@ -112,12 +119,22 @@ class CopyEngine:
         # Background task: handles its own errors; one bad pair must not stop the others.
         sample_at = time.monotonic()
         sample_bytes: dict[str, int] = {}
+        last_ops = layers.client_ops()
         while not self.stopping:
             busy = [p for p in self.pairs() if _has_work(p)]
             if not busy:
-                self._wake.clear()
-                await self._wake.wait()
+                for pair in self.pairs():
+                    pair.rate_ewma = 0.0    # nothing being copied: no rate to show
+                await self._sleep(None)
+                sample_at = time.monotonic()
+                sample_bytes.clear()
                 continue
+            # Clients first: while they do I/O, copy small slices and leave the
+            # loop to them most of the time; at full speed when they are idle.
+            ops = layers.client_ops()
+            clients_active = ops != last_ops
+            last_ops = ops
+            slice_bytes = BUSY_SLICE if clients_active else SLICE
             now = time.monotonic()
             delay = 0.0
             worked = False
@@ -128,24 +145,38 @@ class CopyEngine:
                     continue
                 try:
                     before = pair.copied_regions
-                    copied = self.step(pair, max(pair.region_size, min(SLICE, allowance)))
-                    region_bytes = (pair.copied_regions - before) * pair.region_size
+                    copied = self.step(pair, max(pair.region_size, min(slice_bytes, allowance)))
+                    regions = pair.copied_regions - before
                 except Exception:  # noqa: BLE001 -- logged, the pair goes to error
                     log.exception("copy engine failed on pair %s", pair.name)
                     self.on_error(pair, "internal error in the copy engine (see the log)")
                     continue
-                self._spend(pair, copied)
-                sample_bytes[pair.name] = sample_bytes.get(pair.name, 0) + region_bytes
+                # A hole costs little I/O, but not nothing: rate limits count it.
+                self._spend(pair, max(copied, regions * HOLE_COST))
+                sample_bytes[pair.name] = sample_bytes.get(pair.name, 0) + regions * pair.region_size
                 worked = True
             if now - sample_at >= RATE_WINDOW:
                 dt = now - sample_at
                 for pair in self.pairs():
-                    pair.rate_ewma = 0.5 * pair.rate_ewma + 0.5 * sample_bytes.get(pair.name, 0) / dt
+                    rate = sample_bytes.get(pair.name, 0) / dt
+                    # The first sample stands alone; later ones are smoothed.
+                    pair.rate_ewma = rate if not pair.rate_ewma else 0.5 * pair.rate_ewma + 0.5 * rate
                 sample_bytes.clear()
                 sample_at = now
-            # Yield to client I/O between slices; sleep when every busy pair is
-            # over its rate.
-            await asyncio.sleep(0 if worked else max(delay, 0.001))
+            if worked:
+                # Yield between slices; with clients active, for a while.
+                await asyncio.sleep(BUSY_PAUSE if clients_active else 0)
+            else:
+                # Every busy pair is over its rate: sleep until tokens come back,
+                # or until a kick (new work, a waiting reader, a rate change).
+                await self._sleep(min(max(delay, 0.001), 1.0))
+
+    async def _sleep(self, timeout: float | None) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
     # -- rate limits ----------------------------------------------------------------------
 
@@ -178,4 +209,12 @@ class CopyEngine:
 
 def _has_work(pair) -> bool:
     bm = pair.work_bitmap()
-    return bm is not None and (bm.count() > 0 or bool(pair.urgent))
+    if bm is None:
+        return False
+    # A copy, resync or restore with nothing (left) to copy still needs one
+    # step: the step is what moves it on to `pair`. Without this a resync of an
+    # unchanged split, or a pair created on an empty primary, stayed there forever.
+    return bm.count() > 0 or bool(pair.urgent) or pair.state in _ENDS_WHEN_DRAINED
+
+
+_ENDS_WHEN_DRAINED = (st.COPY, st.RESYNC, st.RESTORE)

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 from volumes.volume import Volume
 
+# Client requests served through any layer: the copy engine looks at whether
+# it moved to know if clients are active (it gives them the loop first).
+_ops = 0
+
+
+def client_ops() -> int:
+    return _ops
+
 
 class ManagedVolume:
     __slots__ = ("vol", "name", "primary_of", "secondary_of")
@@ -38,6 +46,8 @@ class ManagedVolume:
     # -- reads ---------------------------------------------------------------
 
     def read(self, offset: int, length: int):
+        global _ops
+        _ops += 1
         if self.secondary_of is not None:
             return self.secondary_of.secondary_read(offset, length)
         for pair in self.primary_of:
@@ -73,16 +83,22 @@ class ManagedVolume:
             self.secondary_of.before_secondary_change(offset, length)
 
     def write(self, offset: int, data) -> None:
+        global _ops
+        _ops += 1
         if self.primary_of or self.secondary_of is not None:
             self._before_change(offset, len(data))
         self.vol.write(offset, data)
 
     def zero(self, offset: int, length: int, punch: bool = True) -> None:
+        global _ops
+        _ops += 1
         if self.primary_of or self.secondary_of is not None:
             self._before_change(offset, length)
         self.vol.zero(offset, length, punch)
 
     def trim(self, offset: int, length: int) -> None:
+        global _ops
+        _ops += 1
         if self.primary_of or self.secondary_of is not None:
             self._before_change(offset, length)
         self.vol.trim(offset, length)

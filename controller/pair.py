@@ -28,7 +28,6 @@ import os
 import time
 
 from volumes.bitmap import Bitmap
-from volumes.volume import EXTENT_HOLE
 
 from . import states as st
 
@@ -39,22 +38,45 @@ BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
 STAGING_LIMIT = 64 * 1024 * 1024   # bytes of staged regions held at once, per pair
 
 
-def copy_range(src, dst, offset: int, length: int) -> int:
-    """Copy [offset, offset+length) of src to dst; holes stay holes.
+def copy_range(src, dst, offset: int, length: int, grain: int = 65536) -> int:
+    """Copy [offset, offset+length) of src to dst; a hole in the source stays a
+    hole in the target, at `grain` (region) granularity. Returns data bytes
+    copied. Uses copy_file_range(2) where the files allow it.
 
-    Returns the bytes of data copied (holes cost nothing). Uses
-    copy_file_range(2) where the files allow it.
+    Only SEEK_DATA is used, never SEEK_HOLE: on tmpfs SEEK_HOLE walks every
+    page up to the next hole (10-20 ms in a full 1 GiB file), while SEEK_DATA
+    answers at once when there is data at the offset. A grain that starts with
+    data is copied whole, so a hole inside it becomes zeroes in the target
+    (DESIGN.md allows a hole or zeroes, never other data).
     """
-    copied = 0
+    end = offset + length
     pos = offset
-    for ext_len, flags in src.extents(offset, length):
-        if flags & EXTENT_HOLE:
-            dst.zero(pos, ext_len, punch=True)
-        else:
-            _copy_data(src.fd, dst.fd, pos, ext_len)
-            copied += ext_len
-        pos += ext_len
+    copied = 0
+    fd = src.fd
+    while pos < end:
+        data = _next_data(fd, pos, end)
+        if data > pos:
+            dst.zero(pos, data - pos, punch=True)
+            pos = data
+            continue
+        # Data at pos: extend over following grains that start with data.
+        stop = min(end, (pos // grain + 1) * grain)
+        while stop < end and _next_data(fd, stop, end) == stop:
+            stop = min(end, stop + grain)
+        _copy_data(fd, dst.fd, pos, stop - pos)
+        copied += stop - pos
+        pos = stop
     return copied
+
+
+def _next_data(fd: int, pos: int, end: int) -> int:
+    """The first offset >= pos holding data, or `end` if none before it."""
+    try:
+        return min(os.lseek(fd, pos, os.SEEK_DATA), end)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # ENXIO: no data from pos to the end of file
+            raise
+        return end
 
 
 _copy_file_range_ok = hasattr(os, "copy_file_range")
@@ -184,7 +206,7 @@ class Pair:
             while end < last and not (self.staged and (end + 1) in self.staged):
                 end += 1
             off, length = self.span(r, end)
-            copied += copy_range(src, dst, off, length)
+            copied += copy_range(src, dst, off, length, self.region_size)
             r = end + 1
         bitmap.clear_range(first, last)
         n = last - first + 1

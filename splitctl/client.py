@@ -3,10 +3,18 @@
     with AdminClient() as admin:
         admin.call("volume.create", name="db", size="10G")
 
+    with AdminClient() as admin:
+        admin.call("pair.split", name="db-snap")
+        admin.wait_pair("db-snap", "copied", timeout=600)
+
 Every failure is an AdminError carrying a code: the daemon's own codes
-("bad-input", "not-found", "conflict", ...) and, from this side,
+("bad-input", "not-found", "conflict", "refused", ...) and, from this side,
 "unreachable" (no daemon at the socket) and "protocol" (the connection broke
-or the reply made no sense). Callers need to catch only AdminError.
+or the reply made no sense). Callers need to catch only AdminError:
+
+    AdminError
+     +-- PairFailed    "pair-error": a waited-on pair went to state error
+     +-- WaitTimeout   "timeout": the pair did not get there in time
 """
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import itertools
 import json
 import os
 import socket
+import time
+from typing import Callable
 
 ENV_SOCKET = "SPLITD_ADMIN_SOCKET"
 DEFAULT_SOCKET = "/run/splitd/admin.sock"
@@ -26,6 +36,43 @@ class AdminError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class PairFailed(AdminError):
+    """The pair went to state `error` while waited on. `pair` is its last pair.show."""
+
+    def __init__(self, pair: dict):
+        # The message is printed as one line, whatever the reason holds.
+        reason = " ".join(str(pair.get("reason") or "no reason given").split())
+        super().__init__("pair-error", f"pair {pair.get('name')!r} went to state error: {reason}")
+        self.pair = pair
+
+
+class WaitTimeout(AdminError):
+    """The pair did not get where it was waited for in time. `pair` is its last pair.show."""
+
+    def __init__(self, pair: dict, until: str, timeout: float):
+        super().__init__("timeout", f"timed out after {timeout:g}s waiting for pair "
+                                    f"{pair.get('name')!r} to be {until}: state "
+                                    f"{pair.get('state')}, {pair.get('remaining')} regions "
+                                    "still to copy")
+        self.pair = pair
+
+
+# What `wait_pair` can wait for, and when a pair.show says it is there.
+#   synced  S mirrors P (state `pair`): the initial copy, a resync or a
+#           restore is done.
+#   copied  nothing left to copy (remaining 0) in split or pair: a split
+#           secondary holds its whole image without reading through to P.
+WAIT_TARGETS = ("synced", "copied")
+
+
+def target_reached(pair: dict, until: str) -> bool:
+    if until == "synced":
+        return pair["state"] == "pair"
+    if until == "copied":
+        return pair["remaining"] == 0 and pair["state"] in ("split", "pair")
+    raise ValueError(f"unknown wait target {until!r} (one of {', '.join(WAIT_TARGETS)})")
 
 
 def default_socket_path() -> str:
@@ -80,6 +127,36 @@ class AdminClient:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
             raise AdminError(str(error.get("code", "error")), str(error.get("message", reply)))
         return reply.get("result")
+
+    def wait_pair(self, name: str, until: str, timeout: float | None = None,
+                  interval: float = 1.0, on_poll: Callable[[dict], None] | None = None,
+                  clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], None] = time.sleep) -> dict:
+        """Poll pair.show every `interval` seconds until the pair is `until`
+        (see WAIT_TARGETS); return that last pair.show.
+
+        Raises PairFailed if the pair goes to `error` (only a resync leaves
+        it, so waiting on is pointless), WaitTimeout after `timeout` seconds
+        (None: no limit), or any AdminError of pair.show (the pair was
+        deleted, the daemon stopped). `on_poll` sees every pair.show, e.g.
+        to draw progress. A pair that cannot get there by itself (`synced`
+        while split) is waited on all the same: someone may resync it.
+        """
+        if until not in WAIT_TARGETS:
+            raise ValueError(f"unknown wait target {until!r} (one of {', '.join(WAIT_TARGETS)})")
+        deadline = None if timeout is None else clock() + timeout
+        while True:
+            pair = self.call("pair.show", name=name)
+            if on_poll is not None:
+                on_poll(pair)
+            if target_reached(pair, until):
+                return pair
+            if pair["state"] == "error":
+                raise PairFailed(pair)
+            now = clock()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(pair, until, timeout)
+            sleep(interval if deadline is None else min(interval, deadline - now))
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
