@@ -8,6 +8,19 @@ Sections (run in this order; pick some with --only a,b):
               otherwise an equivalent built in here.
   scale       100 sparse 1 TiB volumes on an idle daemon: RSS after creation
               and after a restart, and how long `splitctl volume list` takes.
+  split       pair.split round trip (100 x split + resync) of a 1 TiB pair with
+              every region pending, rate 1 B/s: p50/p99/max, target p99 < 1 ms
+              on tmpfs; also with the engine held back, and on /var/tmp.
+  paired-writes
+              fio 4 KiB randwrite qd16 on an unpaired volume, a primary in
+              `pair` and a primary split with every region pending (tmpfs, 2
+              interleaved rounds, median): target pair/unpaired >= 0.7.
+  copy-engine the copy engine (pair.create --create-secondary until `pair`) vs
+              cp --sparse=always of the same 1 GiB on tmpfs: target >= 0.8;
+              copy-on-read 4 KiB read latency (fio clat p50/p99) vs unpaired;
+              the same copy on /var/tmp for information.
+  pair-memory daemon RSS with two 1 TiB volumes, then paired, then split:
+              target delta < 16 MiB.
 
 Options: --rt SECONDS per fio workload (default: $RT, else 6), --json FILE to
 also write every figure as JSON, --builtin-referee to use the built-in logic
@@ -275,20 +288,26 @@ class Admin:
         self.close()
 
     def call(self, method: str, **params):
+        return self.call_timed(method, **params)[0]
+
+    def call_timed(self, method: str, **params):
+        """(result, seconds from just before the send to the reply's last byte)."""
         self.next_id += 1
-        line = json.dumps({"id": self.next_id, "method": method, "params": params})
-        self.sock.sendall(line.encode() + b"\n")
+        line = json.dumps({"id": self.next_id, "method": method, "params": params}).encode() + b"\n"
+        t0 = time.perf_counter()
+        self.sock.sendall(line)
         while b"\n" not in self.buf:
             chunk = self.sock.recv(1 << 16)
             if not chunk:
                 raise AdminError(f"admin socket closed during {method}")
             self.buf += chunk
+        elapsed = time.perf_counter() - t0
         raw, _, self.buf = self.buf.partition(b"\n")
         reply = json.loads(raw)
         if "error" in reply:
             err = reply["error"]
             raise AdminError(f"{method}: {err.get('code')}: {err.get('message')}")
-        return reply["result"]
+        return reply["result"], elapsed
 
 
 class Splitd:
@@ -803,6 +822,527 @@ def section_scale(ctx: Context) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Pair sections: split latency, writes to paired primaries, the copy engine,
+# the memory a pair costs.
+
+SPLIT_ROUNDS = 100
+SPLIT_P99_TARGET_MS = 1.0
+PAIRED_WRITES_ROUNDS = 2
+PAIRED_WRITES_TARGET = 0.7          # IOPS of a primary in `pair` / unpaired volume
+COPY_ROUNDS = 2
+COPY_ENGINE_TARGET = 0.8            # engine throughput / cp --sparse=always throughput
+PAIR_MEMORY_TARGET_MIB = 16.0
+PAIR_MEMORY_SIZE = "1T"
+NOTHING_RATE = 1                    # bytes/s: the engine copies (next to) nothing
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (p99 of 100 values is the 99th smallest)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
+def need_free(path: str, gib: float, why: str) -> None:
+    free = shutil.disk_usage(path).free
+    if free < gib * GiB:
+        raise BenchError(f"{path} has {free / GiB:.1f} GiB free; this section needs "
+                         f"{gib:.1f} GiB ({why})")
+
+
+def fio_run(uri: str, rw: str, bs: str, iodepth: int, runtime: int, *extra: str) -> dict:
+    """One time-based fio job over NBD; its figures (IOPS, MiB/s, clat percentiles)."""
+    args = ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+            f"--iodepth={iodepth}", "--size=1g", "--time_based", f"--runtime={runtime}",
+            "--output-format=json", *extra]
+    cp = subprocess.run(args, capture_output=True, text=True, timeout=runtime + 120,
+                        stdin=subprocess.DEVNULL)
+    try:
+        job = json.loads(cp.stdout[cp.stdout.index("{"):])["jobs"][0]
+        r = job["read" if "read" in rw else "write"]
+    except (ValueError, KeyError, IndexError):
+        raise BenchError(f"fio {rw} on {uri} failed (status {cp.returncode}): "
+                         f"{cp.stderr.strip()[-600:]}") from None
+    if job.get("error") or cp.returncode != 0 or not r.get("total_ios"):
+        raise BenchError(f"fio {rw} on {uri}: status {cp.returncode}, error {job.get('error')}, "
+                         f"{r.get('total_ios')} I/Os: {cp.stderr.strip()[-600:]}")
+    clat = r["clat_ns"]
+    pct = clat.get("percentile", {})
+    return {"iops": round(r["iops"], 1), "mib_s": round(r["bw"] / 1024, 1),
+            "ios": r["total_ios"], "runtime_s": round(job["job_runtime"] / 1000, 2),
+            "clat_mean_us": round(clat["mean"] / 1000, 1),
+            "clat_p50_us": round(pct.get("50.000000", 0) / 1000, 1),
+            "clat_p99_us": round(pct.get("99.000000", 0) / 1000, 1),
+            "clat_max_us": round(clat["max"] / 1000, 1)}
+
+
+def nbd_fill(uri: str, image: Path) -> float:
+    """Write an image into an export through NBD; returns the seconds it took."""
+    t0 = time.monotonic()
+    subprocess.run(["nbdcopy", "--flush", image, uri], check=True, timeout=600,
+                   stdin=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def wait_pair_state(a: Admin, name: str, state: str, timeout: float,
+                    poll: float = 0.01) -> tuple[float, dict]:
+    """Poll pair.show until the pair is in `state`; (seconds waited, last pair.show)."""
+    t0 = time.monotonic()
+    while True:
+        p = a.call("pair.show", name=name)
+        if p["state"] == state:
+            return time.monotonic() - t0, p
+        if p["state"] == "error":
+            raise BenchError(f"pair {name} went to state error: {p.get('reason')}")
+        if time.monotonic() - t0 > timeout:
+            raise BenchError(f"pair {name} still in state {p['state']} after {timeout:.0f} s "
+                             f"({p['remaining']} regions left), waiting for {state}")
+        time.sleep(poll)
+
+
+def split_all_pending(a: Admin, name: str) -> dict:
+    """Split the pair so that every region is pending: resync first if it is split
+    (resync = pending | changed, which is every region once each was pending or
+    changed), then split. The engine must be held back (rate 1 B/s)."""
+    p = a.call("pair.show", name=name)
+    if p["state"] == "split":
+        a.call("pair.resync", name=name)
+    p = a.call("pair.split", name=name)
+    if p["pending"] < 0.99 * p["regions"]:
+        raise BenchError(f"pair {name} split with {p['pending']} of {p['regions']} regions "
+                         "pending, expected (nearly) all of them")
+    return p
+
+
+def runqueue_wait_ms(pid: int | str) -> float:
+    """Time a process's main thread (or "thread-self") has spent runnable but
+    waiting for a CPU (/proc/PID/schedstat, second field, ns), in ms; 0 where
+    schedstats are off."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def steal_seconds() -> float:
+    """CPU time stolen by the hypervisor, all CPUs (/proc/stat, 8th field)."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x:7.3f}"
+
+
+# -- section: split ----------------------------------------------------------------------------
+
+def split_round_trips(ctx: Context, parent: str, hold_engine: bool = False) -> dict:
+    """SPLIT_ROUNDS x (pair.split timed, pair.resync) on a fresh daemon in `parent`.
+
+    With a sparse P the rate limit does not hold the engine back: a hole region
+    costs no tokens, so it keeps punching holes in S at full speed. hold_engine
+    writes 64 KiB of data at P's offset 0 first: the engine copies that region
+    once its token bucket holds a byte, overdraws the bucket by 64 KiB, and then
+    sleeps (at 1 B/s) for the rest of the run.
+    """
+    work = ctx.tempdir(parent, "splitd-bench-split.")
+    d = Splitd(ctx, work).start()
+    ctx.defer("splitd", d.stop)
+    split_ms, resync_ms, pending, wait_ms = [], [], [], []
+    with Admin(d.admin_sock, timeout=120) as a:
+        a.call("volume.create", name="p", size="1T")
+        a.call("volume.create", name="s", size="1T")
+        if hold_engine:
+            subprocess.run(["fio", "--name=j", "--ioengine=nbd", f"--uri={d.uri('p')}",
+                            "--rw=write", "--bs=64k", "--size=64k", "--output=/dev/null"],
+                           check=True, timeout=60, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL)
+        created = a.call("pair.create", primary="p", secondary="s", rate=NOTHING_RATE)
+        regions = created["regions"]
+        # Past the engine's first second: held, it has taken its one region and
+        # sleeps; not held, it has started on the holes.
+        time.sleep(1.5)
+        cpu0, t0, steal0 = cpu_seconds(d.pid) or 0.0, time.monotonic(), steal_seconds()
+        for _ in range(SPLIT_ROUNDS):
+            wait0 = runqueue_wait_ms(d.pid) + runqueue_wait_ms("thread-self")
+            res, dt = a.call_timed("pair.split", name="s")
+            wait_ms.append(runqueue_wait_ms(d.pid) + runqueue_wait_ms("thread-self") - wait0)
+            if res["state"] != "split":
+                raise BenchError(f"pair.split answered state {res['state']!r}")
+            split_ms.append(dt * 1000)
+            pending.append(res["pending"])
+            _, dt = a.call_timed("pair.resync", name="s")
+            resync_ms.append(dt * 1000)
+        wall = time.monotonic() - t0
+        cpu = (cpu_seconds(d.pid) or 0.0) - cpu0
+        steal = steal_seconds() - steal0
+        copied = a.call("pair.show", name="s")["copied_regions"]
+    d.stop()
+    # The split's time minus the time the daemon's main thread and this client
+    # sat runnable but not running (another process had the CPU).
+    own_ms = [max(0.0, t - w) for t, w in zip(split_ms, wait_ms)]
+    return {"data_dir": str(work / "data"), "engine_held": hold_engine, "regions": regions,
+            "pending_min": min(pending), "pending_max": max(pending),
+            "engine_copied_regions": copied,
+            "p50_ms": round(percentile(split_ms, 50), 4),
+            "p99_ms": round(percentile(split_ms, 99), 4),
+            "max_ms": round(max(split_ms), 4), "mean_ms": round(statistics.mean(split_ms), 4),
+            "first_ms": round(split_ms[0], 4),
+            "own_p50_ms": round(percentile(own_ms, 50), 4),
+            "own_p99_ms": round(percentile(own_ms, 99), 4),
+            "own_max_ms": round(max(own_ms), 4),
+            "runqueue_wait_over_0_5ms": sum(1 for w in wait_ms if w > 0.5),
+            "runqueue_wait_ms": [round(x, 4) for x in wait_ms],
+            "resync_p50_ms": round(percentile(resync_ms, 50), 3),
+            "resync_max_ms": round(max(resync_ms), 3),
+            "daemon_cpu_pct": round(100 * cpu / wall, 0) if wall else None,
+            "steal_pct": round(100 * steal / wall / (os.cpu_count() or 1), 1) if wall else None,
+            "split_ms": [round(x, 4) for x in split_ms]}
+
+
+def section_split(ctx: Context) -> dict:
+    print(f"pair of two 1 TiB volumes (P sparse, S existing: every region to copy), "
+          f"rate {NOTHING_RATE} B/s; {SPLIT_ROUNDS} x (pair.split timed, pair.resync not timed);")
+    print("time = admin round trip, one kept-open Unix socket, from send to the reply's end; "
+          "first split 1.5 s after pair.create")
+    out = {}
+    variants = (("tmpfs", "/dev/shm", False, "tmpfs (/dev/shm)"),
+                ("tmpfs_engine_held", "/dev/shm", True, "tmpfs, engine held (info)"),
+                ("disk", "/var/tmp", False, "disk (/var/tmp) (info)"))
+    for key, parent, hold, what in variants:
+        r = split_round_trips(ctx, parent, hold)
+        out[key] = r
+        line = (f"  {what:28s} p50 {fmt_ms(r['p50_ms'])} ms  p99 {fmt_ms(r['p99_ms'])} ms  "
+                f"max {fmt_ms(r['max_ms'])} ms")
+        if key == "tmpfs":
+            ok = r["p99_ms"] < SPLIT_P99_TARGET_MS
+            out["target_p99_ms"] = SPLIT_P99_TARGET_MS
+            out["targets"] = {"p99": ok}
+            line += f"   (target p99 < {SPLIT_P99_TARGET_MS:g} ms)  {verdict(ok)}"
+        print(line)
+        print(f"  {'':28s} first {r['first_ms']:.3f} ms, mean {r['mean_ms']:.3f} ms; resync p50 "
+              f"{r['resync_p50_ms']:.1f} ms, max {r['resync_max_ms']:.1f} ms; daemon CPU "
+              f"{r['daemon_cpu_pct']:.0f}% of a core; pending at the splits "
+              f"{r['pending_min']}..{r['pending_max']} of {r['regions']}; engine copied "
+              f"{r['engine_copied_regions']} regions")
+        print(f"  {'':28s} minus run-queue waits of splitd and this client (another process "
+              f"had the CPU; {r['runqueue_wait_over_0_5ms']} splits waited > 0.5 ms): p50 "
+              f"{r['own_p50_ms']:.3f} ms, p99 {r['own_p99_ms']:.3f} ms, max {r['own_max_ms']:.3f} "
+              f"ms; CPU steal {r['steal_pct']:.1f}%")
+    if out["tmpfs"]["engine_copied_regions"] > 1:
+        print(f"  note: at {NOTHING_RATE} B/s the engine still copied "
+              f"{out['tmpfs']['engine_copied_regions']} regions of the sparse P (holes cost no "
+              "rate tokens), so it was busy during the splits; 'engine held' = 64 KiB of data "
+              "at P's start, which the engine copies once and then sleeps")
+    return out
+
+
+# -- section: paired-writes --------------------------------------------------------------------
+
+def wait_drained(a: Admin, name: str, timeout: float) -> tuple[float, dict]:
+    """Poll pair.show every 10 ms until the pair's diff is empty; (seconds, last show).
+    On timeout returns the time waited and the last show (diff > 0)."""
+    t0 = time.monotonic()
+    while True:
+        p = a.call("pair.show", name=name)
+        if p["diff"] == 0 or time.monotonic() - t0 > timeout:
+            return time.monotonic() - t0, p
+        time.sleep(0.01)
+
+
+def tmpfs_seek_hole_ms(path: Path) -> float:
+    """One SEEK_HOLE from offset 0 of a file: on tmpfs it walks the pages to the
+    first hole, so on a fully written file it costs O(file size)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        os.lseek(fd, 0, os.SEEK_HOLE)
+        return (time.perf_counter() - t0) * 1000
+    finally:
+        os.close(fd)
+
+
+def section_paired_writes(ctx: Context) -> dict:
+    for tool in ("fio", "nbdcopy"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed")
+    need_free("/dev/shm", 7, "a random image, three 1 GiB primaries and two secondaries")
+    work = ctx.tempdir("/dev/shm", "splitd-bench-pw.")
+    image = work / "fill.img"
+    make_random_image(image, GiB)
+    # (c) gets a daemon of its own: its pair, rate-limited to 1 B/s, overdraws its
+    # token bucket on its first region and the engine then sleeps for hours
+    # without waking for other pairs' work, which would stop b's mirroring.
+    (work / "ab").mkdir()
+    (work / "c").mkdir()
+    d = Splitd(ctx, work / "ab").start()
+    ctx.defer("splitd (a, b)", d.stop)
+    dc = Splitd(ctx, work / "c").start()
+    ctx.defer("splitd (c)", dc.stop)
+    cases = [("a", "unpaired", "unpaired volume"),
+             ("b", "pair", "primary, pair state (mirrored)"),
+             ("c", "split", "primary, split, every region pending")]
+    with Admin(d.admin_sock, timeout=120) as a, Admin(dc.admin_sock, timeout=120) as ac:
+        admins = {"a": a, "b": a, "c": ac}
+        daemons = {"a": d, "b": d, "c": dc}
+        fill_s = 0.0
+        for vol, _, _ in cases:
+            admins[vol].call("volume.create", name=vol, size="1G")
+            fill_s += nbd_fill(daemons[vol].uri(vol), image)
+        image.unlink()
+        ac.call("volume.create", name="c-s", size="1G")
+        a.call("pair.create", primary="b", secondary="b-s", create_secondary=True)
+        ac.call("pair.create", primary="c", secondary="c-s", rate=NOTHING_RATE)
+        copy_s, _ = wait_pair_state(a, "b-s", "pair", 300)
+        seek_ms = tmpfs_seek_hole_ms(Path(a.call("volume.show", name="a")["path"]))
+        print(f"three 1 GiB volumes filled with random data through NBD ({fill_s:.1f} s); "
+              f"b's secondary created and copied ({copy_s:.1f} s), state pair; "
+              f"c paired with an existing secondary at {NOTHING_RATE} B/s (on a second "
+              "daemon, also on tmpfs)")
+        print(f"fio randwrite bs=4k qd=16, {ctx.rt} s each, no ramp; {PAIRED_WRITES_ROUNDS} "
+              "rounds, order reversed every other round; median IOPS; after each (b) run, "
+              "wait for the mirror to catch up (diff = 0, at most 30 s)")
+        runs: dict[str, list[dict]] = {k: [] for k, _, _ in cases}
+        for rnd in range(PAIRED_WRITES_ROUNDS):
+            order = cases if rnd % 2 == 0 else cases[::-1]
+            for vol, kind, _ in order:
+                extra = {}
+                if kind == "split":
+                    before = split_all_pending(ac, "c-s")
+                    extra["pending_before"] = before["pending"]
+                elif kind == "pair":
+                    before = a.call("pair.show", name="b-s")
+                fig = fio_run(daemons[vol].uri(vol), "randwrite", "4k", 16, ctx.rt)
+                if kind == "split":
+                    after = ac.call("pair.show", name="c-s")
+                    extra.update({"copy_on_write": after["copy_on_write"] - before["copy_on_write"],
+                                  "pending_after": after["pending"], "regions": after["regions"],
+                                  "state_after": after["state"]})
+                elif kind == "pair":
+                    after = a.call("pair.show", name="b-s")
+                    catch_s, caught = wait_drained(a, "b-s", 30)
+                    extra.update({"state_after": after["state"], "diff_after": after["diff"],
+                                  "engine_copied_regions":
+                                      after["copied_regions"] - before["copied_regions"],
+                                  "catch_up_s": round(catch_s, 2),
+                                  "diff_after_catch_up": caught["diff"]})
+                fig.update(extra)
+                runs[vol].append(fig)
+                ctx.note(f"round {rnd + 1} {vol}: {fig}")
+    med = {k: statistics.median(r["iops"] for r in v) for k, v in runs.items()}
+    ratio_b = med["b"] / med["a"] if med["a"] else 0.0
+    ratio_c = med["c"] / med["a"] if med["a"] else 0.0
+    for vol, kind, label in cases:
+        rr = runs[vol]
+        each = ", ".join(f"{r['iops']:.0f}" for r in rr)
+        p50 = statistics.median(r["clat_p50_us"] for r in rr)
+        p99 = statistics.median(r["clat_p99_us"] for r in rr)
+        print(f"  ({vol}) {label:38s} {med[vol]:8.0f} IOPS  [{each}]  "
+              f"clat p50 {p50:8.0f} us  p99 {p99:8.0f} us")
+    print(f"  (b)/(a) = {ratio_b:.2f}   (target >= {PAIRED_WRITES_TARGET:g})  "
+          f"{verdict(ratio_b >= PAIRED_WRITES_TARGET)}")
+    print(f"  (c)/(a) = {ratio_c:.3f}  (for information)")
+    rb, rc = runs["b"], runs["c"]
+    print(f"  (b) per run: the engine copied {', '.join(str(r['engine_copied_regions']) for r in rb)}"
+          f" regions during the run; diff at the end {', '.join(str(r['diff_after']) for r in rb)}"
+          f" of 16384; caught up in {', '.join('%.2f' % r['catch_up_s'] for r in rb)} s")
+    if any(r["diff_after_catch_up"] for r in rb):
+        print(f"  note: the mirror did not catch up within 30 s: diff still "
+              f"{', '.join(str(r['diff_after_catch_up']) for r in rb)}")
+    print(f"  (c) per run: {', '.join(str(r['copy_on_write']) for r in rc)} copy-on-write "
+          f"regions (of {rc[0]['regions']}, {', '.join(str(r['pending_before']) for r in rc)} "
+          f"pending at the split); still pending at the end "
+          f"{', '.join(str(r['pending_after']) for r in rc)}")
+    print(f"  for (c): one SEEK_HOLE from offset 0 of a fully written 1 GiB tmpfs file takes "
+          f"{seek_ms:.1f} ms here (tmpfs walks its pages to the first hole)")
+    return {"rt_s": ctx.rt, "rounds": PAIRED_WRITES_ROUNDS, "runs": runs,
+            "median_iops": {k: round(v, 1) for k, v in med.items()},
+            "ratio_pair_over_unpaired": round(ratio_b, 3),
+            "ratio_split_over_unpaired": round(ratio_c, 4),
+            "tmpfs_seek_hole_ms": round(seek_ms, 2),
+            "target_ratio_pair": PAIRED_WRITES_TARGET,
+            "targets": {"pair_over_unpaired": ratio_b >= PAIRED_WRITES_TARGET}}
+
+
+# -- section: copy-engine ----------------------------------------------------------------------
+
+def copy_rounds(ctx: Context, a: Admin, src_path: Path, scratch: Path, rounds: int,
+                keep_last: bool, sync_first: bool = False
+                ) -> tuple[list[float], list[float], str | None]:
+    """Rounds of (cp --sparse=always of src's backing file, then a pair.create
+    --create-secondary of src timed until state pair). Each copy is checked with
+    cmp, then dropped; with keep_last the last secondary stays, unpaired, and
+    its name is returned. sync_first (on disk): write back dirty pages before
+    each timed copy, so neither inherits the other's writeback."""
+    cp_s, engine_s, kept = [], [], None
+    for rnd in range(rounds):
+        dst = scratch / "cp-copy.img"
+        if sync_first:
+            os.sync()
+        t0 = time.monotonic()
+        subprocess.run(["cp", "--sparse=always", src_path, dst], check=True, timeout=300)
+        cp_s.append(time.monotonic() - t0)
+        dst.unlink()
+        name = f"eng{rnd}"
+        if sync_first:
+            os.sync()
+        t0 = time.monotonic()
+        a.call("pair.create", primary="src", secondary=name, create_secondary=True)
+        wait_pair_state(a, name, "pair", 600)
+        engine_s.append(time.monotonic() - t0)
+        s_path = a.call("volume.show", name=name)["path"]
+        if subprocess.run(["cmp", "-s", src_path, s_path], timeout=300).returncode != 0:
+            raise BenchError(f"after the copy, secondary {name} differs from the primary")
+        a.call("pair.delete", name=name)
+        if keep_last and rnd == rounds - 1:
+            kept = name
+        else:
+            a.call("volume.delete", name=name)
+        ctx.note(f"{scratch}: round {rnd + 1}: cp {cp_s[-1]:.3f} s, engine {engine_s[-1]:.3f} s")
+    return cp_s, engine_s, kept
+
+
+def filled_source(a: Admin, d: Splitd, image: Path) -> tuple[Path, float]:
+    src = a.call("volume.create", name="src", size="1G")
+    fill_s = nbd_fill(d.uri("src"), image)
+    src_path = Path(src["path"])
+    if not src_path.is_file() or src_path.stat().st_blocks * 512 < GiB:
+        raise BenchError(f"{src_path} is not the filled 1 GiB backing file of volume src")
+    return src_path, fill_s
+
+
+def section_copy_engine(ctx: Context) -> dict:
+    for tool in ("fio", "nbdcopy", "cmp"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed")
+    need_free("/dev/shm", 5.5, "a random image, a primary, cp's copy and the secondaries")
+    need_free("/var/tmp", 4, "the on-disk comparison: a primary, cp's copy and a secondary")
+    work = ctx.tempdir("/dev/shm", "splitd-bench-copy.")
+    disk = ctx.tempdir("/var/tmp", "splitd-bench-copy.")
+    image = work / "fill.img"
+    make_random_image(image, GiB)
+    d = Splitd(ctx, work).start()
+    ctx.defer("splitd", d.stop)
+    dd = Splitd(ctx, disk).start()
+    ctx.defer("splitd (disk)", dd.stop)
+    with Admin(d.admin_sock, timeout=120) as a, Admin(dd.admin_sock, timeout=120) as ad:
+        src_path, fill_s = filled_source(a, d, image)
+        disk_src_path, _ = filled_source(ad, dd, image)
+        image.unlink()
+        seek_ms = tmpfs_seek_hole_ms(src_path)
+        print(f"1 GiB primary filled with random data through NBD ({fill_s:.1f} s); "
+              f"{COPY_ROUNDS} rounds of: cp --sparse=always of its backing file, then "
+              "pair.create --create-secondary (unlimited rate) until state pair "
+              "(pair.show every 10 ms); both within the same tmpfs; copies checked with cmp")
+        cp_s, engine_s, last = copy_rounds(ctx, a, src_path, work, COPY_ROUNDS, keep_last=True)
+        cp_med, eng_med = statistics.median(cp_s), statistics.median(engine_s)
+        ratio = cp_med / eng_med if eng_med else 0.0
+        print(f"  cp --sparse=always   {cp_med:6.2f} s  {1024 / cp_med:7.0f} MiB/s   "
+              f"[{', '.join(f'{x:.2f}' for x in cp_s)}]")
+        print(f"  copy engine          {eng_med:6.2f} s  {1024 / eng_med:7.0f} MiB/s   "
+              f"[{', '.join(f'{x:.2f}' for x in engine_s)}]  (pair.create to state pair)")
+        print(f"  engine/cp = {ratio:.2f}   (target >= {COPY_ENGINE_TARGET:g})  "
+              f"{verdict(ratio >= COPY_ENGINE_TARGET)}")
+        print(f"  (one SEEK_HOLE from offset 0 of the filled tmpfs file: {seek_ms:.1f} ms; tmpfs "
+              "walks its pages to the first hole)")
+
+        # Copy-on-read: reads of a split secondary whose every region is pending,
+        # against reads of an unpaired volume with the same data (the last copy).
+        a.call("volume.create", name="cor-s", size="1G")
+        a.call("pair.create", primary="src", secondary="cor-s", rate=NOTHING_RATE,
+               read_policy="copy-on-read")
+        before = split_all_pending(a, "cor-s")
+        print(f"random 4 KiB reads, fio randread bs=4k qd=1, {ctx.rt} s each, no ramp:")
+        unpaired = fio_run(d.uri(last), "randread", "4k", 1, ctx.rt)
+        cor = fio_run(d.uri("cor-s"), "randread", "4k", 1, ctx.rt)
+        after = a.call("pair.show", name="cor-s")
+        cor["copy_on_read"] = after["copy_on_read"] - before["copy_on_read"]
+        cor["pending_before"] = before["pending"]
+        cor["pending_after"] = after["pending"]
+        cor["regions"] = after["regions"]
+        for label, f in (("unpaired volume", unpaired),
+                         ("split S, copy-on-read, all pending", cor)):
+            print(f"  {label:36s} clat p50 {f['clat_p50_us']:8.1f} us  p99 "
+                  f"{f['clat_p99_us']:8.1f} us  (mean {f['clat_mean_us']:.1f}, max "
+                  f"{f['clat_max_us']:.0f}; {f['iops']:.0f} IOPS)")
+        frac = cor["copy_on_read"] / cor["ios"] if cor["ios"] else 0.0
+        print(f"  the copy-on-read run: {cor['ios']} reads, {cor['copy_on_read']} of them copied "
+              f"a region first ({100 * frac:.0f}%); pending {cor['pending_before']} at the "
+              f"split, {cor['pending_after']} at the end, of {cor['regions']} regions")
+
+        disk_cp, disk_engine, _ = copy_rounds(ctx, ad, disk_src_path, disk, 1, keep_last=False,
+                                               sync_first=True)
+        disk_ratio = disk_cp[0] / disk_engine[0] if disk_engine[0] else 0.0
+        print(f"for information, the same on disk ({disk}; sync before each, none inside "
+              "the timing), 1 round:")
+        print(f"  cp {disk_cp[0]:.2f} s ({1024 / disk_cp[0]:.0f} MiB/s), engine "
+              f"{disk_engine[0]:.2f} s ({1024 / disk_engine[0]:.0f} MiB/s): engine/cp = "
+              f"{disk_ratio:.2f}")
+    return {"rt_s": ctx.rt, "fill_s": round(fill_s, 2),
+            "cp_s": [round(x, 3) for x in cp_s], "engine_s": [round(x, 3) for x in engine_s],
+            "cp_mib_s": round(1024 / cp_med, 1), "engine_mib_s": round(1024 / eng_med, 1),
+            "ratio_engine_over_cp": round(ratio, 3), "target_ratio": COPY_ENGINE_TARGET,
+            "tmpfs_seek_hole_ms": round(seek_ms, 2),
+            "disk": {"cp_s": round(disk_cp[0], 3), "engine_s": round(disk_engine[0], 3),
+                     "ratio_engine_over_cp": round(disk_ratio, 3)},
+            "randread_unpaired": unpaired, "randread_copy_on_read": cor,
+            "copy_on_read_fraction": round(frac, 3),
+            "targets": {"engine_over_cp": ratio >= COPY_ENGINE_TARGET}}
+
+
+# -- section: pair-memory ----------------------------------------------------------------------
+
+def memory_mib(pid: int) -> dict:
+    return {k: round((proc_status_kib(pid, k) or 0) / 1024, 2)
+            for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")}
+
+
+def section_pair_memory(ctx: Context) -> dict:
+    work = ctx.tempdir("/var/tmp", "splitd-bench-mem.")
+    d = Splitd(ctx, work).start()
+    ctx.defer("splitd", d.stop)
+    settle = 1.0
+    steps = []
+    with Admin(d.admin_sock, timeout=120) as a:
+        a.call("volume.create", name="p", size=PAIR_MEMORY_SIZE)
+        a.call("volume.create", name="s", size=PAIR_MEMORY_SIZE)
+        time.sleep(settle)
+        steps.append(("two volumes, unpaired", memory_mib(d.pid)))
+        p = a.call("pair.create", primary="p", secondary="s", rate=NOTHING_RATE)
+        time.sleep(settle)
+        steps.append(("after pair.create", memory_mib(d.pid)))
+        p = a.call("pair.split", name="s")
+        time.sleep(settle)
+        steps.append(("after pair.split", memory_mib(d.pid)))
+        p = a.call("pair.show", name="s")
+    base = steps[0][1]["VmRSS"]
+    print(f"two {PAIR_MEMORY_SIZE}iB volumes in {work} (disk), region size "
+          f"{p['region_size'] // 1024} KiB = {p['regions']} regions; pair with the existing "
+          f"secondary at {NOTHING_RATE} B/s ({p['pending']} pending after the split); "
+          f"RSS {settle:g} s after each step, in MiB:")
+    print(f"  {'':24s} {'VmRSS':>7s} {'anon':>7s} {'file':>7s} {'shmem':>7s} {'HWM':>7s} "
+          f"{'delta':>7s}")
+    for label, m in steps:
+        print(f"  {label:24s} {m['VmRSS']:7.1f} {m['RssAnon']:7.1f} {m['RssFile']:7.1f} "
+              f"{m['RssShmem']:7.1f} {m['VmHWM']:7.1f} {m['VmRSS'] - base:+7.1f}")
+    deltas = {"create": steps[1][1]["VmRSS"] - base, "split": steps[2][1]["VmRSS"] - base}
+    worst = max(deltas.values())
+    ok = worst < PAIR_MEMORY_TARGET_MIB
+    hwm_delta = steps[2][1]["VmHWM"] - base
+    print(f"  RSS delta (worst of create, split) {worst:+.2f} MiB   (target < "
+          f"{PAIR_MEMORY_TARGET_MIB:g} MiB)  {verdict(ok)}   [peak (VmHWM) {hwm_delta:+.1f} MiB]")
+    return {"size": PAIR_MEMORY_SIZE, "regions": p["regions"], "region_size": p["region_size"],
+            "steps": {label: m for label, m in steps},
+            "rss_delta_mib": {k: round(v, 2) for k, v in deltas.items()},
+            "hwm_delta_mib": round(hwm_delta, 1),
+            "target_mib": PAIR_MEMORY_TARGET_MIB, "targets": {"rss_delta": ok}}
+
+
+# ---------------------------------------------------------------------------
 # Sections and the driver
 
 @dataclass
@@ -817,6 +1357,14 @@ SECTIONS = [
             section_foundation),
     Section("scale", f"idle scale: {SCALE_VOLUMES} sparse {SCALE_VOLUME_SIZE}iB volumes",
             section_scale),
+    Section("split", "split acknowledgment latency, 1 TiB pair, every region pending",
+            section_split),
+    Section("paired-writes", "4 KiB random writes: unpaired vs primary in pair vs in split",
+            section_paired_writes),
+    Section("copy-engine", "copy engine vs cp --sparse=always; copy-on-read read latency",
+            section_copy_engine),
+    Section("pair-memory", f"daemon RSS of a {PAIR_MEMORY_SIZE}iB pair (64 KiB regions)",
+            section_pair_memory),
 ]
 
 
@@ -887,7 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     interrupted = False
     for s in chosen:
-        print(f"\n== {s.name}: {s.title}")
+        print(f"\n== {s.name}: {s.title}  (load average {loadavg()})")
         ctx = Context(rt, args.verbose, args.builtin_referee)
         t0 = time.monotonic()
         try:
