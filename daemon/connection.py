@@ -51,7 +51,7 @@ def nbd_error(exc: BaseException) -> int:
     return c.EIO
 
 
-SEND_BUFFER = 4 * 1024 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024
 INITIAL_BUFFER = 256 * 1024
 MAX_SLACK = 4 * 1024 * 1024
 MAX_IDLE_BUFFER = 8 * 1024 * 1024
@@ -60,15 +60,17 @@ MIN_READ_ROOM = 64 * 1024
 SENDFILE_MIN = 128 * 1024
 
 
-def _grow_send_buffer(sock) -> None:
-    # A 1 MiB read reply that fits in the socket buffer goes out in one send;
-    # otherwise the event loop copies the rest and sends it piecemeal.
-    for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SEND_BUFFER)
-            return
-        except OSError:
-            continue
+def _grow_socket_buffers(sock) -> None:
+    # A 1 MiB reply that fits in the send buffer goes out in one send, and a
+    # 1 MiB WRITE payload arrives in a few large receives instead of many.
+    for force, plain in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+                         (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF)):
+        for opt in (force, plain):  # FORCE passes the sysctl cap, as root only
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
 
 
 class RequestError(Exception):
@@ -123,7 +125,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if sock is not None:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _grow_send_buffer(sock)
+            _grow_socket_buffers(sock)
         if not self.server.admit(self):
             log.warning("refused connection from %s on %s: %d connections is the cap",
                         self.peer, self.listener.name, self.server.max_connections)

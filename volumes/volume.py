@@ -117,7 +117,11 @@ class Volume:
         return (self.fd, offset)
 
     def write(self, offset: int, data) -> None:
-        view = memoryview(data)
+        n = os.pwrite(self.fd, data, offset)
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
+        offset += n
         while view:
             n = os.pwrite(self.fd, view, offset)
             view = view[n:]
