@@ -140,6 +140,7 @@ class Pair:
         self.cursor = 0                 # where the engine scans next
         self.kick = lambda: None        # set by the engine: there is work
         self.siblings = lambda: ()      # set by PairManager: other pairs of the same primary
+        self.on_fault = lambda reason: None  # set by PairManager: suspend the pair (error)
         # Counters (since the daemon started) and progress of the current drain.
         self.cow_count = 0
         self.cor_count = 0
@@ -235,7 +236,14 @@ class Pair:
         state = self.state
         if state == st.SPLIT:
             if self.diff.any_in(first, last):
-                self.cow_count += self._fill_pending(first, last)
+                try:
+                    self.cow_count += self._fill_pending(first, last)
+                except OSError as e:
+                    # S cannot take the split image (its disk is full, say):
+                    # suspend the pair, not the primary. Failing the P write
+                    # instead failed every later P write there too.
+                    self.on_fault(f"copy-on-write to {self.secondary.name} failed: {e}")
+                    return
             self.bm["changed_p"].set_range(first, last)
             return
         if state == st.RESTORE:

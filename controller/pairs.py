@@ -22,7 +22,7 @@ import time
 
 from volumes.bitmap import Bitmap
 from volumes.errors import BadInput, Conflict, NotFound, SplitdError
-from volumes.names import format_size, parse_rate, validate_name
+from volumes.names import format_size, parse_rate, quoted, validate_name
 from volumes.store import PairRecord
 
 from . import states as st
@@ -62,15 +62,26 @@ class PairManager:
         return layer
 
     def roles(self, volume: str) -> list[str]:
-        """Names of the pairs a volume belongs to (as P or S)."""
-        return sorted(p.name for p in self.pairs.values()
-                      if volume in (p.primary.name, p.secondary.name))
+        """Names of the pairs a volume belongs to (as P or S), unavailable
+        pairs included: their rows still name the volume (deleting it would
+        fail on the foreign key, deep inside SQLite)."""
+        names = {p.name for p in self.pairs.values()
+                 if volume in (p.primary.name, p.secondary.name)}
+        names.update(rec.secondary for rec in self._unavailable_records()
+                     if volume in (rec.primary_vol, rec.secondary))
+        return sorted(names)
+
+    def _unavailable_records(self) -> list[PairRecord]:
+        if not self.unavailable:
+            return []
+        return [rec for rec in self.store.list_pairs() if rec.secondary in self.unavailable]
 
     def _wire(self, pair: Pair) -> None:
         self.layer(pair.primary.name).primary_of.append(pair)
         self.layer(pair.secondary.name).secondary_of = pair
         primary_layer = self.layer(pair.primary.name)
         pair.siblings = lambda: [p for p in primary_layer.primary_of if p is not pair]
+        pair.on_fault = lambda reason: self.fail(pair, reason)
         self.engine.attach(pair)
 
     def _unwire(self, pair: Pair) -> None:
@@ -132,10 +143,13 @@ class PairManager:
                 continue
             nbits = _nregions(p_vol)
             state, reason, generation = rec.state, rec.reason, rec.generation
+            bitmaps = {}
             try:
-                bitmaps = {k: Bitmap.load(nbits, self._path(rec.secondary, k, generation))
-                           for k in BITMAPS}
+                for k in BITMAPS:
+                    bitmaps[k] = Bitmap.load(nbits, self._path(rec.secondary, k, generation))
             except OSError as e:
+                for bm in bitmaps.values():
+                    bm.close()    # those that did load: no fd left behind
                 # The guarantee cannot be checked without the bitmaps: error,
                 # never silently wrong. Fresh files; a full resync rebuilds S.
                 reason = f"bitmaps of generation {generation} unreadable at start: {e}"
@@ -159,14 +173,29 @@ class PairManager:
     def create(self, primary: str, secondary: str, create_secondary: bool = False,
                read_policy: str = "copy-on-read", rate: int = 0, group: str | None = None) -> Pair:
         primary, secondary = validate_name(primary), validate_name(secondary)
-        if read_policy not in READ_POLICIES:
-            raise BadInput(f"read policy {read_policy!r} is not one of {', '.join(READ_POLICIES)}")
-        rate = parse_rate(rate)
+        # Messages name the pair (= its secondary): "rate must be..." alone
+        # does not say which request or pair was wrong.
+        _check_read_policy(read_policy, secondary)
+        rate = parse_rate(rate, f"rate of pair {secondary!r}")
         if group is not None:
-            group = validate_name(group)
+            try:
+                group = validate_name(group)
+            except BadInput:
+                raise BadInput(f"invalid group name {quoted(group)} for pair {secondary!r}: use "
+                               "1 to 64 letters, digits, '.', '_' or '-', starting with a "
+                               "letter or digit") from None
         if primary == secondary:
             raise BadInput(f"cannot pair volume {primary!r} with itself")
         p_vol = self.volumes.get(primary)
+        # A pair not loaded (one of its volumes is unavailable) still owns its
+        # row and bitmap files: pairing over it failed inside SQLite, and the
+        # clean-up then removed the other pair's bitmap files.
+        for rec in self._unavailable_records():
+            if secondary in (rec.secondary, rec.primary_vol) or primary == rec.secondary:
+                vol = secondary if secondary in (rec.secondary, rec.primary_vol) else primary
+                raise Conflict(f"volume {vol!r} belongs to pair {rec.secondary!r}, which is "
+                               f"unavailable ({self.unavailable[rec.secondary]}); delete that "
+                               "pair first")
         if secondary in self.pairs:
             raise Conflict(f"volume {secondary!r} is already the secondary of pair {secondary!r} "
                            f"(primary {self.pairs[secondary].primary.name!r})")
@@ -229,6 +258,14 @@ class PairManager:
         return pair
 
     def delete(self, name: str, force: bool = False) -> dict:
+        if validate_name(name) in self.unavailable and name not in self.pairs:
+            # Not loaded: nothing serves it or copies for it; forget its row
+            # and files so its volumes can be deleted or paired again.
+            self.store.remove_pair(name)
+            shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+            del self.unavailable[name]
+            log.info("unavailable pair %s deleted", name)
+            return {"name": name, "deleted": True, "state_was": "unavailable"}
         pair = self.get(name)
         if not force:
             if pair.state == st.SPLIT and pair.diff.count():
@@ -258,10 +295,9 @@ class PairManager:
         pair = self.get(name)
         changes = {}
         if rate is not None:
-            changes["rate"] = parse_rate(rate)
+            changes["rate"] = parse_rate(rate, f"rate of pair {name!r}")
         if read_policy is not None:
-            if read_policy not in READ_POLICIES:
-                raise BadInput(f"read policy {read_policy!r} is not one of {', '.join(READ_POLICIES)}")
+            _check_read_policy(read_policy, name)
             changes["read_policy"] = read_policy
         if not changes:
             raise BadInput("nothing to set: give a rate or a read policy")
@@ -276,9 +312,21 @@ class PairManager:
 
     def _next(self, pair: Pair, action: str) -> str:
         try:
-            return st.next_state(pair.name, pair.state, action)
+            new = st.next_state(pair.name, pair.state, action)
         except st.TransitionRefused as e:
             raise Refused(str(e)) from None
+        if action in ("split", "restore"):
+            # While a pair restores P, P's file is not yet P's image: regions
+            # still to restore are read from S. A split of another pair of P
+            # would freeze the file's stale bytes as its image, and a second
+            # restore into P would fight the first one (each copy into P is
+            # a P write for the other: endless recursion). Both wait.
+            for other in pair.siblings():
+                if other.state == st.RESTORE:
+                    raise Refused(f"pair {pair.name!r}: its primary {pair.primary.name!r} is "
+                                  f"being restored from pair {other.name!r}; {action} it when "
+                                  "that restore is done")
+        return new
 
     def split(self, names: list[str]) -> list[Pair]:
         """Split pairs at one single point: one transaction, one loop tick, so
@@ -320,8 +368,17 @@ class PairManager:
     def restore(self, name: str) -> Pair:
         pair = self.get(name)
         self._next(pair, "restore")
-        contents = {"diff": pair.diff.copy_bits(), "delta": pair.bm["delta"].copy_bits(),
-                    "restore": _or(pair.bm["changed_p"], pair.bm["changed_s"])}
+        if pair.primary.read_only:
+            # Its file is open read-only: every restore copy would fail (EIO to
+            # P's readers, then error). Refuse before anything changes.
+            raise Refused(f"pair {name!r}: primary {pair.primary.name!r} is read-only and "
+                          "cannot be restored")
+        changed = _or(pair.bm["changed_p"], pair.bm["changed_s"])
+        # P becomes S's image, which differs from this split's image where S
+        # wrote: the next split's delta must name those regions (and what P
+        # writes from now on). Keeping the old delta (the previous split to
+        # this one) lost S's writes from incremental backups.
+        contents = {"diff": pair.diff.copy_bits(), "delta": changed, "restore": changed}
         self._rewrite(pair, st.RESTORE, contents, "restore")
         return pair
 
@@ -395,6 +452,12 @@ class PairManager:
         for pair in self.pairs.values():
             for bm in pair.bm.values():
                 bm.close()
+
+
+def _check_read_policy(policy, pair_name: str) -> None:
+    if not isinstance(policy, str) or policy not in READ_POLICIES:
+        raise BadInput(f"read policy {quoted(policy)} for pair {pair_name!r} is not one of "
+                       f"{', '.join(READ_POLICIES)}")
 
 
 def _nregions(vol) -> int:

@@ -13,6 +13,7 @@ Rules kept here:
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -45,10 +46,19 @@ class Bitmap:
     def load(cls, nbits: int, path: str) -> "Bitmap":
         bm = cls(nbits, path)
         bm.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        data = os.pread(bm.fd, len(bm.bits), 0)
-        bm.bits[:len(data)] = data
-        if len(data) < len(bm.bits):
-            os.ftruncate(bm.fd, len(bm.bits))
+        try:
+            data = os.pread(bm.fd, len(bm.bits), 0)
+            if len(data) < len(bm.bits):
+                # Files are made full length and synced before they are used
+                # (create + the caller's sync): a short one was damaged. Its
+                # missing bits must not read as clear ("copied"); the caller
+                # puts the pair in error instead.
+                raise OSError(errno.EIO, f"bitmap file {path} is {len(data)} bytes, "
+                                         f"expected {len(bm.bits)}")
+        except BaseException:
+            os.close(bm.fd)
+            raise
+        bm.bits[:] = data
         bm._clear_tail()
         bm._count = None
         return bm
