@@ -41,7 +41,7 @@ class ManagedVolume:
 
     @property
     def can_fast_zero(self) -> bool:
-        return True
+        return self.vol.can_fast_zero
 
     # -- reads ---------------------------------------------------------------
 

@@ -127,6 +127,11 @@ class Volume:
             view = view[n:]
             offset += n
 
+    @property
+    def can_fast_zero(self) -> bool:
+        """Zeroing is a metadata operation here (NBD_CMD_FLAG_FAST_ZERO)."""
+        return self._can_punch or self._can_zero_range
+
     def zero(self, offset: int, length: int, punch: bool = True) -> None:
         """Make [offset, offset+length) read as zeroes.
 
@@ -134,26 +139,28 @@ class Volume:
         NO_HOLE); punch=False keeps it allocated.
         """
         if punch and self._can_punch:
-            try:
-                _fallocate(self.fd, _PUNCH | _KEEP_SIZE, offset, length)
+            if self._try_fallocate(_PUNCH | _KEEP_SIZE, offset, length):
                 return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                self._can_punch = False
+            self._can_punch = False
         if self._can_zero_range:
-            try:
-                _fallocate(self.fd, _ZERO_RANGE | _KEEP_SIZE, offset, length)
+            if self._try_fallocate(_ZERO_RANGE | _KEEP_SIZE, offset, length):
                 return
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                self._can_zero_range = False
+            self._can_zero_range = False
         end = offset + length
         while offset < end:
             n = min(len(_ZERO_CHUNK), end - offset)
             self.write(offset, memoryview(_ZERO_CHUNK)[:n])
             offset += n
+
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate(2); False if this file system does not do that mode."""
+        try:
+            _fallocate(self.fd, mode, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            return False
+        return True
 
     def trim(self, offset: int, length: int) -> None:
         """Discard a range: it reads as zeroes afterwards (we always punch)."""
