@@ -30,6 +30,9 @@ _REQ_SIZE = c.REQUEST.size
 _REQUEST_MAGIC = c.REQUEST_MAGIC
 _SIMPLE = c.SIMPLE_REPLY
 _SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
+_SIMPLE_PACK = c.SIMPLE_REPLY.pack
+_CMD_READ, _CMD_WRITE, _CMD_DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
+_FLAG_FUA = c.CMD_FLAG_FUA
 _KNOWN_FLAGS = (c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_DF | c.CMD_FLAG_REQ_ONE
                 | c.CMD_FLAG_FAST_ZERO)
 # A BLOCK_STATUS reply lists at most this many extents per context; the spec
@@ -102,6 +105,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             tls_required=listener.tls_required)
         self.export = None
         self.backend = None
+        self.size = 0
+        self.read_only = True
         self.structured = False
         self.meta: dict[int, str] = {}
         self.discard = 0            # bytes of a rejected WRITE payload still to drop
@@ -301,6 +306,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _enter_transmission(self, export) -> None:
         self.export = export
         self.backend = export.backend
+        self.size = export.size
+        self.read_only = export.read_only
         self.structured = self.negotiation.structured
         self.meta = {i: export.contexts[name] for i, name in self.negotiation.meta.items()
                      if name in export.contexts}
@@ -374,13 +381,17 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._maybe_finish_disc()
 
     def _request(self, out, flags, cmd, cookie, offset, length, payload) -> None:
+        # READ and WRITE come first and are written out in full: they are the
+        # hot path (every extra call costs a few percent of small-I/O IOPS).
         try:
-            if self.shutting_down and cmd != c.CMD_DISC:
-                raise RequestError(c.ESHUTDOWN, "server is shutting down")
-            if flags & ~_KNOWN_FLAGS:
-                raise RequestError(c.EINVAL, f"unknown command flags 0x{flags:x}")
-            if cmd == c.CMD_READ:
-                self._check_range(offset, length, c.EINVAL)
+            if flags & ~_KNOWN_FLAGS or self.shutting_down:
+                if self.shutting_down and cmd != _CMD_DISC:
+                    raise RequestError(c.ESHUTDOWN, "server is shutting down")
+                if flags & ~_KNOWN_FLAGS:
+                    raise RequestError(c.EINVAL, f"unknown command flags 0x{flags:x}")
+            if cmd == _CMD_READ:
+                if offset + length > self.size:
+                    raise RequestError(c.EINVAL, f"{offset}+{length} is beyond the end ({self.size})")
                 if length > MAX_PAYLOAD:
                     raise RequestError(c.EINVAL, f"read of {length} bytes exceeds the limit")
                 if length == 0:
@@ -396,14 +407,24 @@ class NBDConnection(asyncio.BufferedProtocol):
                     # A layer holds this read (pair read policy `wait`).
                     self._reply_when_read(cookie, offset, length, data)
                     return
-                out.append(self._data_header(cookie, offset, length))
+                if self.structured:
+                    out.append(c.encode_offset_data_header(cookie, offset, length))
+                else:
+                    out.append(_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie))
                 out.append(data)
                 return
-            if cmd == c.CMD_WRITE:
-                self._check_writable()
-                self._check_range(offset, length, c.ENOSPC)
+            if cmd == _CMD_WRITE:
+                if self.read_only:
+                    raise RequestError(c.EPERM, "export is read-only")
+                if offset + length > self.size:
+                    raise RequestError(c.ENOSPC, f"{offset}+{length} is beyond the end ({self.size})")
                 self.backend.write(offset, payload)
-                self._done(out, cookie, flags)
+                if flags & _FLAG_FUA:
+                    self._in_thread(cookie, self.backend.flush)
+                elif self.structured:
+                    out.append(c.encode_done(cookie))
+                else:
+                    out.append(_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie))
                 return
             if cmd == c.CMD_FLUSH:
                 self._in_thread(cookie, self.backend.flush)
@@ -481,8 +502,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- validation ---------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int, error: int) -> None:
-        if offset + length > self.export.size:
-            raise RequestError(error, f"{offset}+{length} is beyond the end ({self.export.size})")
+        if offset + length > self.size:
+            raise RequestError(error, f"{offset}+{length} is beyond the end ({self.size})")
 
     def _check_writable(self) -> None:
         if self.export.read_only:
