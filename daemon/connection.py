@@ -61,6 +61,8 @@ MAX_IDLE_BUFFER = 8 * 1024 * 1024
 MIN_READ_ROOM = 64 * 1024
 # Reads this large go out with sendfile(2) when the backend allows it.
 SENDFILE_MIN = 128 * 1024
+# WRITEs this large are written to the volume piece by piece as they arrive.
+STREAM_MIN = 256 * 1024
 
 
 def _grow_socket_buffers(sock) -> None:
@@ -100,6 +102,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.rstart = 0
         self.rend = 0
         self.want = 0               # bytes a partly received WRITE needs in one piece
+        # A large WRITE being written as its payload arrives:
+        # [cookie, flags, next offset, bytes still to come, error or None].
+        self.stream = None
         self.negotiation = Negotiation(
             server.exports, tls_available=server.tls_context is not None,
             tls_required=listener.tls_required)
@@ -329,6 +334,31 @@ class NBDConnection(asyncio.BufferedProtocol):
         view = memoryview(buf)
         try:
             while not self.disconnecting:
+                if self.stream is not None:
+                    # A large WRITE's payload goes to the volume as it arrives,
+                    # while it is hot in cache; the reply follows its last byte.
+                    # (A write is not atomic in NBD until it is acknowledged.)
+                    ws = self.stream
+                    n = min(ws[3], end - pos)
+                    if n and ws[4] is None:
+                        try:
+                            self.backend.write(ws[2], view[pos:pos + n])
+                        except OSError as e:
+                            log.warning("%s WRITE on %s at %d failed: %s", self.peer,
+                                        self.export.name, ws[2], e)
+                            ws[4] = (nbd_error(e), e.strerror or str(e))
+                    ws[2] += n
+                    ws[3] -= n
+                    pos += n
+                    if ws[3]:
+                        break
+                    self.stream = None
+                    if ws[4] is not None:
+                        self._reply_error(out, ws[0], *ws[4])
+                    elif ws[1] & _FLAG_FUA:
+                        self._in_thread(ws[0], self.backend.flush)
+                    else:
+                        self._reply_ok(out, ws[0])
                 if self.discard:
                     # Drop a rejected WRITE's payload as it streams in: never buffer it.
                     n = min(self.discard, end - pos)
@@ -354,6 +384,15 @@ class NBDConnection(asyncio.BufferedProtocol):
                                                                 f"the {MAX_PAYLOAD} byte limit")
                         continue
                     if end - pos - _REQ_SIZE < length:
+                        if length >= STREAM_MIN:
+                            pos += _REQ_SIZE
+                            refusal = self._write_refusal(flags, offset, length)
+                            if refusal is None:
+                                self.stream = [cookie, flags, offset, length, None]
+                            else:
+                                self.discard = length
+                                self.discard_reply = (cookie, *refusal)
+                            continue
                         # Wait for the whole payload, with room for it in one piece.
                         self.want = _REQ_SIZE + length
                         break
@@ -379,6 +418,19 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.transport.writelines(out)
         if self.disconnecting:
             self._maybe_finish_disc()
+
+    def _write_refusal(self, flags: int, offset: int, length: int):
+        """Why a WRITE must fail, as (NBD error, message), or None: the checks
+        of _request's WRITE path, for a write whose payload is streamed."""
+        if self.shutting_down:
+            return c.ESHUTDOWN, "server is shutting down"
+        if flags & ~_KNOWN_FLAGS:
+            return c.EINVAL, f"unknown command flags 0x{flags:x}"
+        if self.read_only:
+            return c.EPERM, "export is read-only"
+        if offset + length > self.size:
+            return c.ENOSPC, f"{offset}+{length} is beyond the end ({self.size})"
+        return None
 
     def _request(self, out, flags, cmd, cookie, offset, length, payload) -> None:
         # READ and WRITE come first and are written out in full: they are the

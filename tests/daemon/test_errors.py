@@ -208,3 +208,39 @@ def test_oversized_write_from_libnbd_is_einval_and_the_connection_lives(h):
     still_works(h)
     # Nothing of the rejected payload landed.
     assert h.pread(4096, 1024 * 1024) == bytes(4096)
+
+
+# -- large writes, whose payload is written as it arrives ------------------------------
+
+@pytest.mark.parametrize("offset", [SIZE - MiB + 4096, SIZE], ids=["straddling", "at-end"])
+def test_large_write_past_the_end_is_enospc_and_writes_nothing(h, offset):
+    # A 1 MiB payload is written piece by piece as it arrives: the range check
+    # must come before the first piece lands.
+    h.pwrite(b"\x11" * MiB, SIZE - MiB)
+    fails_with(errno.ENOSPC, h.pwrite, b"\x99" * MiB, offset)
+    assert h.pread(MiB, SIZE - MiB) == b"\x11" * MiB
+    still_works(h)
+
+
+def test_large_write_to_a_read_only_export_is_eperm(served):
+    h = open_handle(served, "ro")
+    try:
+        fails_with(errno.EPERM, h.pwrite, b"\x77" * (4 * MiB), 0)
+        assert h.pread(4 * MiB, 0) == bytes(4 * MiB)
+    finally:
+        h.shutdown()
+
+
+def test_large_write_sent_in_small_pieces_lands_whole(served):
+    # The payload of a 2 MiB write trickles in, 1000 bytes at a time, with a
+    # read request right behind it: the write lands whole, the stream stays in step.
+    payload = bytes(range(256)) * (8 * 1024)
+    with RawClient.unix(served.nbd_socket).open("vol") as cl:
+        data = r.request(r.CMD_WRITE, 4096, len(payload), 7) + payload + r.request(
+            r.CMD_READ, 4096, len(payload), 8)
+        for i in range(0, len(data), 1000):
+            cl.send(data[i:i + 1000])
+        rep = cl.reply()
+        assert (rep.cookie, rep.error) == (7, 0)
+        rep = cl.reply(len(payload))
+        assert rep.cookie == 8 and rep.payload == payload
