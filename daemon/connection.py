@@ -615,30 +615,18 @@ class NBDConnection(asyncio.BufferedProtocol):
     # -- work in threads -------------------------------------------------------------------
 
     def _in_thread(self, cookie: int, fn, *args) -> None:
-        self.inflight += 1
-        if self.inflight >= self.server.max_inflight:
-            self._pause("inflight")
+        """Run a blocking operation (a flush) in a thread; reply when it is done."""
         fut = self.loop.run_in_executor(None, fn, *args)
-        fut.add_done_callback(lambda f: self._thread_done(cookie, f))
-
-    def _thread_done(self, cookie: int, fut) -> None:
-        self.inflight -= 1
-        if self.inflight < self.server.max_inflight:
-            self._resume("inflight")
-        if self.phase != self.TRANSMISSION:
-            return
-        out: list = []
-        exc = fut.exception()
-        if exc is None:
-            self._reply_ok(out, cookie)
-        else:
-            log.warning("%s: flush of %s failed: %s", self.peer, self.export.name, exc)
-            self._reply_error(out, cookie, nbd_error(exc), str(exc))
-        self.transport.writelines(out)
-        if self.disconnecting:
-            self._maybe_finish_disc()
+        self._reply_later(cookie, fut, "flush", lambda out, _: self._reply_ok(out, cookie))
 
     def _reply_when_read(self, cookie: int, offset: int, length: int, fut) -> None:
+        """A layer holds a read (pair read policy `wait`): reply with its data."""
+        self._reply_later(cookie, fut, "read", lambda out, data: out.extend(
+            (self._data_header(cookie, offset, length), data)))
+
+    def _reply_later(self, cookie: int, fut, what: str, on_success) -> None:
+        """Count a request in flight until `fut` is done, then send its reply:
+        on_success(out, result) builds it, or an error reply on failure."""
         self.inflight += 1
         if self.inflight >= self.server.max_inflight:
             self._pause("inflight")
@@ -647,14 +635,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.inflight -= 1
             if self.inflight < self.server.max_inflight:
                 self._resume("inflight")
-            if self.phase != self.TRANSMISSION:
+            if self.phase != self.TRANSMISSION or f.cancelled():
                 return
             out: list = []
             exc = f.exception()
-            if exc is not None:
-                self._reply_error(out, cookie, nbd_error(exc), str(exc))
+            if exc is None:
+                on_success(out, f.result())
             else:
-                out += [self._data_header(cookie, offset, length), f.result()]
+                log.warning("%s: %s on %s failed: %s", self.peer, what, self.export.name, exc)
+                self._reply_error(out, cookie, nbd_error(exc), str(exc))
             self.transport.writelines(out)
             if self.disconnecting:
                 self._maybe_finish_disc()
