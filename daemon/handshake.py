@@ -34,7 +34,7 @@ class Step:
 
 @dataclass
 class Negotiation:
-    exports: object                 # daemon.exports.VolumeExports (lookup, names, context_names)
+    exports: object                 # daemon.exports.VolumeExports (lookup, names)
     tls_available: bool = False
     tls_required: bool = False
     tls_active: bool = False

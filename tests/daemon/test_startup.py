@@ -5,9 +5,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
