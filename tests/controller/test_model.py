@@ -202,9 +202,9 @@ class PairMachine(RuleBasedStateMachine):
 
     # -- the primaries ----------------------------------------------------------------
 
-    @rule(data=st.data())
-    def write_primary(self, data):
-        name = data.draw(st.sampled_from(PRIMARIES))
+    def change(self, data, name: str):
+        """A random write, zero (punching or not) or trim through the volume's
+        layer: (offset, length, the bytes the range now holds)."""
         off, length = data.draw(ranges(SIZES[name]))
         op = data.draw(st.sampled_from(["write", "write", "zero", "zero-no-punch", "trim"]))
         layer = self.env.layer(name)
@@ -217,6 +217,12 @@ class PairMachine(RuleBasedStateMachine):
                 layer.trim(off, length)
             else:
                 layer.zero(off, length, punch=(op == "zero"))
+        return off, length, buf
+
+    @rule(data=st.data())
+    def write_primary(self, data):
+        name = data.draw(st.sampled_from(PRIMARIES))
+        off, length, buf = self.change(data, name)
         self.img[name][off:off + length] = buf
         for n, m in self.model.items():
             if PAIRS[n][0] == name and m.state == S.SPLIT:
@@ -255,18 +261,7 @@ class PairMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def write_secondary(self, data):
         name = data.draw(st.sampled_from(self.split_names()))
-        off, length = data.draw(ranges(SIZES[name]))
-        op = data.draw(st.sampled_from(["write", "write", "zero", "zero-no-punch", "trim"]))
-        layer = self.env.layer(name)
-        if op == "write":
-            buf = payload(data.draw, length)
-            layer.write(off, buf)
-        else:
-            buf = bytes(length)
-            if op == "trim":
-                layer.trim(off, length)
-            else:
-                layer.zero(off, length, punch=(op == "zero"))
+        off, length, buf = self.change(data, name)
         m = self.model[name]
         m.image[off:off + length] = buf
         m.written_s |= self.regions(name, off, length)
