@@ -447,8 +447,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if length > MAX_PAYLOAD:
                     raise RequestError(c.EINVAL, f"read of {length} bytes exceeds the limit")
                 if length == 0:
-                    # An OFFSET_DATA chunk must carry at least one byte: plain success.
-                    self._reply_ok(out, cookie)
+                    # An OFFSET_DATA chunk must carry at least one byte: plain
+                    # success, structured if negotiated (a READ never gets a
+                    # simple reply then).
+                    out.append(c.encode_done(cookie) if self.structured
+                               else _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie))
                     return
                 if length >= SENDFILE_MIN and self.sockfd >= 0:
                     src = self.backend.read_fd(offset, length)
@@ -473,8 +476,6 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.backend.write(offset, payload)
                 if flags & _FLAG_FUA:
                     self._in_thread(cookie, self.backend.flush)
-                elif self.structured:
-                    out.append(c.encode_done(cookie))
                 else:
                     out.append(_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie))
                 return
@@ -601,10 +602,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         return _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
 
     def _reply_ok(self, out, cookie: int) -> None:
-        if self.structured:
-            out.append(c.encode_done(cookie))
-        else:
-            out.append(_SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie))
+        # Success without data is a simple reply even when structured replies
+        # are negotiated: proto.md "Structured reply chunk message" lets a
+        # server use either for every command but NBD_CMD_READ. A client such
+        # as libnbd reads a structured header in two receives and a simple one
+        # in one, so this saves a system call per write on the client's side.
+        out.append(_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie))
 
     def _reply_error(self, out, cookie: int, error: int, message: str) -> None:
         if self.structured:

@@ -617,3 +617,41 @@ def test_zero_length_read_gets_a_well_formed_reply(served):
             if chunk.type == r.REPLY_TYPE_OFFSET_DATA:
                 assert len(chunk.payload) >= 9, "OFFSET_DATA chunk describing no data"
         assert cl.read(0, 512, cookie=22) == bytes(512)
+
+
+def test_reply_forms_with_structured_replies(served):
+    # "Structured reply chunk message": once structured replies are
+    # negotiated, a READ MUST get a structured reply; every other request MAY
+    # get either, and errors SHOULD be structured (they carry a message). We
+    # answer successes without data simply (one receive less per request for
+    # libnbd) and keep errors structured.
+    with connect(served).open(VOL, structured=True) as cl:
+        ok_requests = [
+            (r.CMD_WRITE, 0, 4096, 0, b"w" * 4096),
+            (r.CMD_WRITE, 4096, 512, r.CMD_FLAG_FUA, b"f" * 512),
+            (r.CMD_WRITE_ZEROES, 8192, 4096, 0, b""),
+            (r.CMD_TRIM, 65536, 4096, 0, b""),
+            (r.CMD_FLUSH, 0, 0, 0, b""),
+            (r.CMD_CACHE, 0, 4096, 0, b""),
+        ]
+        for cookie, (cmd, offset, length, flags, payload) in enumerate(ok_requests, 30):
+            cl.send_request(cmd, offset, length, cookie, flags, payload)
+            rep = cl.reply()
+            assert (rep.cookie, rep.error, rep.structured) == (cookie, 0, False), cmd
+
+        # A read: structured, with the data in OFFSET_DATA chunks.
+        cl.send_request(r.CMD_READ, 0, 4096, cookie=40)
+        chunks = cl.full_reply()
+        assert all(ch.structured for ch in chunks)
+        assert b"".join(ch.payload[8:] for ch in chunks
+                        if ch.type == r.REPLY_TYPE_OFFSET_DATA) == b"w" * 4096
+        # A zero-length read is still answered with a structured chunk.
+        cl.send_request(r.CMD_READ, 0, 0, cookie=41)
+        assert all(ch.structured for ch in cl.full_reply())
+
+        # A failing write: a structured error chunk with a message.
+        cl.send_request(r.CMD_WRITE, VOL_SIZE, 512, cookie=42, payload=b"x" * 512)
+        (err,) = cl.full_reply()
+        assert err.structured and err.error == r.ENOSPC and err.flags & r.REPLY_FLAG_DONE
+        (msg_len,) = struct.unpack_from(">H", err.payload, 4)
+        assert b"beyond the end" in err.payload[6:6 + msg_len]
