@@ -33,7 +33,7 @@ from . import states as st
 
 log = logging.getLogger("splitd.pair")
 
-READ_POLICIES = ("copy-on-read", "staging", "wait")
+READ_POLICIES = st.READ_POLICIES
 BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
 STAGING_LIMIT = 64 * 1024 * 1024   # bytes of staged regions held at once, per pair
 

@@ -17,6 +17,11 @@ from __future__ import annotations
 COPY, PAIR, SPLIT, RESYNC, RESTORE, ERROR = "copy", "pair", "split", "resync", "restore", "error"
 STATES = (COPY, PAIR, SPLIT, RESYNC, RESTORE, ERROR)
 
+# How a split secondary's reads of regions not yet copied are served
+# (DESIGN.md "Split"). Kept here, not in pair.py, so that splitctl can offer
+# them without importing asyncio.
+READ_POLICIES = ("copy-on-read", "staging", "wait")
+
 # action -> {from state: to state}
 TRANSITIONS: dict[str, dict[str, str]] = {
     # Split takes whatever is not yet copied as pending.

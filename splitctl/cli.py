@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Callable
 
-from controller.pair import READ_POLICIES
+from controller.states import READ_POLICIES
 from splitctl.client import (DEFAULT_SOCKET, ENV_SOCKET, WAIT_TARGETS, AdminClient, AdminError,
                              WaitTimeout)
 from volumes.errors import BadInput

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -207,3 +208,16 @@ def wait_for(condition, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.02)
+
+
+def test_splitctl_imports_no_daemon_machinery():
+    # Most of a short splitctl command's time is interpreter start-up and
+    # imports (the `volume list` target is 100 ms). asyncio and the pair layer
+    # alone cost about 35 ms, and the CLI needs neither: it must stay a thin
+    # client. A structural check, not a timing one.
+    probe = ("import sys, splitctl.cli; "
+             "print(' '.join(m for m in ('asyncio', 'controller.pair', 'sqlite3', 'uvloop') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", f"splitctl.cli imports {out}"
