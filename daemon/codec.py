@@ -195,6 +195,15 @@ def decode_option(buf, pos: int = 0) -> tuple[Option, int] | None:
 
 class OptionDataError(Exception):
     """An option's data is malformed: reply NBD_REP_ERR_INVALID and go on."""
+    reply = REP_ERR_INVALID
+
+
+class OptionTooBig(OptionDataError):
+    """Well formed, but more than we process: NBD_REP_ERR_TOO_BIG."""
+    reply = REP_ERR_TOO_BIG
+
+
+MAX_META_QUERIES = 1024
 
 
 class _Reader:
@@ -253,8 +262,10 @@ def decode_meta_context_request(data: bytes) -> tuple[str, list[str]]:
     r = _Reader(data)
     name = r.string(r.u32())
     count = r.u32()
-    if count > 1024:
-        raise OptionDataError(f"{count} meta context queries is too many")
+    if count > MAX_META_QUERIES:
+        # "NBD_OPT_LIST_META_CONTEXT": the server MAY fail with
+        # NBD_REP_ERR_TOO_BIG if too many queries are requested.
+        raise OptionTooBig(f"{count} meta context queries is more than {MAX_META_QUERIES}")
     queries = [r.string(r.u32()) for _ in range(count)]
     r.end()
     return name, queries

@@ -17,8 +17,10 @@ from volumes.volume import Volume
 ContextFn = Callable[[int, int], list[tuple[int, int]]]
 
 BASE_ALLOCATION = "base:allocation"
-PENDING = "splitd:pending"   # regions of a secondary not yet copied (flag 1)
-DELTA = "splitd:delta"       # regions changed since the previous split (flag 1)
+# Our own contexts live in an "x-" namespace: proto.md "Metadata querying"
+# allows only base, nbd-server, x-* and registered third-party namespaces.
+PENDING = "x-splitd:pending"   # regions of a secondary not yet copied (flag 1)
+DELTA = "x-splitd:delta"       # regions changed since the previous split (flag 1)
 
 
 class ExportUnknown(Exception):

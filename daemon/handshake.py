@@ -59,6 +59,10 @@ class Negotiation:
 
     def handle(self, opt: c.Option) -> Step:
         code = opt.code
+        if code == c.OPT_SET_META_CONTEXT:
+            # "NBD_OPT_SET_META_CONTEXT ... replaces all previously-set metadata
+            # contexts (including when this command fails)".
+            self.meta_export, self.meta = None, {}
         if code == c.OPT_ABORT:
             # The spec asks for an ACK before the server closes.
             return Step(c.encode_option_reply(code, c.REP_ACK), CLOSE, reason="client aborted")
@@ -82,7 +86,7 @@ class Negotiation:
             if code in (c.OPT_LIST_META_CONTEXT, c.OPT_SET_META_CONTEXT):
                 return self._meta_context(code, opt.data)
         except c.OptionDataError as e:
-            return self._error(code, c.REP_ERR_INVALID, str(e))
+            return self._error(code, e.reply, str(e))
         name = c.OPTION_NAMES.get(code, str(code))
         return self._error(code, c.REP_ERR_UNSUP, f"option {name} is not supported")
 
@@ -104,7 +108,8 @@ class Negotiation:
         except (ExportUnknown, ExportUnavailable) as e:
             return Step(action=CLOSE, reason=str(e))
         self._keep_meta_for(export.name)
-        out = c.encode_export_name_reply(export.size, self.transmission_flags(export), self.no_zeroes)
+        out = c.encode_export_name_reply(export.size, self.transmission_flags(export),
+                                         self.no_zeroes)
         return Step(out, TRANSMISSION, export)
 
     def _starttls(self, data: bytes) -> Step:
@@ -161,14 +166,17 @@ class Negotiation:
         except (ExportUnknown, ExportUnavailable) as e:
             return self._error(code, c.REP_ERR_UNKNOWN, str(e))
         available = list(export.contexts)
-        if code == c.OPT_LIST_META_CONTEXT and not queries:
+        if code == c.OPT_SET_META_CONTEXT:
+            # Only exact names select: "base:" MUST be ignored by SET, and an
+            # empty leaf name SHOULD NOT select anything ("Metadata querying").
+            chosen = [ctx for ctx in available if ctx in queries]
+        elif not queries:
             chosen = available
         else:
-            chosen = [ctx for ctx in available if any(_matches(q, ctx) for q in queries)]
+            chosen = [ctx for ctx in available if any(_lists(q, ctx) for q in queries)]
         out = []
         if code == c.OPT_SET_META_CONTEXT:
             self.meta_export = export.name
-            self.meta = {}
             for ctx in chosen:
                 ctx_id = available.index(ctx) + 1
                 self.meta[ctx_id] = ctx
@@ -186,12 +194,14 @@ class Negotiation:
 
     # -- flags ------------------------------------------------------------------
 
-    @staticmethod
-    def transmission_flags(export: Export) -> int:
-        f = (c.TF_HAS_FLAGS | c.TF_SEND_FLUSH | c.TF_SEND_FUA | c.TF_SEND_DF | c.TF_SEND_CACHE
+    def transmission_flags(self, export: Export) -> int:
+        f = (c.TF_HAS_FLAGS | c.TF_SEND_FLUSH | c.TF_SEND_FUA | c.TF_SEND_CACHE
              # One file per volume: fdatasync from any connection covers the
              # writes of every connection, so FLUSH is connection-wide.
              | c.TF_CAN_MULTI_CONN)
+        if self.structured:
+            # "Transmission flags": SEND_DF MUST be clear without structured replies.
+            f |= c.TF_SEND_DF
         if export.read_only:
             f |= c.TF_READ_ONLY
         else:
@@ -199,8 +209,9 @@ class Negotiation:
         return f
 
 
-def _matches(query: str, context: str) -> bool:
-    """A query names a context exactly, or a whole namespace as "ns:"."""
+def _lists(query: str, context: str) -> bool:
+    """For LIST_META_CONTEXT: a query names a context exactly, or a whole
+    namespace as "ns:" (the spec's "base:" form)."""
     if query == context:
         return True
     return query.endswith(":") and context.startswith(query)

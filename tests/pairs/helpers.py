@@ -1,5 +1,5 @@
 """What the pair tests share: whole-image digests read through real NBD
-clients, polling pair.show, the splitd:pending map, and fio in the background.
+clients, polling pair.show, the x-splitd:pending map, and fio in the background.
 
 Digests are per MiB, so a mismatch names the first MiB that differs instead
 of only saying "the checksums differ".
@@ -94,11 +94,11 @@ def wait_mirrored(daemon, name: str, timeout: float = 60.0) -> dict:
 
 
 def pending_map(uri: str) -> list[tuple[int, int, int]]:
-    """`nbdinfo --map=splitd:pending URI` as (offset, length, flags)."""
-    cp = subprocess.run(["nbdinfo", "--map=splitd:pending", uri], capture_output=True,
+    """`nbdinfo --map=x-splitd:pending URI` as (offset, length, flags)."""
+    cp = subprocess.run(["nbdinfo", "--map=x-splitd:pending", uri], capture_output=True,
                         text=True, timeout=60, stdin=subprocess.DEVNULL)
     if cp.returncode != 0:
-        raise AssertionError(f"nbdinfo --map=splitd:pending exited {cp.returncode}: "
+        raise AssertionError(f"nbdinfo --map=x-splitd:pending exited {cp.returncode}: "
                              f"{cp.stdout}{cp.stderr}")
     out = []
     for line in cp.stdout.splitlines():

@@ -3,7 +3,7 @@
 - Under fio load, the secondary read at once after the split (pending
   regions served by each read policy) and again after the copy drained is
   exactly the primary as it was at the split, although fio keeps writing P.
-- `splitd:pending` names the regions pair.show counts as pending.
+- `x-splitd:pending` names the regions pair.show counts as pending.
 - Writes to the secondary after the split never reach the primary, and a
   partial write to a pending region lands on the split image.
 - A consistency group splits all its pairs at one point between two writes.
@@ -103,7 +103,7 @@ def test_split_under_fio_is_the_image_at_the_split(daemon, tmp_path, policy):
 
 
 def test_pending_map_is_what_pair_show_counts(daemon):
-    """Exact: with the engine held back, the flag-1 extents of splitd:pending
+    """Exact: with the engine held back, the flag-1 extents of x-splitd:pending
     add up to pending regions (the short last region counted whole)."""
     need("nbdinfo")
     size = 64 * MiB + 3 * 4096          # the last region is short
