@@ -11,6 +11,8 @@ created is tracked from the pair's first moment on.
 """
 from __future__ import annotations
 
+import errno
+
 from volumes.volume import Volume
 
 # Client requests served through any layer: the copy engine looks at whether
@@ -39,9 +41,8 @@ class ManagedVolume:
     def read_only(self) -> bool:
         return self.vol.read_only
 
-    @property
-    def can_fast_zero(self) -> bool:
-        return self.vol.can_fast_zero
+    def can_zero_fast(self, punch: bool) -> bool:
+        return self.vol.can_zero_fast(punch)
 
     # -- reads ---------------------------------------------------------------
 
@@ -89,12 +90,14 @@ class ManagedVolume:
             self._before_change(offset, len(data))
         self.vol.write(offset, data)
 
-    def zero(self, offset: int, length: int, punch: bool = True) -> None:
+    def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False) -> None:
         global _ops
         _ops += 1
+        if fast_only and not self.vol.can_zero_fast(punch):
+            raise OSError(errno.ENOTSUP, "this file system can only zero by writing zeroes")
         if self.primary_of or self.secondary_of is not None:
             self._before_change(offset, length)
-        self.vol.zero(offset, length, punch)
+        self.vol.zero(offset, length, punch, fast_only)
 
     def trim(self, offset: int, length: int) -> None:
         global _ops

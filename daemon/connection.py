@@ -20,6 +20,8 @@ import os
 import socket
 import time
 
+from volumes.volume import pread_padded
+
 from . import codec as c
 from .handshake import MAX_PAYLOAD, STARTTLS, TRANSMISSION, CLOSE, Negotiation
 
@@ -35,6 +37,21 @@ _CMD_READ, _CMD_WRITE, _CMD_DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
 _FLAG_FUA = c.CMD_FLAG_FUA
 _KNOWN_FLAGS = (c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_DF | c.CMD_FLAG_REQ_ONE
                 | c.CMD_FLAG_FAST_ZERO)
+# The flags each command may carry ("Request flags"): FUA is valid on every
+# command; the others each on the command their description names. The server
+# "SHOULD return NBD_EINVAL" for any other ("Error values"). DF also needs
+# structured replies, checked where it is used.
+_FLAGS_FOR = {
+    c.CMD_READ: _FLAG_FUA | c.CMD_FLAG_DF,
+    c.CMD_WRITE: _FLAG_FUA,
+    c.CMD_FLUSH: _FLAG_FUA,
+    c.CMD_TRIM: _FLAG_FUA,
+    c.CMD_CACHE: _FLAG_FUA,
+    c.CMD_WRITE_ZEROES: _FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_FAST_ZERO,
+    c.CMD_BLOCK_STATUS: _FLAG_FUA | c.CMD_FLAG_REQ_ONE,
+}
+_FLAG_NAMES = {c.CMD_FLAG_FUA: "FUA", c.CMD_FLAG_NO_HOLE: "NO_HOLE", c.CMD_FLAG_DF: "DF",
+               c.CMD_FLAG_REQ_ONE: "REQ_ONE", c.CMD_FLAG_FAST_ZERO: "FAST_ZERO"}
 # A BLOCK_STATUS reply lists at most this many extents per context; the spec
 # lets a server describe less than the whole range.
 MAX_EXTENTS = 64 * 1024
@@ -239,8 +256,12 @@ class NBDConnection(asyncio.BufferedProtocol):
     def begin_shutdown(self) -> None:
         """Daemon stopping: new requests get ESHUTDOWN; the daemon closes us later."""
         self.shutting_down = True
+        # A client still negotiating gets NBD_REP_ERR_SHUTDOWN for its next
+        # options ("Termination of the session during option haggling") until
+        # the server closes every connection; one midway through a TLS
+        # handshake is dropped now.
         self.negotiation.shutting_down = True
-        if self.phase in (self.GREETING, self.OPTIONS, self.TLS_UPGRADE):
+        if self.phase == self.TLS_UPGRADE:
             self.close_now("server shutting down")
 
     # -- handshake phase ------------------------------------------------------------
@@ -424,8 +445,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         of _request's WRITE path, for a write whose payload is streamed."""
         if self.shutting_down:
             return c.ESHUTDOWN, "server is shutting down"
-        if flags & ~_KNOWN_FLAGS:
-            return c.EINVAL, f"unknown command flags 0x{flags:x}"
+        if flags & ~_FLAG_FUA:
+            return c.EINVAL, self._flag_refusal(c.CMD_WRITE, flags)
         if self.read_only:
             return c.EPERM, "export is read-only"
         if offset + length > self.size:
@@ -436,11 +457,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         # READ and WRITE come first and are written out in full: they are the
         # hot path (every extra call costs a few percent of small-I/O IOPS).
         try:
-            if flags & ~_KNOWN_FLAGS or self.shutting_down:
-                if self.shutting_down and cmd != _CMD_DISC:
+            if (flags & ~_FLAG_FUA or self.shutting_down) and cmd != _CMD_DISC:
+                # DISC never gets a reply, whatever its flags ("NBD_CMD_DISC").
+                if self.shutting_down:
                     raise RequestError(c.ESHUTDOWN, "server is shutting down")
-                if flags & ~_KNOWN_FLAGS:
-                    raise RequestError(c.EINVAL, f"unknown command flags 0x{flags:x}")
+                refusal = self._flag_refusal(cmd, flags)
+                if refusal:
+                    raise RequestError(c.EINVAL, refusal)
             if cmd == _CMD_READ:
                 if offset + length > self.size:
                     raise RequestError(c.EINVAL, f"{offset}+{length} is beyond the end ({self.size})")
@@ -521,38 +544,71 @@ class NBDConnection(asyncio.BufferedProtocol):
         Only while the transport holds nothing unsent, so bytes on the wire stay
         in order; whatever the socket does not take at once is queued on the
         transport as usual. Returns False (nothing sent) if the path is busy.
+
+        The reply header goes out before the data is read, so an error can
+        only show up after it: a structured reply's data chunk is therefore
+        not marked final (a NONE chunk closes the reply), and an error is a
+        hard disconnect, the one way left to tell the client ("Simple reply
+        message"; "Structured reply chunk message": a chunk MUST NOT be
+        marked final while an error may still be detected).
         """
         if out:
             self.transport.writelines(out)
             out.clear()
         if self.transport.get_write_buffer_size():
             return False
-        header = self._data_header(cookie, offset, length)
+        if self.structured:
+            header = c.encode_offset_data_header(cookie, offset, length, done=False)
+        else:
+            header = _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+        try:
+            self._send_from_file(header, fd, file_offset, length)
+        except OSError as e:
+            log.warning("%s READ on %s at %d+%d failed after its reply began: %s", self.peer,
+                        self.export.name, offset, length, e)
+            self.close_now(f"READ failed after its reply began: {e}")
+            return True
+        if self.structured:
+            self.transport.write(c.encode_done(cookie))
+        return True
+
+    def _send_from_file(self, header: bytes, fd: int, file_offset: int, length: int) -> None:
         try:
             n = os.write(self.sockfd, header)
         except BlockingIOError:
             n = 0
+        sent = 0
         if n < len(header):
             self.transport.write(header[n:])
-            self.transport.write(os.pread(fd, length, file_offset))
-            return True
-        sent = 0
-        while sent < length:
-            try:
-                n = os.sendfile(self.sockfd, fd, file_offset + sent, length - sent)
-            except BlockingIOError:
-                break
-            if n == 0:
-                break
-            sent += n
+        else:
+            while sent < length:
+                try:
+                    n = os.sendfile(self.sockfd, fd, file_offset + sent, length - sent)
+                except BlockingIOError:
+                    break
+                if n == 0:
+                    break  # end of file: the rest reads as zeroes
+                sent += n
         if sent < length:
-            rest = os.pread(fd, length - sent, file_offset + sent)
-            if len(rest) < length - sent:  # past the end of file reads as zeroes
-                rest += bytes(length - sent - len(rest))
-            self.transport.write(rest)
-        return True
+            self.transport.write(pread_padded(fd, file_offset + sent, length - sent))
 
     # -- validation ---------------------------------------------------------------------
+
+    def _flag_refusal(self, cmd: int, flags: int) -> str | None:
+        """Why these command flags are refused on this command, or None."""
+        if flags & ~_KNOWN_FLAGS:
+            return f"unknown command flags 0x{flags & ~_KNOWN_FLAGS:x}"
+        if cmd not in _FLAGS_FOR:
+            return None  # an unknown command: refused as such
+        stray = flags & ~_FLAGS_FOR[cmd]
+        if flags & c.CMD_FLAG_DF and not self.structured:
+            # DF "MUST NOT be set unless the transmission flags include
+            # NBD_FLAG_SEND_DF", which needs structured replies.
+            stray |= c.CMD_FLAG_DF
+        if not stray:
+            return None
+        names = "|".join(n for bit, n in _FLAG_NAMES.items() if stray & bit)
+        return f"flag {names} does not apply to {c.COMMAND_NAMES.get(cmd, cmd)}"
 
     def _check_range(self, offset: int, length: int, error: int) -> None:
         if offset + length > self.size:
@@ -566,10 +622,17 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _write_zeroes(self, flags: int, offset: int, length: int) -> None:
         punch = not flags & c.CMD_FLAG_NO_HOLE
-        if flags & c.CMD_FLAG_FAST_ZERO and not getattr(self.backend, "can_fast_zero", True):
-            # "NBD_CMD_FLAG_FAST_ZERO": fail fast rather than write zeroes slowly.
-            raise RequestError(c.ENOTSUP, "zeroing would not be fast")
-        self.backend.zero(offset, length, punch)
+        if not flags & c.CMD_FLAG_FAST_ZERO:
+            self.backend.zero(offset, length, punch)
+            return
+        # "NBD_CMD_FLAG_FAST_ZERO": fail fast with ENOTSUP rather than write
+        # zeroes slowly; the backend finds out, changing nothing.
+        try:
+            self.backend.zero(offset, length, punch, fast_only=True)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:
+                raise RequestError(c.ENOTSUP, "zeroing would not be fast") from None
+            raise
 
     def _block_status(self, out, flags, cookie, offset, length) -> None:
         if not self.structured or not self.meta:

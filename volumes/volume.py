@@ -32,6 +32,22 @@ _ZERO_RANGE = getattr(os, "FALLOC_FL_ZERO_RANGE", 0x10)
 _ZERO_CHUNK = bytes(1 << 20)
 
 
+def pread_padded(fd: int, offset: int, length: int) -> bytes:
+    """`length` bytes of a file from `offset`: pread may return short on a
+    large read, and past the file's end reads as zeroes (a sparse volume's
+    file may be shorter than the volume, e.g. a read-only one)."""
+    parts = []
+    while length:
+        data = os.pread(fd, length, offset)
+        if not data:
+            parts.append(bytes(length))
+            break
+        parts.append(data)
+        offset += len(data)
+        length -= len(data)
+    return b"".join(parts)
+
+
 class Volume:
     """The data of one volume, kept in a sparse file."""
 
@@ -94,21 +110,8 @@ class Volume:
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
-            data = self._read_rest(data, offset, length)
+            data += pread_padded(self.fd, offset + len(data), length - len(data))
         return data
-
-    def _read_rest(self, data: bytes, offset: int, length: int) -> bytes:
-        # pread may return short on a large read; past the file's end is zeroes.
-        parts = [data]
-        done = len(data)
-        while done < length:
-            more = os.pread(self.fd, length - done, offset + done)
-            if not more:
-                parts.append(bytes(length - done))
-                break
-            parts.append(more)
-            done += len(more)
-        return b"".join(parts)
 
     def read_fd(self, offset: int, length: int) -> tuple[int, int] | None:
         """Where [offset, offset+length) can be read straight from a file:
@@ -127,16 +130,17 @@ class Volume:
             view = view[n:]
             offset += n
 
-    @property
-    def can_fast_zero(self) -> bool:
-        """Zeroing is a metadata operation here (NBD_CMD_FLAG_FAST_ZERO)."""
-        return self._can_punch or self._can_zero_range
+    def can_zero_fast(self, punch: bool) -> bool:
+        """Whether zero(punch=punch) is, as far as known yet, a metadata
+        operation rather than writing zeroes (NBD_CMD_FLAG_FAST_ZERO)."""
+        return (punch and self._can_punch) or self._can_zero_range
 
-    def zero(self, offset: int, length: int, punch: bool = True) -> None:
+    def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False) -> None:
         """Make [offset, offset+length) read as zeroes.
 
         punch=True lets the range become a hole (NBD_CMD_WRITE_ZEROES without
-        NO_HOLE); punch=False keeps it allocated.
+        NO_HOLE); punch=False keeps it allocated. fast_only: raise OSError
+        ENOTSUP, changing nothing, rather than write zeroes.
         """
         if punch and self._can_punch:
             if self._try_fallocate(_PUNCH | _KEEP_SIZE, offset, length):
@@ -146,6 +150,8 @@ class Volume:
             if self._try_fallocate(_ZERO_RANGE | _KEEP_SIZE, offset, length):
                 return
             self._can_zero_range = False
+        if fast_only:
+            raise OSError(errno.ENOTSUP, "this file system can only zero by writing zeroes")
         end = offset + length
         while offset < end:
             n = min(len(_ZERO_CHUNK), end - offset)
