@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 
 from volumes.volume import pread_padded
@@ -95,6 +96,24 @@ def _grow_socket_buffers(sock) -> None:
                 continue
 
 
+def _unix_peer(sock) -> str | None:
+    """A Unix-socket client has no address: name it by its process
+    (SO_PEERCRED), as `comm[pid] uid N`, so `splitctl status` tells clients apart."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = "pid"
+    return f"{comm}[{pid}] uid {uid}"
+
+
 class RequestError(Exception):
     """A request fails with an NBD error; the connection goes on."""
 
@@ -146,8 +165,11 @@ class NBDConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or self.listener.name)
         sock = transport.get_extra_info("socket")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer = _unix_peer(sock) or peer or self.listener.name
         self.sockfd = sock.fileno() if sock is not None else -1
         if sock is not None:
             if sock.family in (socket.AF_INET, socket.AF_INET6):

@@ -659,3 +659,15 @@ def test_reply_forms_with_structured_replies(served):
         assert err.structured and err.error == r.ENOSPC and err.flags & r.REPLY_FLAG_DONE
         (msg_len,) = struct.unpack_from(">H", err.payload, 4)
         assert b"beyond the end" in err.payload[6:6 + msg_len]
+
+
+def test_status_names_unix_clients_by_process(served):
+    # A Unix-socket client has no address; status names it by process
+    # (SO_PEERCRED), so two clients on one socket can be told apart.
+    with connect(served).open(VOL) as cl, connect(served, tcp=True).open(VOL) as tcp_cl:
+        peers = sorted(c["peer"] for c in served.call("status")["connections"])
+        assert len(peers) == 2
+        me = open("/proc/self/comm").read().strip()
+        assert f"{me}[{os.getpid()}] uid {os.getuid()}" in peers
+        assert any(p.startswith("127.0.0.1:") for p in peers)
+        assert cl.read(0, 512) == tcp_cl.read(0, 512)
