@@ -537,8 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Manage a splitd daemon: its volumes, their split-mirror pairs,\n"
                     "and what it is serving.\n\n"
                     "splitctl sends each command as one JSON request to splitd's admin\n"
-                    "socket and prints the reply. Sizes accept plain bytes or K, M, G, T\n"
-                    "suffixes (binary: 1K = 1024; 'G', 'GB' and 'GiB' all mean 2^30).",
+                    "socket and prints the reply. Sizes accept plain bytes or a K, M, G,\n"
+                    "T, P or E suffix (binary: 1K = 1024; 'G', 'GB' and 'GiB' all mean\n"
+                    "2^30).",
         epilog="examples:\n"
                "  splitctl status\n"
                "  splitctl volume create db 100G\n"
@@ -593,8 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "  splitctl volume create golden 20GiB --read-only")
     sub.add_argument("name", metavar="NAME", type=_name, help=name_help)
     sub.add_argument("size", metavar="SIZE", type=_size,
-                     help="size in bytes or with a K/M/G/T suffix (e.g. 64K, 10G, 1TiB); "
-                          "a multiple of 4096")
+                     help="size in bytes or with a K/M/G/T/P/E suffix (e.g. 64K, 10G, "
+                          "1TiB); a multiple of 4096, less than 8E. The daemon's file "
+                          "system may allow less (ext4: less than 16T)")
     sub.add_argument("--region-size", metavar="SIZE", type=_region_size,
                      default=DEFAULT_REGION_SIZE,
                      help="granularity of the volume's change bitmaps: a power of two "
@@ -625,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                   examples="  splitctl volume resize db 200G")
     sub.add_argument("name", metavar="NAME", type=_name, help="the volume to grow")
     sub.add_argument("size", metavar="SIZE", type=_size,
-                     help="the new size (bytes or with a K/M/G/T suffix), at least the "
-                          "current one and a multiple of 4096")
+                     help="the new size (bytes or with a K/M/G/T/P/E suffix), at least the "
+                          "current one, a multiple of 4096 and less than 8E")
 
     sub = command(volumes, "delete", run_volume_delete, show_volume_delete,
                   help="delete a volume and its data",
@@ -661,8 +663,8 @@ POLICY_HELP = ("how reads of the split secondary are served while regions are st
                "writes it to the secondary later), wait (hold the read until the copy "
                "engine has copied the region)")
 
-RATE_HELP = ("copy rate limit of the pair in bytes/s, with an optional K/M/G suffix "
-             "(binary: 100M = 100 MiB/s); 0 means unlimited")
+RATE_HELP = ("copy rate limit of the pair in bytes/s, with an optional K/M/G/T/P/E "
+             "suffix (binary: 100M = 100 MiB/s); 0 means unlimited")
 
 
 def _add_pair_commands(commands, common, command) -> None:

@@ -30,7 +30,8 @@ MAX_REGION_SIZE = 64 * 1024 * 1024
 # Binary multiples only: a "G" here is always 2**30, whether written G, GB or GiB.
 _UNITS = "KMGTPE"
 _SIZE_RE = re.compile(r"\s*([0-9]{1,24})\s*(?:([KMGTPE])(?:I?B)?|B)?\s*", re.IGNORECASE)
-_SIZE_HELP = "a whole number of bytes, or with a K, M, G or T suffix (e.g. 65536, 64K, 1G, 1TiB)"
+_SIZE_HELP = ("a whole number of bytes, or with a K, M, G, T, P or E suffix "
+              "(e.g. 65536, 64K, 1G, 1TiB)")
 
 
 def validate_name(name) -> str:
@@ -54,7 +55,9 @@ def parse_size(value, what: str = "size") -> int:
     if size % SIZE_ALIGNMENT:
         raise BadInput(f"{what} {quoted(value)} is not a multiple of {SIZE_ALIGNMENT} bytes")
     if size > MAX_SIZE:
-        raise BadInput(f"{what} {quoted(value)} is too large (at most {format_size(MAX_SIZE)})")
+        # format_size(MAX_SIZE) would round to "8.0 EiB", which is itself too large.
+        raise BadInput(f"{what} {quoted(value)} is too large (at most {MAX_SIZE} bytes, "
+                       f"{format_size(SIZE_ALIGNMENT)} less than 8 EiB)")
     return size
 
 

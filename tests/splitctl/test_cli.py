@@ -53,6 +53,9 @@ def test_daemon_not_running(tmp_path):
     (["volume", "show", "a b"], "invalid volume name"),
     (["volume", "frobnicate"], "invalid choice"),
     (["volume", "create", "db"], "required: SIZE"),
+    (["volume", "create", "db", "1X"], "with a K, M, G, T, P or E suffix"),
+    (["volume", "create", "db", "8E"], "at most 9223372036854771712 bytes"),
+    (["volume", "resize", "db", "9E"], "at most 9223372036854771712 bytes"),
 ])
 def test_bad_command_lines_exit_2_in_one_line(args, reason, tmp_path):
     # Checked before anything is sent: no daemon is needed to refuse these.
@@ -179,6 +182,15 @@ def test_volumes_survive_a_restart(daemon):
     before = daemon.call("volume.list")
     daemon.restart()
     assert daemon.call("volume.list") == before
+
+
+def test_size_help_names_every_suffix_the_parser_takes(tmp_path):
+    # 1E is a size the parser takes (and volume list prints EiB): the help says so.
+    for command in (["volume", "create"], ["volume", "resize"]):
+        out = run_splitctl(*command, "--help", socket_path=str(tmp_path / "none")).stdout
+        assert "K/M/G/T/P/E suffix" in out, out
+    out = run_splitctl("--help", socket_path=str(tmp_path / "none")).stdout
+    assert "K, M, G, T, P or E" in " ".join(out.split())
 
 
 def test_a_hundred_terabyte_volumes_are_cheap(daemon):
