@@ -4,9 +4,10 @@ Each command is two small functions: `run` makes the admin call(s) and returns
 the result, `show` prints it for people. `--json` prints the result as it is
 instead, so scripts see exactly what the admin API returned.
 
-Exit status: 0 done, 1 the daemon refused or could not be reached, 2 the
-command line itself is wrong (checked here, before anything is sent), 3 `pair
-wait` timed out.
+Exit status: 0 done, 1 the daemon refused (or the connection broke while
+waiting for its answer), 2 the command line itself is wrong (checked here,
+before anything is sent), 3 `pair wait` timed out, 4 the daemon could not be
+reached at all (nothing was sent).
 
 A command may also have a `check(args)` that looks at its arguments together
 (a volume paired with itself) and raises BadInput: exit 2, like argparse.
@@ -29,12 +30,16 @@ from volumes.names import (DEFAULT_REGION_SIZE, format_size, parse_rate, parse_r
 
 PROG = "splitctl"
 
+EXIT_REFUSED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4
+
 EXIT_STATUS = f"""\
 exit status:
   0  success
-  1  splitd refused the request (the reason is printed) or could not be reached
-  2  the command line is wrong
+  1  splitd refused the request, or stopped answering (the reason is printed)
+  2  the command line is wrong (nothing was sent)
   3  pair wait: the pair did not get there before --timeout
+  4  splitd could not be reached (no socket, not a socket, connection
+     refused, permission denied)
 
 environment:
   {ENV_SOCKET}  admin socket to use when --socket is not given
@@ -62,6 +67,14 @@ def _checked(check: Callable, what: str) -> Callable[[str], object]:
     return convert
 
 
+def _check_socket_path(text: str) -> str:
+    # Not "use the default": `--socket "$SOCK"` with SOCK unset is a mistake.
+    if not text:
+        raise BadInput("the admin socket path is empty")
+    return text
+
+
+_socket_path = _checked(_check_socket_path, "socket path")
 _name = _checked(validate_name, "volume name")
 _size = _checked(parse_size, "size")
 _region_size = _checked(parse_region_size, "region size")
@@ -528,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the daemon's reply as JSON instead of text")
-    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+    common.add_argument("--socket", metavar="PATH", type=_socket_path,
+                        default=argparse.SUPPRESS,
                         help="admin socket of splitd (see below for the default)")
 
     parser = _Parser(
@@ -550,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                "run 'splitctl COMMAND --help' for each command's options.\n\n" + EXIT_STATUS)
     parser.add_argument("--json", action="store_true", default=False,
                         help="print the daemon's reply as JSON instead of text")
-    parser.add_argument("--socket", metavar="PATH", default=None,
+    parser.add_argument("--socket", metavar="PATH", type=_socket_path, default=None,
                         help=f"admin socket of splitd (default: ${ENV_SOCKET}, "
                              f"else {DEFAULT_SOCKET})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -870,7 +884,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(last, indent=2, sort_keys=True))
             sys.stdout.flush()
         print(f"{PROG}: {e.message}", file=sys.stderr)
-        return 3 if isinstance(e, WaitTimeout) else 1
+        return (EXIT_TIMEOUT if isinstance(e, WaitTimeout)
+                else EXIT_UNREACHABLE if e.code == "unreachable" else EXIT_REFUSED)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

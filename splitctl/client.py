@@ -9,8 +9,9 @@
 
 Every failure is an AdminError carrying a code: the daemon's own codes
 ("bad-input", "not-found", "conflict", "refused", ...) and, from this side,
-"unreachable" (no daemon at the socket) and "protocol" (the connection broke
-or the reply made no sense). Callers need to catch only AdminError:
+"unreachable" (nothing was sent: no socket at the path, connection refused,
+the path is not a socket, permission denied) and "protocol" (the connection
+broke or the reply made no sense). Callers need to catch only AdminError:
 
     AdminError
      +-- PairFailed    "pair-error": a waited-on pair went to state error
@@ -23,6 +24,7 @@ import itertools
 import json
 import os
 import socket
+import stat
 import time
 from typing import Callable
 
@@ -81,7 +83,10 @@ def default_socket_path() -> str:
 
 class AdminClient:
     def __init__(self, socket_path: str | None = None, timeout: float = 60.0):
-        self.socket_path = socket_path or default_socket_path()
+        # None means the default; an empty path is a mistake, not a default.
+        if socket_path == "":
+            raise ValueError("the admin socket path is empty")
+        self.socket_path = default_socket_path() if socket_path is None else socket_path
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buffer = b""
@@ -167,7 +172,7 @@ class AdminClient:
             except OSError as e:
                 sock.close()
                 raise AdminError("unreachable", f"cannot reach splitd at {self.socket_path}: "
-                                                f"{_reason(e)}") from None
+                                                f"{_reason(e, self.socket_path)}") from None
             self._sock = sock
         return self._sock
 
@@ -185,11 +190,28 @@ class AdminClient:
         return line
 
 
-def _reason(e: OSError) -> str:
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),
+               (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def _reason(e: OSError, path: str | None = None) -> str:
     if isinstance(e, socket.timeout):
         return "timed out"
     if e.errno == errno.ENOENT:
         return "no such socket (is splitd running?)"
+    if e.errno in (errno.ECONNREFUSED, errno.ENOTSOCK) and path is not None:
+        # Linux refuses a connection to a directory or a regular file as it
+        # does one to a socket nobody listens on: say which it is.
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not stat.S_ISSOCK(mode):
+            kind = next((k for test, k in _FILE_KINDS if test(mode)), "something else")
+            return f"{path} is {kind}, not a socket"
     if e.errno == errno.ECONNREFUSED:
         return "connection refused (is splitd running?)"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
     return e.strerror or str(e)

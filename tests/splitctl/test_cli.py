@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ def test_help(command, tmp_path):
 def test_daemon_not_running(tmp_path):
     path = str(tmp_path / "admin.sock")
     cp = run_splitctl("volume", "list", socket_path=path)
-    assert cp.returncode == 1
+    assert cp.returncode == UNREACHABLE
     one_line_error(cp, f"splitctl: cannot reach splitd at {path}: ")
 
 
@@ -140,7 +142,7 @@ def test_daemon_refusals_exit_1(daemon):
 def test_daemon_stopped(daemon):
     daemon.stop()
     cp = daemon.splitctl("status", check=False)
-    assert cp.returncode == 1
+    assert cp.returncode == UNREACHABLE
     one_line_error(cp, "splitctl: cannot reach splitd at ")
 
 
@@ -182,6 +184,73 @@ def test_volumes_survive_a_restart(daemon):
     before = daemon.call("volume.list")
     daemon.restart()
     assert daemon.call("volume.list") == before
+
+
+# -- failures: exit statuses, messages ----------------------------------------------
+
+UNREACHABLE = 4   # splitd could not be reached at all
+
+EVERY_HELP = [[], ["status"], ["volume"], ["volume", "create"], ["volume", "list"],
+              ["volume", "show"], ["volume", "resize"], ["volume", "delete"], ["pair"],
+              ["pair", "create"], ["pair", "list"], ["pair", "show"], ["pair", "split"],
+              ["pair", "resync"], ["pair", "restore"], ["pair", "delete"], ["pair", "set"],
+              ["pair", "wait"], ["group"], ["group", "split"], ["group", "list"]]
+
+
+@pytest.mark.parametrize("command", EVERY_HELP, ids=" ".join)
+def test_help_lists_every_exit_status(command, tmp_path):
+    cp = run_splitctl(*command, "--help", socket_path=str(tmp_path / "none"))
+    statuses = cp.stdout.split("exit status:\n", 1)[1].split("\n\n", 1)[0]
+    codes = [line.split()[0] for line in statuses.splitlines() if line[:3].strip().isdigit()]
+    assert codes == ["0", "1", "2", "3", "4"], statuses
+    assert "4  splitd could not be reached" in statuses
+
+
+def _bound_but_not_listening(path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))   # what a killed daemon leaves behind
+    s.close()
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("missing", "no such socket (is splitd running?)"),
+    ("stale", "connection refused (is splitd running?)"),
+    ("directory", "{path} is a directory, not a socket"),
+    ("file", "{path} is a regular file, not a socket"),
+])
+def test_unreachable_daemon_exits_4_and_says_why(kind, reason, tmp_path):
+    path = tmp_path / "admin.sock"
+    if kind == "stale":
+        _bound_but_not_listening(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "file":
+        path.write_text("not a socket")
+    cp = run_splitctl("--socket", str(path), "status", socket_path=str(tmp_path / "env.sock"))
+    assert cp.returncode == UNREACHABLE, cp
+    one_line_error(cp, f"splitctl: cannot reach splitd at {path}: {reason.format(path=path)}\n")
+
+
+def test_permission_denied_is_unreachable(daemon):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run splitctl as another user")
+    # pytest's base temporary directory is private to root: nobody cannot get
+    # to the socket in it.
+    cp = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                         str(BIN / "splitctl"), "--socket", str(daemon.admin_socket), "status"],
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert cp.returncode == UNREACHABLE, cp
+    one_line_error(cp, f"splitctl: cannot reach splitd at {daemon.admin_socket}: "
+                       "permission denied")
+
+
+@pytest.mark.parametrize("args", [["--socket", "", "status"], ["--socket=", "volume", "list"],
+                                  ["volume", "list", "--socket", ""]])
+def test_empty_socket_is_bad_input(args, daemon):
+    # Not a fallback to $SPLITD_ADMIN_SOCKET (where a daemon does answer).
+    cp = run_splitctl(*args, socket_path=str(daemon.admin_socket))
+    assert cp.returncode == 2, cp
+    assert "--socket" in one_line_error(cp, "splitctl: error: ")
 
 
 def test_size_help_names_every_suffix_the_parser_takes(tmp_path):

@@ -238,3 +238,5 @@ def test_socket_path_defaults(monkeypatch):
     monkeypatch.setenv("SPLITD_ADMIN_SOCKET", "/tmp/x.sock")
     assert AdminClient().socket_path == "/tmp/x.sock"
     assert AdminClient("/tmp/y.sock").socket_path == "/tmp/y.sock"
+    with pytest.raises(ValueError, match="empty"):
+        AdminClient("")    # not the default: an empty path is a mistake
