@@ -11,6 +11,12 @@ reached at all (nothing was sent).
 
 A command may also have a `check(args)` that looks at its arguments together
 (a volume paired with itself) and raises BadInput: exit 2, like argparse.
+
+With --json every failure is one JSON object on stdout too,
+{"error": {"code": ..., "message": ...}}: the daemon's code ("not-found",
+"conflict", "bad-input", ...), "bad-input" for a wrong command line,
+"unreachable" when there was no daemon to ask. `pair wait` prints its last
+pair.show whatever the outcome, so there the "error" member is added to it.
 """
 from __future__ import annotations
 
@@ -41,18 +47,31 @@ exit status:
   4  splitd could not be reached (no socket, not a socket, connection
      refused, permission denied)
 
+With --json, a failure prints {{"error": {{"code": ..., "message": ...}}}} on
+stdout as well as the message on stderr.
+
 environment:
   {ENV_SOCKET}  admin socket to use when --socket is not given
                        (default {DEFAULT_SOCKET})
 """
 
 
+class UsageError(Exception):
+    """The command line is wrong: `message`, and the command whose --help says
+    how to get it right (`prog`). main() prints it and exits 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line: `splitctl: error: ...`."""
+    """argparse, but a usage error is a UsageError (printed as one line by
+    main, and as JSON too with --json)."""
 
     def error(self, message: str):
-        hint = f" (see '{self.prog} --help')"
-        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+        raise UsageError(self.prog, message)
 
 
 # -- argument types: the same checks as the daemon's, before anything is sent --
@@ -821,7 +840,8 @@ def _add_pair_commands(commands, common, command) -> None:
                               f"printed on stderr every {QUIET_REPORT_EVERY:g} seconds. If the "
                               "pair goes to state\n"
                               "error, the wait stops with its reason (exit 1). With --json, the\n"
-                              "last 'pair show' is printed, whatever the outcome.",
+                              "last 'pair show' is printed, whatever the outcome; when the wait\n"
+                              "failed it also holds \"error\": {\"code\": ..., \"message\": ...}.",
                   examples="  splitctl pair wait db-snap --until synced\n"
                            "  splitctl pair wait db-snap --until copied --timeout 10m\n"
                            "  splitctl pair wait db-snap --until synced --interval 5 --json")
@@ -863,12 +883,18 @@ def _add_group_commands(commands, common, command) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.check is not None:
-        try:
-            args.check(args)
-        except BadInput as e:
-            args.parser.error(str(e))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    json_errors = _wants_json(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.check is not None:
+            try:
+                args.check(args)
+            except BadInput as e:
+                args.parser.error(str(e))
+    except UsageError as e:
+        return _fail(EXIT_USAGE, "bad-input", e.message, json_errors,
+                     line=f"{PROG}: error: {e.message} (see '{e.prog} --help')")
     try:
         with AdminClient(args.socket) as client:
             result = args.run(client, args)
@@ -878,22 +904,49 @@ def main(argv: list[str] | None = None) -> int:
             args.show(result, args)
         sys.stdout.flush()
     except AdminError as e:
+        status = (EXIT_TIMEOUT if isinstance(e, WaitTimeout)
+                  else EXIT_UNREACHABLE if e.code == "unreachable" else EXIT_REFUSED)
         # pair wait: with --json the last pair.show is printed in every outcome.
-        last = getattr(e, "pair", None)
-        if args.json and last is not None:
-            print(json.dumps(last, indent=2, sort_keys=True))
-            sys.stdout.flush()
-        print(f"{PROG}: {e.message}", file=sys.stderr)
-        return (EXIT_TIMEOUT if isinstance(e, WaitTimeout)
-                else EXIT_UNREACHABLE if e.code == "unreachable" else EXIT_REFUSED)
+        return _fail(status, e.code, e.message, args.json, base=getattr(e, "pair", None))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `splitctl volume list | head`: the reader left. Point stdout at
-        # /dev/null so the flush at exit does not fail a second time.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_gone()
         return 1
     return 0
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json (or an abbreviation argparse would take) before any "--",
+    looked for before parsing: a command line that does not parse is reported
+    as JSON too."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if len(arg) >= 3 and "--json".startswith(arg):
+            return True
+    return False
+
+
+def _fail(status: int, code: str, message: str, as_json: bool, line: str | None = None,
+          base: dict | None = None) -> int:
+    """A failure: with --json, {"error": {"code", "message"}} on stdout (added
+    to `base` when there is one); always one line on stderr. Returns `status`."""
+    if as_json:
+        try:
+            print(json.dumps(dict(base or {}, error={"code": code, "message": message}),
+                             indent=2, sort_keys=True))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
+    print(line or f"{PROG}: {message}", file=sys.stderr)
+    return status
+
+
+def _stdout_gone() -> None:
+    # `splitctl volume list | head`: the reader left. Point stdout at
+    # /dev/null so the flush at exit does not fail a second time.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _version() -> str:

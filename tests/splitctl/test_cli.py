@@ -169,6 +169,8 @@ def test_delete_refused_while_an_nbd_client_is_connected(daemon):
     cp = daemon.splitctl("volume", "delete", "db", check=False)
     assert cp.returncode == 1
     assert "in use by 1 NBD connection" in one_line_error(cp, "splitctl: volume 'db'")
+    cp = daemon.splitctl("volume", "delete", "db", "--json", check=False)
+    assert "in use by 1 NBD connection" in json_error(cp, "conflict", 1)
     assert h.pread(4096, 0) == b"x" * 4096  # the client was left alone
 
     out = daemon.splitctl("volume", "delete", "db", "--force").stdout
@@ -204,6 +206,44 @@ def test_help_lists_every_exit_status(command, tmp_path):
     codes = [line.split()[0] for line in statuses.splitlines() if line[:3].strip().isdigit()]
     assert codes == ["0", "1", "2", "3", "4"], statuses
     assert "4  splitd could not be reached" in statuses
+
+
+def json_error(cp: subprocess.CompletedProcess, code: str, status: int) -> str:
+    """--json and a failure: exit `status`, one JSON object on stdout with the
+    error's code and message, and the same message as one line on stderr."""
+    assert cp.returncode == status, cp
+    reply = json.loads(cp.stdout)
+    assert list(reply) == ["error"] and sorted(reply["error"]) == ["code", "message"], reply
+    assert reply["error"]["code"] == code, reply
+    message = reply["error"]["message"]
+    assert message and "\n" not in message
+    assert cp.stderr.count("\n") == 1 and cp.stderr.startswith("splitctl: "), cp.stderr
+    assert message in cp.stderr and "Traceback" not in cp.stderr
+    return message
+
+
+def test_json_errors_carry_the_code(daemon, tmp_path):
+    daemon.splitctl("volume", "create", "db", "1G")
+    # Refused by the daemon: its own code, exit 1.
+    cp = daemon.splitctl("volume", "show", "nope", "--json", check=False)
+    assert json_error(cp, "not-found", 1) == "no volume named 'nope'"
+    cp = daemon.splitctl("--json", "volume", "create", "db", "1G", check=False)
+    assert json_error(cp, "conflict", 1) == "volume 'db' already exists"
+    cp = daemon.splitctl("volume", "resize", "db", "512M", "--json", check=False)
+    assert "volumes only grow" in json_error(cp, "bad-input", 1)
+    # Refused before anything is sent: bad-input, exit 2.
+    cp = daemon.splitctl("volume", "create", "db2", "1000", "--json", check=False)
+    assert "not a multiple of 4096" in json_error(cp, "bad-input", 2)
+    assert cp.stderr.startswith("splitctl: error: ")
+    cp = daemon.splitctl("--json", "pair", "create", "db", "db", check=False)
+    assert "with itself" in json_error(cp, "bad-input", 2)
+    cp = daemon.splitctl("volume", "list", "-x", "--json", check=False)
+    assert "unrecognized arguments: -x" in json_error(cp, "bad-input", 2)
+    # No daemon there: unreachable, exit 4.
+    cp = run_splitctl("status", "--json", socket_path=str(tmp_path / "none.sock"))
+    assert json_error(cp, "unreachable", UNREACHABLE).startswith("cannot reach splitd at ")
+    # Nothing was created by the refused commands.
+    assert [v["name"] for v in daemon.call("volume.list")["volumes"]] == ["db"]
 
 
 def _bound_but_not_listening(path) -> None:

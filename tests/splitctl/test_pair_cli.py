@@ -310,13 +310,15 @@ def test_wait_times_out_with_exit_3(daemon):
                               "synced: state copy, ")
     assert line.endswith(" regions still to copy\n")
 
-    # --json: the last pair.show on stdout, the message on stderr.
+    # --json: the last pair.show on stdout with the error in it, the message on stderr.
     cp = daemon.splitctl("pair", "wait", "snap", "--until", "copied", "--timeout", "0.3",
                          "--json", check=False)
     assert cp.returncode == 3
     last = json.loads(cp.stdout)
     assert last["state"] == "copy" and last["remaining"] > 0
     assert cp.stderr.startswith("splitctl: timed out after 0.3s")
+    assert last["error"]["code"] == "timeout"
+    assert cp.stderr == f"splitctl: {last['error']['message']}\n"
 
     # Split: pending regions are copied at the same crawl.
     daemon.splitctl("pair", "split", "snap")
@@ -366,6 +368,7 @@ def test_wait_stops_when_the_pair_goes_to_error(daemon):
     assert shown["reason"] in line
     cp = daemon.splitctl("pair", "wait", "snap", "--until", "synced", "--json", check=False)
     assert cp.returncode == 1 and json.loads(cp.stdout)["state"] == "error"
+    assert json.loads(cp.stdout)["error"]["code"] == "pair-error"
     assert f"state:         error ({shown['reason']})" in daemon.splitctl("pair", "show",
                                                                            "snap").stdout
     assert daemon.splitctl("pair", "list").stdout.splitlines()[1].split()[3] == "error"
