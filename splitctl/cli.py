@@ -68,10 +68,78 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is a UsageError (printed as one line by
-    main, and as JSON too with --json)."""
+    main), and an option the command does not have is named as such, with a
+    pointer to that command's --help.
+
+    argparse sets an unknown option aside and goes on, so `volume create -x 1M`
+    would fail on a missing SIZE, and one after a complete command would be
+    reported by the top-level parser, pointing to `splitctl --help`.
+    """
+
+    _seen: tuple[str, ...] = ()     # the arguments this parser was given
 
     def error(self, message: str):
+        unknown = self._unknown_option(self._seen)
+        if unknown is not None:
+            message = f"unrecognized option {unknown}"
         raise UsageError(self.prog, message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._seen = tuple(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            # Extras are refused here, by the innermost parser that has them;
+            # the command's own parser (set_defaults) is the one to point to.
+            parser = getattr(namespace, "parser", None) or self
+            option = next((a for a in extras if self._looks_like_option(a)), None)
+            message = (f"unrecognized option {option}" if option is not None
+                       else f"unrecognized arguments: {' '.join(extras)}")
+            raise UsageError(parser.prog, message)
+        return namespace, extras
+
+    def _looks_like_option(self, arg: str) -> bool:
+        # As argparse sees it: "-5" and "-1.5" are values (no option of ours
+        # looks like a negative number), so is "-" and anything with a space.
+        return (len(arg) > 1 and arg[0] in self.prefix_chars and " " not in arg
+                and not self._negative_number_matcher.match(arg))
+
+    def _option_action(self, arg: str):
+        """(known, action): whether `arg` names one of this parser's options,
+        and the action when it names exactly one."""
+        actions = self._option_string_actions
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if name in actions:
+            return True, actions[name]
+        if arg.startswith("--"):
+            if not self.allow_abbrev:
+                return False, None
+            matches = {actions[o] for o in actions if o.startswith(name)}   # --so: --socket
+            return bool(matches), matches.pop() if len(matches) == 1 else None
+        return arg[:2] in actions, None     # -xVALUE or -xyz
+
+    def _unknown_option(self, args) -> str | None:
+        """The first argument of `args` that looks like an option this parser
+        does not have. A parser with subcommands looks only as far as its
+        subcommand: what follows is that command's business."""
+        has_commands = self._subparsers is not None
+        values = 0
+        for arg in args:
+            if arg == "--":
+                break
+            if values:
+                values -= 1
+                continue
+            if not self._looks_like_option(arg):
+                if has_commands:
+                    break
+                continue
+            known, action = self._option_action(arg)
+            if not known:
+                return arg
+            if action is not None and "=" not in arg:     # its value is the next argument
+                values = 1 if action.nargs is None else (
+                    action.nargs if isinstance(action.nargs, int) else 0)
+        return None
 
 
 # -- argument types: the same checks as the daemon's, before anything is sent --

@@ -238,7 +238,7 @@ def test_json_errors_carry_the_code(daemon, tmp_path):
     cp = daemon.splitctl("--json", "pair", "create", "db", "db", check=False)
     assert "with itself" in json_error(cp, "bad-input", 2)
     cp = daemon.splitctl("volume", "list", "-x", "--json", check=False)
-    assert "unrecognized arguments: -x" in json_error(cp, "bad-input", 2)
+    assert "unrecognized option -x" in json_error(cp, "bad-input", 2)
     # No daemon there: unreachable, exit 4.
     cp = run_splitctl("status", "--json", socket_path=str(tmp_path / "none.sock"))
     assert json_error(cp, "unreachable", UNREACHABLE).startswith("cannot reach splitd at ")
@@ -291,6 +291,24 @@ def test_empty_socket_is_bad_input(args, daemon):
     cp = run_splitctl(*args, socket_path=str(daemon.admin_socket))
     assert cp.returncode == 2, cp
     assert "--socket" in one_line_error(cp, "splitctl: error: ")
+
+
+@pytest.mark.parametrize("args, bad, command", [
+    (["volume", "create", "-x", "1M"], "-x", "splitctl volume create"),
+    (["volume", "create", "db", "1M", "-x"], "-x", "splitctl volume create"),
+    (["volume", "create", "--bogus=1", "db", "1M"], "--bogus=1", "splitctl volume create"),
+    (["volume", "list", "-x"], "-x", "splitctl volume list"),
+    (["volume", "-x", "list"], "-x", "splitctl volume list"),
+    (["volume", "-x"], "-x", "splitctl volume"),
+    (["--socket", "/x", "-x"], "-x", "splitctl"),
+    (["pair", "wait", "snap", "--until", "synced", "--tiemout", "5"], "--tiemout",
+     "splitctl pair wait"),
+])
+def test_unknown_options_point_to_the_commands_help(args, bad, command, tmp_path):
+    cp = run_splitctl(*args, socket_path=str(tmp_path / "none"))
+    assert cp.returncode == 2, cp
+    line = one_line_error(cp, "splitctl: error: unrecognized option ")
+    assert line == f"splitctl: error: unrecognized option {bad} (see '{command} --help')\n"
 
 
 def test_size_help_names_every_suffix_the_parser_takes(tmp_path):
