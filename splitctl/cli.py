@@ -103,42 +103,34 @@ class _Parser(argparse.ArgumentParser):
         return (len(arg) > 1 and arg[0] in self.prefix_chars and " " not in arg
                 and not self._negative_number_matcher.match(arg))
 
-    def _option_action(self, arg: str):
-        """(known, action): whether `arg` names one of this parser's options,
-        and the action when it names exactly one."""
-        actions = self._option_string_actions
-        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
-        if name in actions:
-            return True, actions[name]
-        if arg.startswith("--"):
-            if not self.allow_abbrev:
-                return False, None
-            matches = {actions[o] for o in actions if o.startswith(name)}   # --so: --socket
-            return bool(matches), matches.pop() if len(matches) == 1 else None
-        return arg[:2] in actions, None     # -xVALUE or -xyz
-
     def _unknown_option(self, args) -> str | None:
         """The first argument of `args` that looks like an option this parser
-        does not have. A parser with subcommands looks only as far as its
-        subcommand: what follows is that command's business."""
-        has_commands = self._subparsers is not None
-        values = 0
+        does not have (`--so` abbreviates `--socket`; `-xVALUE` is `-x`). A
+        parser with subcommands looks only as far as its first argument that
+        is not an option or an option's value: what follows is a command's."""
+        options = self._option_string_actions
+        skip = False
         for arg in args:
+            if skip:        # the value of the option before
+                skip = False
+                continue
             if arg == "--":
                 break
-            if values:
-                values -= 1
+            if arg in options:
+                skip = options[arg].nargs is None
                 continue
             if not self._looks_like_option(arg):
-                if has_commands:
+                if self._subparsers is not None:
                     break
                 continue
-            known, action = self._option_action(arg)
+            if arg.startswith("--"):
+                name = arg.split("=", 1)[0]
+                known = name in options or (self.allow_abbrev and any(
+                    o.startswith(name) for o in options))
+            else:
+                known = arg[:2] in options
             if not known:
                 return arg
-            if action is not None and "=" not in arg:     # its value is the next argument
-                values = 1 if action.nargs is None else (
-                    action.nargs if isinstance(action.nargs, int) else 0)
         return None
 
 
