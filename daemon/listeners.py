@@ -35,6 +35,7 @@ class Listener:
     tls_required: bool = False
     bound: list[str] = field(default_factory=list)   # what we actually bound
     servers: list = field(default_factory=list)
+    owned: list = field(default_factory=list)        # unix: (path, dev, ino) we bound
 
     def as_dict(self) -> dict:
         return {"name": self.name, "uri": self.uri, "kind": self.kind,
@@ -103,12 +104,23 @@ def interface_addresses(ifname: str) -> list[str]:
 async def bind(listener: Listener, protocol_factory) -> None:
     loop = asyncio.get_running_loop()
     if listener.kind == "unix":
-        remove_stale_socket(listener.path)
-        os.makedirs(os.path.dirname(listener.path) or ".", exist_ok=True)
-        server = await loop.create_unix_server(protocol_factory, listener.path, backlog=128)
-        os.chmod(listener.path, 0o660)
+        path = listener.path
+        remove_stale_socket(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # Bound here rather than by create_unix_server(path), which would remove
+        # whatever socket is at the path first: if another process got there
+        # since the check above, bind() fails instead of taking its path.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            listener.owned.append(owned_path(path))
+            os.chmod(path, 0o660)   # before listen(): nobody connects with the wrong mode
+            server = await loop.create_unix_server(protocol_factory, sock=sock, backlog=128)
+        except BaseException:
+            sock.close()
+            raise
         listener.servers.append(server)
-        listener.bound.append(listener.path)
+        listener.bound.append(path)
         return
     if listener.host.startswith("%"):
         # pyroute2's synchronous API runs an event loop of its own: not on ours.
@@ -123,6 +135,29 @@ async def bind(listener: Listener, protocol_factory) -> None:
             h = addr[0]
             listener.bound.append(f"[{h}]:{addr[1]}" if ":" in h else f"{h}:{addr[1]}")
         listener.servers.append(server)
+
+
+def owned_path(path: str) -> tuple[str, int, int]:
+    """(path, device, inode) of a socket this process just bound at `path`."""
+    st = os.lstat(path)
+    return path, st.st_dev, st.st_ino
+
+
+def unlink_owned(owned: tuple[str, int, int]) -> None:
+    """Remove a socket this process bound, if the path still holds that very
+    socket: never one that another process has put there since."""
+    path, dev, ino = owned
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        log.warning("not removing %s: it is no longer the socket this process made", path)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def remove_stale_socket(path: str) -> None:
@@ -150,8 +185,8 @@ async def close_all(listeners: list[Listener]) -> None:
     for listener in listeners:
         for server in listener.servers:
             await server.wait_closed()
-        if listener.kind == "unix":
-            try:
-                os.unlink(listener.path)
-            except FileNotFoundError:
-                pass
+        # Only the paths this process bound: a failed start must never take
+        # away the socket of the daemon that holds the path.
+        for owned in listener.owned:
+            unlink_owned(owned)
+        listener.owned.clear()

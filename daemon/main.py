@@ -3,7 +3,8 @@
 Start-up order: read config (file, then flags win) -> open the data directory
 -> bind every listener and the admin socket -> READY=1 to systemd. Any failure
 before READY is one clear line on stderr and exit status 2 (bad configuration)
-or 1 (the system refused something).
+or 1 (the system refused something). A failed start removes only the sockets
+it bound itself.
 
 SIGTERM/SIGINT: stop accepting, answer new requests ESHUTDOWN, let in-flight
 ones finish within the grace period, flush every volume, exit 0.
@@ -22,7 +23,7 @@ import tomllib
 
 from . import __version__
 from .connections import ConnectionRegistry
-from .listeners import ListenSpecError, bind, close_all, parse_listen
+from .listeners import ListenSpecError, bind, close_all, owned_path, parse_listen, unlink_owned
 from .notify import sd_notify
 from .server import NBDServer
 from .tls import TLSConfigError, server_context
@@ -210,14 +211,22 @@ class Daemon:
                            max_inflight=int(cfg["max_inflight"]),
                            handshake_timeout=float(cfg["handshake_timeout"]))
         controller = Controller(manager, registry, self.info, pairs)
+        admin = admin_owned = None
         try:
             for l in self.listeners:
                 await bind(l, server.protocol_factory(l))
                 log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
                          " TLS required" if l.tls_required else "")
             admin = await start_admin_server(cfg["admin_socket"], controller)
+            admin_owned = owned_path(cfg["admin_socket"])
         except BaseException:
+            # Only what this process bound goes: never a socket of a daemon
+            # already serving the path that made this start fail.
             await close_all(self.listeners)
+            if admin is not None:
+                admin.close()
+            if admin_owned is not None:
+                unlink_owned(admin_owned)
             pairs.close()
             manager.close()
             raise
@@ -239,10 +248,7 @@ class Daemon:
         await server.shutdown(float(cfg["shutdown_grace"]))
         await pairs.stop()
         admin.close()
-        try:
-            os.unlink(cfg["admin_socket"])
-        except FileNotFoundError:
-            pass
+        unlink_owned(admin_owned)
         for vol in manager.list():
             try:
                 await loop.run_in_executor(None, vol.flush)

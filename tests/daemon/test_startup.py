@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -130,3 +131,56 @@ def test_unit_file_verifies(tmp_path):
     cp = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
                         text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
+
+
+# -- start-up failures: sockets, directories, one-line errors --------------------------------------
+
+def run_splitd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "splitd"), "--config", "/dev/null", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+LOG_LINE = re.compile(r"(\S+ \S+ )?(DEBUG|INFO|WARNING|ERROR) splitd")
+
+
+def one_line(cp: subprocess.CompletedProcess) -> str:
+    """The error: one line, after any log lines of what went well before it."""
+    lines = [l for l in cp.stderr.splitlines() if not LOG_LINE.match(l)]
+    assert len(lines) == 1 and "Traceback" not in cp.stderr, cp.stderr
+    assert lines[0].startswith("splitd: error: "), cp.stderr
+    assert cp.stderr.splitlines()[-1] == lines[0], cp.stderr
+    return lines[0]
+
+
+def nbd_greets(path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        return s.recv(8) == b"NBDMAGIC"
+
+
+def test_a_second_daemon_that_fails_leaves_the_first_ones_socket(make_daemon, tmp_path):
+    a = make_daemon(tcp=False)
+    cp = run_splitd("--data-dir", str(tmp_path / "other"),
+                    "--admin-socket", str(tmp_path / "other.sock"),
+                    "--listen", f"unix:{tmp_path}/b.sock",
+                    "--listen", f"unix:{a.nbd_socket}")
+    assert cp.returncode == 1
+    assert one_line(cp) == f"splitd: error: {a.nbd_socket}: another process is listening there"
+    # Its own socket, bound before the failure, is gone; A's is still there and answers.
+    assert not (tmp_path / "b.sock").exists()
+    assert nbd_greets(a.nbd_socket)
+    assert a.call("status")["pid"] == a.proc.pid
+
+
+def test_stop_leaves_socket_paths_another_daemon_took_over(make_daemon):
+    """A daemon removes at stop only the sockets it made: not a newer one at the same path."""
+    a = make_daemon(tcp=False)
+    a.nbd_socket.unlink()
+    a.admin_socket.unlink()
+    b = make_daemon(tcp=False, start=False)
+    b.nbd_socket, b.admin_socket = a.nbd_socket, a.admin_socket
+    b.start()
+    assert a.stop() == 0
+    assert nbd_greets(b.nbd_socket)
+    assert b.call("status")["pid"] == b.proc.pid
