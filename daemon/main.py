@@ -1,10 +1,10 @@
 """`splitd`: the daemon's entry point -- configuration, start-up, stop.
 
-Start-up order: read config (file, then flags win) -> open the data directory
--> bind every listener and the admin socket -> READY=1 to systemd. Any failure
-before READY is one clear line on stderr and exit status 2 (bad configuration)
-or 1 (the system refused something). A failed start removes only the sockets
-it bound itself.
+Start-up order: read config (file, then flags win; every value checked before
+anything is made) -> open the data directory -> bind every listener and the
+admin socket -> READY=1 to systemd. Any failure before READY is one clear line
+on stderr and exit status 2 (bad configuration or arguments) or 1 (the system
+refused something). A failed start removes only the sockets it bound itself.
 
 SIGTERM/SIGINT: stop accepting, answer new requests ESHUTDOWN, let in-flight
 ones finish within the grace period, flush every volume, exit 0.
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from .notify import sd_notify
 from .server import NBDServer
 from .tls import TLSConfigError, server_context
 from volumes.errors import BadInput, SplitdError
+from volumes.names import parse_rate, parse_size, quoted, validate_name
 
 log = logging.getLogger("splitd")
 
@@ -50,6 +52,7 @@ DEFAULTS = {
     "ensure_volume": [],
     "copy_rate": 0,
 }
+MAX_SECONDS = 86400.0
 
 EPILOG = """\
 configuration:
@@ -61,6 +64,9 @@ configuration:
       tls = "require"
       tls_cert = "/etc/splitd/server-cert.pem"
       tls_key = "/etc/splitd/server-key.pem"
+
+  A single listen or ensure_volume entry may be a string instead of a list.
+  Values are checked as strictly as the flags (booleans are true/false).
 
 listen URIs:
   unix:/path              a Unix socket (mode 0660)
@@ -125,8 +131,150 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# -- checking settings: the same rules for the file and for flags ------------------------------
+
+class _Bad(ValueError):
+    """A value refused: says what would be accepted; the caller adds which setting."""
+
+
+def _got(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return quoted(value)
+
+
+def _string(value) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string (got {_got(value)})")
+    if not value:
+        raise _Bad("must not be empty")
+    if "\0" in value:
+        raise _Bad(f"must not contain a NUL character (got {_got(value)})")
+    return value
+
+
+def _choice(*choices: str):
+    def check(value) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _Bad(f"must be one of {', '.join(choices)} (got {_got(value)})")
+        return value
+    return check
+
+
+def _boolean(value) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"must be true or false (got {_got(value)})")
+    return value
+
+
+def _at_least(minimum: int):
+    def check(value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(f"must be a whole number (got {_got(value)})")
+        if value < minimum:
+            raise _Bad(f"must be at least {minimum} (got {value})")
+        return value
+    return check
+
+
+def _seconds(zero_allowed: bool):
+    def check(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise _Bad(f"must be a number of seconds (got {_got(value)})")
+        if zero_allowed and value < 0:
+            raise _Bad(f"must be 0 or more (got {value:g})")
+        if not zero_allowed and value <= 0:
+            raise _Bad(f"must be greater than 0 (got {value:g})")
+        if value > MAX_SECONDS:
+            raise _Bad(f"must be at most {MAX_SECONDS:g} (a day) (got {value:g})")
+        return float(value)
+    return check
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Bad(f"must be a string or a list of strings (got {_got(value)})")
+    return list(value)
+
+
+def _listen(value) -> list[str]:
+    specs = _strings(value)
+    if not specs:
+        raise _Bad("must list at least one listen URI")
+    for spec in specs:
+        try:
+            parse_listen(spec)
+        except ListenSpecError as e:
+            raise _Bad(str(e)) from None
+    return specs
+
+
+def _ensure_volumes(value) -> list[tuple[str, int]]:
+    """NAME[:SIZE] specs (SIZE default 1G), all checked: nothing is created yet."""
+    volumes: dict[str, int] = {}
+    for spec in _strings(value):
+        name, _, size = spec.partition(":")
+        try:
+            validate_name(name)
+            size_bytes = parse_size(size or "1G", f"size of volume {name}")
+        except BadInput as e:
+            raise _Bad(f"{quoted(spec)}: {e}") from None
+        if name in volumes:
+            raise _Bad(f"{quoted(spec)}: volume {name} is listed twice")
+        volumes[name] = size_bytes
+    return list(volumes.items())
+
+
+def _export_name(value) -> str:
+    try:
+        return validate_name(_string(value))
+    except BadInput as e:
+        raise _Bad(str(e)) from None
+
+
+def _copy_rate(value) -> int:
+    try:
+        return parse_rate(value, "copy rate")
+    except BadInput as e:
+        raise _Bad(str(e)) from None
+
+
+SETTINGS = {
+    "data_dir": _string,
+    "listen": _listen,
+    "admin_socket": _string,
+    "default_export": _export_name,
+    "tls": _choice("off", "on", "require"),
+    "tls_cert": _string,
+    "tls_key": _string,
+    "tls_ca": _string,
+    "tls_verify_peer": _boolean,
+    "max_connections": _at_least(1),
+    "max_inflight": _at_least(1),
+    "handshake_timeout": _seconds(zero_allowed=False),
+    "shutdown_grace": _seconds(zero_allowed=True),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "ensure_volume": _ensure_volumes,
+    "copy_rate": _copy_rate,
+}
+assert set(SETTINGS) == set(DEFAULTS)
+
+
+def _checked(key: str, value, where: str):
+    try:
+        return SETTINGS[key](value)
+    except _Bad as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_config(args: argparse.Namespace) -> dict:
+    """Defaults, then the file, then flags; every value given is checked, and
+    normalised: listen a list of URIs, ensure_volume a list of (name, bytes),
+    seconds floats, copy_rate bytes/s."""
     cfg = dict(DEFAULTS)
+    where = {key: f"default {key}" for key in DEFAULTS}
     path = args.config or DEFAULT_CONFIG
     if args.config or os.path.exists(path):
         try:
@@ -139,23 +287,20 @@ def load_config(args: argparse.Namespace) -> dict:
         unknown = set(data) - set(DEFAULTS)
         if unknown:
             raise ConfigError(f"config file {path}: unknown keys: {', '.join(sorted(unknown))}")
-        cfg.update(data)
+        for key, value in data.items():
+            where[key] = f"{path}: {key}"
+            cfg[key] = _checked(key, value, where[key])
     for key in DEFAULTS:
         value = getattr(args, key, None)
         if value is not None:
-            cfg[key] = value
+            where[key] = "--" + key.replace("_", "-")
+            cfg[key] = _checked(key, value, where[key])
+
     if cfg["tls"] != "off" and not (cfg["tls_cert"] and cfg["tls_key"]):
-        raise ConfigError(f"--tls {cfg['tls']} needs --tls-cert and --tls-key")
-    for key in ("max_connections", "max_inflight"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
-    try:
-        from volumes.names import parse_rate
-        cfg["copy_rate"] = parse_rate(cfg["copy_rate"], "copy rate")
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-    if isinstance(cfg["listen"], str):
-        cfg["listen"] = [cfg["listen"]]
+        if where["tls"] == "--tls":
+            raise ConfigError(f"--tls {cfg['tls']} needs --tls-cert and --tls-key")
+        raise ConfigError(f"{where['tls']}: {cfg['tls']!r} needs tls_cert and tls_key "
+                          "(or --tls-cert and --tls-key)")
     return cfg
 
 
@@ -186,7 +331,6 @@ class Daemon:
         from daemon.exports import VolumeExports
         from daemon.admin_server import start_admin_server
         from volumes.manager import VolumeManager
-        from volumes.names import parse_size
 
         cfg = self.cfg
         loop = asyncio.get_running_loop()
@@ -199,10 +343,10 @@ class Daemon:
             l.tls_required = cfg["tls"] == "require" and l.kind == "tcp"
 
         manager = VolumeManager(cfg["data_dir"])
-        for spec in cfg["ensure_volume"]:
-            name, _, size = spec.partition(":")
+        # Every spec was checked with the configuration: none fails half-way here.
+        for name, size in cfg["ensure_volume"]:
             if manager.find(name) is None:
-                manager.create(name, parse_size(size or "1G"))
+                manager.create(name, size)
         registry = ConnectionRegistry()
         pairs = PairManager(manager, registry, int(cfg["copy_rate"]))
         exports = VolumeExports(manager, pairs, cfg["default_export"])
