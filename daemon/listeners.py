@@ -106,10 +106,10 @@ async def bind(listener: Listener, protocol_factory) -> None:
     if listener.kind == "unix":
         path = listener.path
         remove_stale_socket(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # Bound here rather than by create_unix_server(path), which would remove
         # whatever socket is at the path first: if another process got there
-        # since the check above, bind() fails instead of taking its path.
+        # since the check above, bind() fails instead of taking its path. The
+        # directory is not created: a missing one is a configuration error.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)

@@ -52,6 +52,10 @@ DEFAULTS = {
     "ensure_volume": [],
     "copy_rate": 0,
 }
+# The defaults' socket directory: systemd's RuntimeDirectory makes it, and a
+# daemon started by hand with the defaults makes it itself. Any other socket
+# directory must exist already, or be the data directory (made at start-up).
+RUNTIME_DIR = os.path.dirname(DEFAULTS["admin_socket"])
 MAX_SECONDS = 86400.0
 
 EPILOG = """\
@@ -69,7 +73,8 @@ configuration:
   Values are checked as strictly as the flags (booleans are true/false).
 
 listen URIs:
-  unix:/path              a Unix socket (mode 0660)
+  unix:/path              a Unix socket (mode 0660); its directory must exist,
+                          unless it is the data directory or /run/splitd
   tcp://ADDR:PORT         TCP on an address (IPv6: tcp://[::1]:10809)
   tcp://%IFACE:PORT       TCP on every address of a network interface
   NAME=URI                the same, with a name the host agent can ask for
@@ -85,6 +90,10 @@ examples:
 
 class ConfigError(Exception):
     pass
+
+
+class StartupError(Exception):
+    """Start-up refused by the system (data directory, runtime directory): exit 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,7 +310,24 @@ def load_config(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--tls {cfg['tls']} needs --tls-cert and --tls-key")
         raise ConfigError(f"{where['tls']}: {cfg['tls']!r} needs tls_cert and tls_key "
                           "(or --tls-cert and --tls-key)")
+    data_dir = os.path.abspath(cfg["data_dir"])
+    for spec in cfg["listen"]:
+        listener = parse_listen(spec)
+        if listener.kind == "unix":
+            _check_socket_dir(listener.path, data_dir, f"{where['listen']}: {spec}")
+    _check_socket_dir(os.path.abspath(cfg["admin_socket"]), data_dir,
+                      f"{where['admin_socket']}: {cfg['admin_socket']}")
     return cfg
+
+
+def _check_socket_dir(path: str, data_dir: str, what: str) -> None:
+    """A socket's directory must exist: splitd makes only its data directory
+    and the default runtime directory, never a mistyped path."""
+    directory = os.path.dirname(path)
+    if directory in (data_dir, RUNTIME_DIR) or os.path.isdir(directory):
+        return
+    state = "is not a directory" if os.path.lexists(directory) else "does not exist"
+    raise ConfigError(f"{what}: directory {directory} {state}")
 
 
 def setup_logging(level: str) -> None:
@@ -318,6 +344,18 @@ class Daemon:
         self.started = time.time()
         self.listeners = [parse_listen(s) for s in cfg["listen"]]
         self.stop_event: asyncio.Event | None = None
+
+    def _make_runtime_dir(self) -> None:
+        """Make RUNTIME_DIR if a socket goes there (started by hand with the
+        defaults; under systemd, RuntimeDirectory= has made it already)."""
+        paths = [l.path for l in self.listeners if l.kind == "unix"]
+        paths.append(os.path.abspath(self.cfg["admin_socket"]))
+        if any(os.path.dirname(p) == RUNTIME_DIR for p in paths):
+            try:
+                os.makedirs(RUNTIME_DIR, 0o750, exist_ok=True)
+            except OSError as e:
+                raise StartupError(f"cannot make the runtime directory {RUNTIME_DIR}: "
+                                   f"{e.strerror}") from None
 
     def info(self) -> dict:
         return {"version": __version__, "pid": os.getpid(),
@@ -357,6 +395,7 @@ class Daemon:
         controller = Controller(manager, registry, self.info, pairs)
         admin = admin_owned = None
         try:
+            self._make_runtime_dir()
             for l in self.listeners:
                 await bind(l, server.protocol_factory(l))
                 log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
@@ -419,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ListenSpecError, TLSConfigError, BadInput) as e:
         print(f"splitd: error: {e}", file=sys.stderr)
         return 2
-    except SplitdError as e:
+    except (SplitdError, StartupError) as e:
         print(f"splitd: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -184,3 +184,33 @@ def test_stop_leaves_socket_paths_another_daemon_took_over(make_daemon):
     assert a.stop() == 0
     assert nbd_greets(b.nbd_socket)
     assert b.call("status")["pid"] == b.proc.pid
+
+
+def test_a_socket_directory_that_does_not_exist_is_refused(tmp_path):
+    missing = tmp_path / "nonexistent" / "dir"
+    cp = run_splitd("--data-dir", str(tmp_path / "d"), "--admin-socket", str(tmp_path / "a.sock"),
+                    "--listen", f"unix:{missing}/x.sock")
+    assert cp.returncode == 2
+    line = one_line(cp)
+    assert f"directory {missing} does not exist" in line and "--listen" in line
+    assert not (tmp_path / "nonexistent").exists()
+    assert not (tmp_path / "d").exists()
+
+    cp = run_splitd("--data-dir", str(tmp_path / "d"), "--admin-socket", f"{missing}/a.sock",
+                    "--listen", f"unix:{tmp_path}/n.sock")
+    assert cp.returncode == 2
+    line = one_line(cp)
+    assert f"directory {missing} does not exist" in line and "--admin-socket" in line
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_sockets_in_a_data_directory_still_to_be_made(make_daemon, tmp_path):
+    """`make run` style: both sockets in the data directory, which splitd creates."""
+    d = make_daemon(tcp=False, start=False)
+    d.data_dir = tmp_path / "fresh" / "var"
+    d.nbd_socket = d.data_dir / "nbd.sock"
+    d.admin_socket = d.data_dir / "admin.sock"
+    d.start()
+    assert nbd_greets(d.nbd_socket)
+    assert d.stop() == 0
+    assert not d.nbd_socket.exists() and not d.admin_socket.exists()
