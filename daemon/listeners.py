@@ -24,6 +24,10 @@ class ListenSpecError(ValueError):
     pass
 
 
+class BindError(Exception):
+    """A listener could not be bound (address in use, permission, ...): one line."""
+
+
 @dataclass
 class Listener:
     name: str
@@ -102,6 +106,7 @@ def interface_addresses(ifname: str) -> list[str]:
 
 
 async def bind(listener: Listener, protocol_factory) -> None:
+    """Bind every socket of `listener`. Failures raise BindError, with the URI."""
     loop = asyncio.get_running_loop()
     if listener.kind == "unix":
         path = listener.path
@@ -112,7 +117,10 @@ async def bind(listener: Listener, protocol_factory) -> None:
         # directory is not created: a missing one is a configuration error.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
+            try:
+                sock.bind(path)
+            except OSError as e:
+                raise BindError(f"cannot listen on {listener.uri}: {os_reason(e)}") from None
             listener.owned.append(owned_path(path))
             os.chmod(path, 0o660)   # before listen(): nobody connects with the wrong mode
             server = await loop.create_unix_server(protocol_factory, sock=sock, backlog=128)
@@ -128,13 +136,24 @@ async def bind(listener: Listener, protocol_factory) -> None:
     else:
         hosts = [listener.host]
     for host in hosts:
-        server = await loop.create_server(protocol_factory, host, listener.port,
-                                          reuse_address=True, backlog=128)
+        try:
+            server = await loop.create_server(protocol_factory, host, listener.port,
+                                              reuse_address=True, backlog=128)
+        except OSError as e:
+            where = f"[{host}]" if ":" in host else host
+            raise BindError(f"cannot listen on tcp://{where}:{listener.port}: "
+                            f"{os_reason(e)}") from None
         for sock in server.sockets:
             addr = sock.getsockname()
             h = addr[0]
             listener.bound.append(f"[{h}]:{addr[1]}" if ":" in h else f"{h}:{addr[1]}")
         listener.servers.append(server)
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in words, without the errno number: "address already in use"."""
+    text = os.strerror(e.errno) if e.errno else str(e)
+    return text[:1].lower() + text[1:]
 
 
 def owned_path(path: str) -> tuple[str, int, int]:

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 import time
 import tomllib
 
 from . import __version__
 from .connections import ConnectionRegistry
-from .listeners import ListenSpecError, bind, close_all, owned_path, parse_listen, unlink_owned
+from .listeners import (BindError, ListenSpecError, bind, close_all, os_reason, owned_path,
+                        parse_listen, unlink_owned)
 from .notify import sd_notify
 from .server import NBDServer
 from .tls import TLSConfigError, server_context
@@ -82,6 +85,15 @@ listen URIs:
 signals:
   SIGTERM, SIGINT   stop: finish in-flight requests, flush, exit 0
 
+exit status:
+  0   stopped by SIGTERM or SIGINT; or --help, --version. A volume whose
+      flush fails at stop is logged as an error; the status is still 0
+  1   the system refused something at start-up: the data directory (unusable,
+      or in use by another splitd), a listen address or socket path in use,
+      a permission; or an unexpected failure (with a traceback)
+  2   bad arguments or configuration: flags, the config file or its values,
+      listen URIs (an unknown interface too), TLS files, volume specs
+
 examples:
   splitd --data-dir ./var --listen unix:./var/nbd.sock --admin-socket ./var/admin.sock
   splitd --listen tcp://0.0.0.0:10809 --tls require --tls-cert c.pem --tls-key k.pem
@@ -96,8 +108,14 @@ class StartupError(Exception):
     """Start-up refused by the system (data directory, runtime directory): exit 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, not the usage block: the usage is one --help away.
+        self.exit(2, f"splitd: error: {message} (see 'splitd --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="splitd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Serve volumes over NBD, with split-mirror snapshots. "
                     "Managed with splitctl over the admin socket.")
@@ -291,7 +309,9 @@ def load_config(args: argparse.Namespace) -> dict:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {os_reason(e)}") from None
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
         unknown = set(data) - set(DEFAULTS)
         if unknown:
@@ -330,6 +350,28 @@ def _check_socket_dir(path: str, data_dir: str, what: str) -> None:
     raise ConfigError(f"{what}: directory {directory} {state}")
 
 
+def _not_a_directory(path: str) -> str:
+    """The first component of `path`, from the root, that exists and is not a directory."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(2, len(parts) + 1):
+        p = os.sep.join(parts[:i])
+        if os.path.lexists(p) and not os.path.isdir(p):
+            return p
+    return path
+
+
+def _data_dir_error(e: Exception, data_dir: str) -> StartupError:
+    if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename:
+        reason = f"{_not_a_directory(e.filename)} is not a directory"
+    elif isinstance(e, OSError) and e.errno:
+        reason = os_reason(e)
+        if e.filename and os.path.abspath(e.filename) != os.path.abspath(data_dir):
+            reason += f" ({e.filename})"
+    else:  # sqlite3.Error: the metadata database
+        reason = f"metadata database: {e}"
+    return StartupError(f"data directory {data_dir}: {reason}")
+
+
 def setup_logging(level: str) -> None:
     # One line per event on stderr; journald adds the time and unit.
     fmt = "%(levelname)s %(name)s: %(message)s"
@@ -355,7 +397,7 @@ class Daemon:
                 os.makedirs(RUNTIME_DIR, 0o750, exist_ok=True)
             except OSError as e:
                 raise StartupError(f"cannot make the runtime directory {RUNTIME_DIR}: "
-                                   f"{e.strerror}") from None
+                                   f"{os_reason(e)}") from None
 
     def info(self) -> dict:
         return {"version": __version__, "pid": os.getpid(),
@@ -380,27 +422,37 @@ class Daemon:
         for l in self.listeners:
             l.tls_required = cfg["tls"] == "require" and l.kind == "tcp"
 
-        manager = VolumeManager(cfg["data_dir"])
-        # Every spec was checked with the configuration: none fails half-way here.
-        for name, size in cfg["ensure_volume"]:
-            if manager.find(name) is None:
-                manager.create(name, size)
-        registry = ConnectionRegistry()
-        pairs = PairManager(manager, registry, int(cfg["copy_rate"]))
-        exports = VolumeExports(manager, pairs, cfg["default_export"])
-        server = NBDServer(exports, registry, tls_context=tls_context,
-                           max_connections=int(cfg["max_connections"]),
-                           max_inflight=int(cfg["max_inflight"]),
-                           handshake_timeout=float(cfg["handshake_timeout"]))
-        controller = Controller(manager, registry, self.info, pairs)
+        try:
+            manager = VolumeManager(cfg["data_dir"])
+        except (OSError, sqlite3.Error) as e:
+            raise _data_dir_error(e, cfg["data_dir"]) from None
+        pairs = None
         admin = admin_owned = None
         try:
+            # Every spec was checked with the configuration: none fails half-way here.
+            for name, size in cfg["ensure_volume"]:
+                if manager.find(name) is None:
+                    manager.create(name, size)
+            registry = ConnectionRegistry()
+            pairs = PairManager(manager, registry, int(cfg["copy_rate"]))
+            exports = VolumeExports(manager, pairs, cfg["default_export"])
+            server = NBDServer(exports, registry, tls_context=tls_context,
+                               max_connections=int(cfg["max_connections"]),
+                               max_inflight=int(cfg["max_inflight"]),
+                               handshake_timeout=float(cfg["handshake_timeout"]))
+            controller = Controller(manager, registry, self.info, pairs)
             self._make_runtime_dir()
             for l in self.listeners:
                 await bind(l, server.protocol_factory(l))
                 log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
                          " TLS required" if l.tls_required else "")
-            admin = await start_admin_server(cfg["admin_socket"], controller)
+            try:
+                admin = await start_admin_server(cfg["admin_socket"], controller)
+            except OSError as e:
+                if e.errno is None:
+                    raise  # refused by its own check, already one line naming the path
+                raise BindError(f"cannot listen on admin socket {cfg['admin_socket']}: "
+                                f"{os_reason(e)}") from None
             admin_owned = owned_path(cfg["admin_socket"])
         except BaseException:
             # Only what this process bound goes: never a socket of a daemon
@@ -410,7 +462,8 @@ class Daemon:
                 admin.close()
             if admin_owned is not None:
                 unlink_owned(admin_owned)
-            pairs.close()
+            if pairs is not None:
+                pairs.close()
             manager.close()
             raise
         pairs.start()
@@ -451,21 +504,25 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(cfg["log_level"])
         daemon = Daemon(cfg)
     except (ConfigError, ListenSpecError) as e:
-        parser.exit(2, f"splitd: error: {e}\n")
+        return _error(2, str(e))
     try:
         import uvloop
         return uvloop.run(daemon.run()) if hasattr(uvloop, "run") else _run_with_policy(daemon)
     except (ListenSpecError, TLSConfigError, BadInput) as e:
-        print(f"splitd: error: {e}", file=sys.stderr)
-        return 2
-    except (SplitdError, StartupError) as e:
-        print(f"splitd: error: {e}", file=sys.stderr)
-        return 1
+        return _error(2, str(e))
+    except (SplitdError, StartupError, BindError) as e:
+        return _error(1, str(e))
     except OSError as e:
-        print(f"splitd: error: {e}", file=sys.stderr)
-        return 1
+        if e.errno and e.filename:
+            return _error(1, f"{e.filename}: {os_reason(e)}")
+        return _error(1, os_reason(e) if e.errno else str(e))
     except KeyboardInterrupt:
         return 0
+
+
+def _error(status: int, message: str) -> int:
+    print(f"splitd: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 def _run_with_policy(daemon: Daemon) -> int:

@@ -214,3 +214,45 @@ def test_sockets_in_a_data_directory_still_to_be_made(make_daemon, tmp_path):
     assert nbd_greets(d.nbd_socket)
     assert d.stop() == 0
     assert not d.nbd_socket.exists() and not d.admin_socket.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--handshake-timeout", "abc"], "argument --handshake-timeout: invalid float value: 'abc'"),
+    (["--tls", "maybe"], "argument --tls: invalid choice: 'maybe'"),
+])
+def test_usage_errors_are_one_line(args, message):
+    cp = run_splitd(*args)
+    assert cp.returncode == 2
+    line = one_line(cp)
+    assert message in line and line.endswith("(see 'splitd --help')")
+
+
+def test_data_directory_errors_name_the_setting(tmp_path):
+    cp = run_splitd("--data-dir", "/etc/passwd/x", "--admin-socket", str(tmp_path / "a.sock"),
+                    "--listen", f"unix:{tmp_path}/n.sock")
+    assert cp.returncode == 1
+    assert one_line(cp) == "splitd: error: data directory /etc/passwd/x: " \
+                           "/etc/passwd is not a directory"
+    assert not (tmp_path / "n.sock").exists()
+
+
+def test_a_port_in_use_says_which_listener(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cp = run_splitd("--data-dir", str(tmp_path / "d"), "--admin-socket", str(tmp_path / "a.sock"),
+                        "--listen", f"unix:{tmp_path}/n.sock", "--listen", f"tcp://127.0.0.1:{port}")
+    assert cp.returncode == 1
+    assert one_line(cp) == (f"splitd: error: cannot listen on tcp://127.0.0.1:{port}: "
+                            "address already in use")
+    assert not (tmp_path / "n.sock").exists() and not (tmp_path / "a.sock").exists()
+
+
+def test_help_documents_the_exit_status():
+    cp = subprocess.run([str(BIN / "splitd"), "--help"], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0
+    section = cp.stdout.split("exit status:", 1)[1]
+    for code in ("0", "1", "2"):
+        assert any(l.split()[:1] == [code] for l in section.splitlines()), section
