@@ -86,11 +86,11 @@ signals:
   SIGTERM, SIGINT   stop: finish in-flight requests, flush, exit 0
 
 exit status:
-  0   stopped by SIGTERM or SIGINT; or --help, --version. A volume whose
-      flush fails at stop is logged as an error; the status is still 0
+  0   stopped by SIGTERM or SIGINT, every volume flushed; or --help, --version
   1   the system refused something at start-up: the data directory (unusable,
       or in use by another splitd), a listen address or socket path in use,
-      a permission; or an unexpected failure (with a traceback)
+      a permission; a volume that could not be flushed at stop; or an
+      unexpected failure (with a traceback)
   2   bad arguments or configuration: flags, the config file or its values,
       listen URIs (an unknown interface too), TLS files, volume specs
 
@@ -485,13 +485,20 @@ class Daemon:
         await pairs.stop()
         admin.close()
         unlink_owned(admin_owned)
+        unflushed = []
         for vol in manager.list():
             try:
                 await loop.run_in_executor(None, vol.flush)
             except OSError as e:
                 log.error("flush of %s failed at stop: %s", vol.name, e)
+                unflushed.append(vol.name)
         pairs.close()
         manager.close()
+        if unflushed:
+            # Acknowledged writes may not be durable: say so to systemd too.
+            log.error("stopped, but %d volumes could not be flushed: %s", len(unflushed),
+                      ", ".join(unflushed))
+            return 1
         log.info("stopped")
         return 0
 
