@@ -21,11 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 
 from controller.errors import SplitdError
-from daemon.listeners import remove_stale_socket
+from daemon.listeners import bind_unix, unlink_owned
 from volumes.names import quoted
 
 log = logging.getLogger(__name__)
@@ -33,17 +32,22 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
 
 
-async def start_admin_server(path: str, controller) -> asyncio.AbstractServer:
-    """Listen on the Unix socket `path` (mode 0660) and serve `controller`."""
-    remove_stale_socket(path)
+async def start_admin_server(path: str, controller):
+    """Listen on the Unix socket `path` (mode 0660) and serve `controller`.
+    Returns the server and the owned_path() record of its socket."""
+    sock, owned = bind_unix(path)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_connection(reader, writer, controller)
 
-    # limit: a line of MAX_LINE bytes, newline included, still fits.
-    server = await asyncio.start_unix_server(serve, path, limit=MAX_LINE)
-    os.chmod(path, 0o660)
-    return server
+    try:
+        # limit: a line of MAX_LINE bytes, newline included, still fits.
+        server = await asyncio.start_unix_server(serve, sock=sock, limit=MAX_LINE)
+    except BaseException:
+        sock.close()
+        unlink_owned(owned)
+        raise
+    return server, owned
 
 
 

@@ -110,19 +110,14 @@ async def bind(listener: Listener, protocol_factory) -> None:
     loop = asyncio.get_running_loop()
     if listener.kind == "unix":
         path = listener.path
-        remove_stale_socket(path)
-        # Bound here rather than by create_unix_server(path), which would remove
-        # whatever socket is at the path first: if another process got there
-        # since the check above, bind() fails instead of taking its path. The
-        # directory is not created: a missing one is a configuration error.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            try:
-                sock.bind(path)
-            except OSError as e:
-                raise BindError(f"cannot listen on {listener.uri}: {os_reason(e)}") from None
-            listener.owned.append(owned_path(path))
-            os.chmod(path, 0o660)   # before listen(): nobody connects with the wrong mode
+            sock, owned = bind_unix(path)
+        except OSError as e:
+            if e.errno is None:
+                raise  # refused by remove_stale_socket, in words naming the path
+            raise BindError(f"cannot listen on {listener.uri}: {os_reason(e)}") from None
+        listener.owned.append(owned)
+        try:
             server = await loop.create_unix_server(protocol_factory, sock=sock, backlog=128)
         except BaseException:
             sock.close()
@@ -154,6 +149,33 @@ def os_reason(e: OSError) -> str:
     """An OSError in words, without the errno number: "address already in use"."""
     text = os.strerror(e.errno) if e.errno else str(e)
     return text[:1].lower() + text[1:]
+
+
+def bind_unix(path: str) -> tuple[socket.socket, tuple[str, int, int]]:
+    """A Unix stream socket bound at `path` with mode 0660, not yet listening,
+    and its owned_path() record for unlink_owned().
+
+    A stale socket at the path is removed first; a live one, or anything that
+    is not a socket, is refused (remove_stale_socket). The socket is bound
+    here rather than by create_unix_server(path), which would remove whatever
+    socket is at the path: if another process got there since the check,
+    bind() fails instead of taking its path. The directory is not created.
+    """
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        owned = owned_path(path)
+        os.chmod(path, 0o660)   # before listen(): nobody connects with the wrong mode
+    except BaseException:
+        sock.close()
+        os.unlink(path)
+        raise
+    return sock, owned
 
 
 def owned_path(path: str) -> tuple[str, int, int]:

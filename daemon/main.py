@@ -26,7 +26,7 @@ import tomllib
 
 from . import __version__
 from .connections import ConnectionRegistry
-from .listeners import (BindError, ListenSpecError, bind, close_all, os_reason, owned_path,
+from .listeners import (BindError, ListenSpecError, bind, close_all, os_reason,
                         parse_listen, unlink_owned)
 from .notify import sd_notify
 from .server import NBDServer
@@ -447,13 +447,12 @@ class Daemon:
                 log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
                          " TLS required" if l.tls_required else "")
             try:
-                admin = await start_admin_server(cfg["admin_socket"], controller)
+                admin, admin_owned = await start_admin_server(cfg["admin_socket"], controller)
             except OSError as e:
                 if e.errno is None:
                     raise  # refused by its own check, already one line naming the path
                 raise BindError(f"cannot listen on admin socket {cfg['admin_socket']}: "
                                 f"{os_reason(e)}") from None
-            admin_owned = owned_path(cfg["admin_socket"])
         except BaseException:
             # Only what this process bound goes: never a socket of a daemon
             # already serving the path that made this start fail.

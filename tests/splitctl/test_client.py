@@ -74,7 +74,7 @@ class Admin:
 @pytest.fixture
 async def admin(tmp_path):
     a = Admin(tmp_path)
-    server = await start_admin_server(a.socket_path, a.controller)
+    server, _owned = await start_admin_server(a.socket_path, a.controller)
     yield a
     a.client.close()
     server.close()
@@ -206,7 +206,7 @@ async def test_stale_socket_is_replaced(tmp_path):
     left_over.close()
     with VolumeManager(str(tmp_path / "data")) as manager:
         controller = Controller(manager, ConnectionRegistry(), dict)
-        server = await start_admin_server(path, controller)
+        server, _owned = await start_admin_server(path, controller)
         try:
             with pytest.raises(FileExistsError, match="another process is listening"):
                 await start_admin_server(path, controller)
