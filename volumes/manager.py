@@ -205,8 +205,13 @@ class VolumeManager:
 
 
 def _make_private_dir(path: str) -> None:
-    """Make a directory 0750 (umask aside); an existing one keeps its mode."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Make a directory 0750 (umask aside); an existing one keeps its mode.
+    Its parent must exist: a mistyped path must not grow a tree of directories."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", parent)
+        raise FileNotFoundError(errno.ENOENT, "its parent directory does not exist", parent)
     try:
         os.mkdir(path, 0o750)
     except FileExistsError:

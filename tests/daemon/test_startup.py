@@ -205,9 +205,11 @@ def test_a_socket_directory_that_does_not_exist_is_refused(tmp_path):
 
 
 def test_sockets_in_a_data_directory_still_to_be_made(make_daemon, tmp_path):
-    """`make run` style: both sockets in the data directory, which splitd creates."""
+    """`make run` style: both sockets in the data directory (./var of a fresh
+    checkout), which splitd creates."""
     d = make_daemon(tcp=False, start=False)
-    d.data_dir = tmp_path / "fresh" / "var"
+    (tmp_path / "checkout").mkdir()
+    d.data_dir = tmp_path / "checkout" / "var"
     d.nbd_socket = d.data_dir / "nbd.sock"
     d.admin_socket = d.data_dir / "admin.sock"
     d.start()
@@ -235,6 +237,16 @@ def test_data_directory_errors_name_the_setting(tmp_path):
     assert one_line(cp) == "splitd: error: data directory /etc/passwd/x: " \
                            "/etc/passwd is not a directory"
     assert not (tmp_path / "n.sock").exists()
+
+
+def test_a_mistyped_data_directory_grows_no_tree(tmp_path):
+    # The data directory itself is made; missing parents are a typo, not a wish.
+    cp = run_splitd("--data-dir", str(tmp_path / "no" / "such" / "data"),
+                    "--admin-socket", str(tmp_path / "a.sock"), "--listen", f"unix:{tmp_path}/n.sock")
+    assert cp.returncode == 1
+    assert one_line(cp) == (f"splitd: error: data directory {tmp_path}/no/such/data: "
+                            f"no such file or directory ({tmp_path}/no/such)")
+    assert not (tmp_path / "no").exists()
 
 
 def test_a_port_in_use_says_which_listener(tmp_path):
