@@ -31,7 +31,6 @@ log = logging.getLogger("splitd.nbd")
 _REQ = c.REQUEST
 _REQ_SIZE = c.REQUEST.size
 _REQUEST_MAGIC = c.REQUEST_MAGIC
-_SIMPLE = c.SIMPLE_REPLY
 _SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
 _SIMPLE_PACK = c.SIMPLE_REPLY.pack
 _CMD_READ, _CMD_WRITE, _CMD_DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
@@ -579,10 +578,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             out.clear()
         if self.transport.get_write_buffer_size():
             return False
-        if self.structured:
-            header = c.encode_offset_data_header(cookie, offset, length, done=False)
-        else:
-            header = _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
+        header = self._data_header(cookie, offset, length, done=False)
         try:
             self._send_from_file(header, fd, file_offset, length)
         except OSError as e:
@@ -679,12 +675,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         else:
             self._reply_ok(out, cookie)
 
-    def _data_header(self, cookie: int, offset: int, length: int) -> bytes:
+    def _data_header(self, cookie: int, offset: int, length: int, done: bool = True) -> bytes:
         """What goes before `length` bytes of read data: one OFFSET_DATA chunk
-        header (structured) or a simple reply."""
+        header (structured; final unless `done` is False) or a simple reply."""
         if self.structured:
-            return c.encode_offset_data_header(cookie, offset, length)
-        return _SIMPLE.pack(_SIMPLE_MAGIC, 0, cookie)
+            return c.encode_offset_data_header(cookie, offset, length, done)
+        return _SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie)
 
     def _reply_ok(self, out, cookie: int) -> None:
         # Success without data is a simple reply even when structured replies
@@ -698,7 +694,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.structured:
             out.append(c.encode_error_chunk(cookie, error, message))
         else:
-            out.append(_SIMPLE.pack(_SIMPLE_MAGIC, error, cookie))
+            out.append(_SIMPLE_PACK(_SIMPLE_MAGIC, error, cookie))
 
     # -- work in threads -------------------------------------------------------------------
 
