@@ -495,7 +495,7 @@ class Daemon:
         manager.close()
         if unflushed:
             # Acknowledged writes may not be durable: say so to systemd too.
-            log.error("stopped, but %d volumes could not be flushed: %s", len(unflushed),
+            log.error("stopped, but these volumes could not be flushed: %s",
                       ", ".join(unflushed))
             return 1
         log.info("stopped")
