@@ -32,7 +32,7 @@ from .notify import sd_notify
 from .server import NBDServer
 from .tls import TLSConfigError, server_context
 from volumes.errors import BadInput, SplitdError
-from volumes.names import parse_rate, parse_size, quoted, validate_name
+from volumes.names import format_size, parse_rate, parse_size, quoted, validate_name
 
 log = logging.getLogger("splitd")
 
@@ -431,8 +431,13 @@ class Daemon:
         try:
             # Every spec was checked with the configuration: none fails half-way here.
             for name, size in cfg["ensure_volume"]:
-                if manager.find(name) is None:
+                vol = manager.find(name)
+                if vol is None:
                     manager.create(name, size)
+                elif vol.size != size:
+                    # Only created, never resized (that is `splitctl volume resize`).
+                    log.warning("ensure-volume %s:%s: volume %s exists with %s; left as it is",
+                                name, format_size(size), name, format_size(vol.size))
             registry = ConnectionRegistry()
             pairs = PairManager(manager, registry, int(cfg["copy_rate"]))
             exports = VolumeExports(manager, pairs, cfg["default_export"])

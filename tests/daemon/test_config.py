@@ -121,3 +121,14 @@ def test_a_single_ensure_volume_string_is_one_volume(tmp_path):
         assert [(v["name"], v["size"]) for v in vols] == [("x", 4 << 20)]
     finally:
         assert d.stop() == 0
+
+
+def test_ensure_volume_never_resizes_and_says_so(make_daemon):
+    d = make_daemon(["--ensure-volume", "x:4M"], tcp=False)
+    d.call("volume.resize", name="x", size="8M")
+    assert d.stop() == 0
+    d.extra_args = ["--ensure-volume", "x:4M"]
+    d.start()
+    vols = d.call("volume.list")["volumes"]
+    assert [(v["name"], v["size"]) for v in vols] == [("x", 8 << 20)]
+    assert "ensure-volume x:4 MiB: volume x exists with 8 MiB; left as it is" in d.log()
