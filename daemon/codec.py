@@ -171,6 +171,18 @@ class ProtocolError(Exception):
     """The peer broke the protocol: the connection must be closed."""
 
 
+class OptionTooLong(ProtocolError):
+    """An option announces more data than we take. The connection may skip
+    the data and answer NBD_REP_ERR_TOO_BIG (the option length is there so
+    that a server can skip what it will not process, proto.md "Newstyle
+    negotiation"). The header has not been consumed."""
+
+    def __init__(self, code: int, length: int):
+        super().__init__(f"option {code} data of {length} bytes is too long")
+        self.code = code
+        self.length = length
+
+
 # -- Handshake decoding -----------------------------------------------------------
 
 class Option(NamedTuple):
@@ -186,7 +198,7 @@ def decode_option(buf, pos: int = 0) -> tuple[Option, int] | None:
     if magic != IHAVEOPT:
         raise ProtocolError(f"bad option magic 0x{magic:x}")
     if length > MAX_OPTION_LENGTH:
-        raise ProtocolError(f"option {code} data of {length} bytes is too long")
+        raise OptionTooLong(code, length)
     end = pos + OPTION_HEADER.size + length
     if len(buf) < end:
         return None

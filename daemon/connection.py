@@ -150,6 +150,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.structured = False
         self.meta: dict[int, str] = {}
         self.discard = 0            # bytes of a rejected WRITE payload still to drop
+        self.skip = 0               # bytes of a too long option still to drop
+        self.skip_option = 0        # ... and that option's code
         self.discard_reply = (0, 0, "")  # its error reply, sent once it is dropped
         self.inflight = 0           # requests handed to threads, not yet replied
         self.paused = set()         # why reading is paused: "writes", "inflight"
@@ -301,12 +303,29 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return
             self.phase = self.OPTIONS
         while self.phase == self.OPTIONS:
-            got = c.decode_option(buf, pos)
-            if got is None:
-                break
-            opt, used = got
-            pos += used
-            step = self.negotiation.handle(opt)
+            if self.skip:
+                # An option too long to take: its data is dropped as it
+                # arrives, never buffered, then refused.
+                n = min(self.skip, len(buf) - pos)
+                pos += n
+                self.skip -= n
+                if self.skip:
+                    break
+                step = self.negotiation.too_big(self.skip_option)
+            else:
+                try:
+                    got = c.decode_option(buf, pos)
+                except c.OptionTooLong as e:
+                    if e.code == c.OPT_EXPORT_NAME:
+                        raise  # it cannot be refused politely: disconnect
+                    pos += c.OPTION_HEADER.size
+                    self.skip, self.skip_option = e.length, e.code
+                    continue
+                if got is None:
+                    break
+                opt, used = got
+                pos += used
+                step = self.negotiation.handle(opt)
             if step.out:
                 self.transport.write(step.out)
             if step.action == CLOSE:

@@ -90,6 +90,19 @@ class Negotiation:
         name = c.OPTION_NAMES.get(code, str(code))
         return self._error(code, c.REP_ERR_UNSUP, f"option {name} is not supported")
 
+    def too_big(self, code: int) -> Step:
+        """The answer to an option whose data was too long to take, skipped
+        unread: what handle() would say before looking at the data, else
+        NBD_REP_ERR_TOO_BIG."""
+        if code in (c.OPT_ABORT, c.OPT_STARTTLS) or self.shutting_down or (
+                self.tls_required and not self.tls_active):
+            # ABORT ignores its data; the others refuse whatever the data.
+            return self.handle(c.Option(code, b"\0" if code == c.OPT_STARTTLS else b""))
+        if code == c.OPT_SET_META_CONTEXT:
+            self.meta_export, self.meta = None, {}   # a failed SET forgets, too
+        return self._error(code, c.REP_ERR_TOO_BIG,
+                           f"option data longer than {c.MAX_OPTION_LENGTH} bytes")
+
     @staticmethod
     def _error(code: int, err: int, message: str) -> Step:
         return Step(c.encode_option_error(code, err, message))

@@ -200,3 +200,35 @@ def test_fast_zero_that_would_write_zeroes_is_enotsup(make_daemon, tmp_path):
     finally:
         d.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_an_option_too_long_to_take_is_skipped_and_refused(served):
+    # The option length "allows the server to skip any options presented by
+    # the client that it does not understand" ("Newstyle negotiation"): more
+    # data than we take (64 KiB) is dropped unread and answered
+    # NBD_REP_ERR_TOO_BIG; the negotiation goes on.
+    big = 4 * MiB + 5
+    with client(served) as cl:
+        cl.start()
+        cl.negotiate_structured()
+        assert meta(cl, r.OPT_SET_META_CONTEXT, ["base:allocation"])[1] == r.REP_ACK
+        for option in (r.OPT_GO, r.OPT_LIST, r.OPT_SET_META_CONTEXT, 4242):
+            cl.send(struct.pack(">QII", r.IHAVEOPT, option, big))
+            for i in range(0, big, MiB):
+                cl.send(bytes(min(MiB, big - i)))
+            rep = cl.option_reply()
+            assert (rep.option, rep.type) == (option, REP_ERR_TOO_BIG)
+        # The failed SET forgot base:allocation; the export opens as usual.
+        cl.go(VOL)
+        error, _ = cl.call(r.CMD_BLOCK_STATUS, 0, 4096, cookie=3)
+        assert error == r.EINVAL
+        assert cl.read(0, 512, cookie=4) == bytes(512)
+
+
+def test_export_name_too_long_to_take_disconnects(served):
+    # NBD_OPT_EXPORT_NAME has no error reply: the server closes.
+    with client(served) as cl:
+        cl.start()
+        cl.send(struct.pack(">QII", r.IHAVEOPT, r.OPT_EXPORT_NAME, MiB))
+        with pytest.raises(Closed):
+            cl.recv_exact(1)
