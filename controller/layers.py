@@ -11,8 +11,6 @@ created is tracked from the pair's first moment on.
 """
 from __future__ import annotations
 
-import errno
-
 from volumes.volume import Volume
 
 # Client requests served through any layer: the copy engine looks at whether
@@ -40,9 +38,6 @@ class ManagedVolume:
     @property
     def read_only(self) -> bool:
         return self.vol.read_only
-
-    def can_zero_fast(self, punch: bool) -> bool:
-        return self.vol.can_zero_fast(punch)
 
     # -- reads ---------------------------------------------------------------
 
@@ -93,8 +88,9 @@ class ManagedVolume:
     def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False) -> None:
         global _ops
         _ops += 1
-        if fast_only and not self.vol.can_zero_fast(punch):
-            raise OSError(errno.ENOTSUP, "this file system can only zero by writing zeroes")
+        if fast_only:
+            # Refused before copy-on-write or dirty bits, when already known.
+            self.vol.refuse_slow_zero(punch)
         if self.primary_of or self.secondary_of is not None:
             self._before_change(offset, length)
         self.vol.zero(offset, length, punch, fast_only)

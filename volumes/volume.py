@@ -130,10 +130,12 @@ class Volume:
             view = view[n:]
             offset += n
 
-    def can_zero_fast(self, punch: bool) -> bool:
-        """Whether zero(punch=punch) is, as far as known yet, a metadata
-        operation rather than writing zeroes (NBD_CMD_FLAG_FAST_ZERO)."""
-        return (punch and self._can_punch) or self._can_zero_range
+    def refuse_slow_zero(self, punch: bool) -> None:
+        """Raise OSError ENOTSUP unless zero(punch=punch) is, as far as known
+        yet, a metadata operation rather than writing zeroes
+        (NBD_CMD_FLAG_FAST_ZERO)."""
+        if not ((punch and self._can_punch) or self._can_zero_range):
+            raise OSError(errno.ENOTSUP, "this file system can only zero by writing zeroes")
 
     def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False) -> None:
         """Make [offset, offset+length) read as zeroes.
@@ -151,7 +153,7 @@ class Volume:
                 return
             self._can_zero_range = False
         if fast_only:
-            raise OSError(errno.ENOTSUP, "this file system can only zero by writing zeroes")
+            self.refuse_slow_zero(punch)  # the modes tried have just been found missing
         end = offset + length
         while offset < end:
             n = min(len(_ZERO_CHUNK), end - offset)
