@@ -231,10 +231,7 @@ def _listen(value) -> list[str]:
     if not specs:
         raise _Bad("must list at least one listen URI")
     for spec in specs:
-        try:
-            parse_listen(spec)
-        except ListenSpecError as e:
-            raise _Bad(str(e)) from None
+        parse_listen(spec)
     return specs
 
 
@@ -255,17 +252,11 @@ def _ensure_volumes(value) -> list[tuple[str, int]]:
 
 
 def _export_name(value) -> str:
-    try:
-        return validate_name(_string(value))
-    except BadInput as e:
-        raise _Bad(str(e)) from None
+    return validate_name(_string(value))
 
 
 def _copy_rate(value) -> int:
-    try:
-        return parse_rate(value, "copy rate")
-    except BadInput as e:
-        raise _Bad(str(e)) from None
+    return parse_rate(value, "copy rate")
 
 
 SETTINGS = {
@@ -290,9 +281,10 @@ assert set(SETTINGS) == set(DEFAULTS)
 
 
 def _checked(key: str, value, where: str):
+    # The checkers raise _Bad, or the refusals of the parsers they call.
     try:
         return SETTINGS[key](value)
-    except _Bad as e:
+    except (_Bad, BadInput, ListenSpecError) as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
