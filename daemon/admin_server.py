@@ -35,7 +35,7 @@ MAX_LINE = 1 << 20
 async def start_admin_server(path: str, controller):
     """Listen on the Unix socket `path` (mode 0660) and serve `controller`.
     Returns the server and the owned_path() record of its socket."""
-    sock, owned = bind_unix(path)
+    sock, owned = bind_unix(path, f"admin socket {path}")
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_connection(reader, writer, controller)

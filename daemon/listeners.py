@@ -110,12 +110,7 @@ async def bind(listener: Listener, protocol_factory) -> None:
     loop = asyncio.get_running_loop()
     if listener.kind == "unix":
         path = listener.path
-        try:
-            sock, owned = bind_unix(path)
-        except OSError as e:
-            if e.errno is None:
-                raise  # refused by remove_stale_socket, in words naming the path
-            raise BindError(f"cannot listen on {listener.uri}: {os_reason(e)}") from None
+        sock, owned = bind_unix(path, listener.uri)
         listener.owned.append(owned)
         try:
             server = await loop.create_unix_server(protocol_factory, sock=sock, backlog=128)
@@ -151,9 +146,10 @@ def os_reason(e: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def bind_unix(path: str) -> tuple[socket.socket, tuple[str, int, int]]:
+def bind_unix(path: str, what: str) -> tuple[socket.socket, tuple[str, int, int]]:
     """A Unix stream socket bound at `path` with mode 0660, not yet listening,
-    and its owned_path() record for unlink_owned().
+    and its owned_path() record for unlink_owned(). A failed bind raises
+    BindError naming `what` ("cannot listen on WHAT: address already in use").
 
     A stale socket at the path is removed first; a live one, or anything that
     is not a socket, is refused (remove_stale_socket). The socket is bound
@@ -165,6 +161,9 @@ def bind_unix(path: str) -> tuple[socket.socket, tuple[str, int, int]]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise BindError(f"cannot listen on {what}: {os_reason(e)}") from None
     except BaseException:
         sock.close()
         raise

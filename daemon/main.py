@@ -443,13 +443,7 @@ class Daemon:
                 await bind(l, server.protocol_factory(l))
                 log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
                          " TLS required" if l.tls_required else "")
-            try:
-                admin, admin_owned = await start_admin_server(cfg["admin_socket"], controller)
-            except OSError as e:
-                if e.errno is None:
-                    raise  # refused by its own check, already one line naming the path
-                raise BindError(f"cannot listen on admin socket {cfg['admin_socket']}: "
-                                f"{os_reason(e)}") from None
+            admin, admin_owned = await start_admin_server(cfg["admin_socket"], controller)
         except BaseException:
             # Only what this process bound goes: never a socket of a daemon
             # already serving the path that made this start fail.
