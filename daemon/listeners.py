@@ -142,7 +142,9 @@ async def bind(listener: Listener, protocol_factory) -> None:
 
 def os_reason(e: OSError) -> str:
     """An OSError in words, without the errno number: "address already in use"."""
-    text = os.strerror(e.errno) if e.errno else str(e)
+    if not e.errno:
+        return str(e)   # e.g. "AF_UNIX path too long": keep its capitals
+    text = os.strerror(e.errno)
     return text[:1].lower() + text[1:]
 
 
