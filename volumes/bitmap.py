@@ -1,36 +1,59 @@
 """Region bitmaps: one bit per region, in a bytearray, mirrored to a file.
 
-Rules kept here:
+Rules kept here (md's write-intent bitmap, DESIGN.md "Crash safety"):
 - Plain data: a bitmap of a 1 TiB volume with 64 KiB regions is 2 MiB, never
   an object per region.
-- Write-through: every change is written to the backing file (pwrite of the
-  changed bytes) before the call returns. The page cache outlives the
-  process, so after a kill -9 the file is exactly the bitmap as it was.
-  `sync()` (fdatasync) makes it survive power loss too; callers do that
-  before they acknowledge a FLUSH or FUA, batching many changes in one sync.
+- The file is what a restart sees. A set is written through at once (pwrite
+  of the changed byte); it is *durable* once a later fdatasync has finished.
+  `intent()` sets bits and says whether they are durably set: the caller
+  issues the write they cover only then ("set before write").
+- A clear is never written through. `clear_lazily()` clears the bit in memory
+  only and remembers the region in `lazy`; the file keeps the bit set (the
+  region is copied again after a crash, which is harmless) until the caller
+  has made the copy durable on both sides and calls `apply_clears()`
+  ("clear after both copies are durable"). Every byte written to the file is
+  `bits | lazy`, so a set of a neighbouring bit never writes a clear early.
+- Durability is tracked per byte of the file: `unsynced` holds the bytes
+  written since the last sync began, `syncing` those of the sync under way
+  (sync_begin / sync_end around an fdatasync in another thread).
+- The file is allocated in full when it is made (fallocate), so a set never
+  needs a new block: a full disk fails at pair creation, not in a write.
 - Bit i covers bytes [i * region_size, (i + 1) * region_size); bit order in a
   byte is little-endian (bit i is byte i // 8, mask 1 << (i % 8)).
 """
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 
 _NONZERO = re.compile(rb"[^\x00]")
 _NOT_FF = re.compile(rb"[^\xff]")
+# Orders lazy clears: an entry is applied only if it is the same copy that
+# was made durable (a region cleared, set again and copied again is newer).
+_copy_seq = itertools.count(1)
+
+
+def next_copy_seq() -> int:
+    """A sequence number above every lazy clear made so far."""
+    return next(_copy_seq)
 
 
 class Bitmap:
-    __slots__ = ("nbits", "bits", "fd", "path", "dirty_since_sync", "_count")
+    __slots__ = ("nbits", "bits", "fd", "path", "_count", "lazy", "unsynced", "syncing")
 
     def __init__(self, nbits: int, path: str | None = None):
         self.nbits = nbits
         self.bits = bytearray((nbits + 7) // 8)
         self.path = path
         self.fd = -1
-        self.dirty_since_sync = False
         self._count: int | None = 0
+        # region -> copy sequence: cleared in memory, still set in the file.
+        self.lazy: dict[int, int] = {}
+        # File bytes written since the last sync began / in the sync under way.
+        self.unsynced: set[int] = set()
+        self.syncing: set[int] = set()
 
     # -- files ----------------------------------------------------------------
 
@@ -39,7 +62,16 @@ class Bitmap:
         """A new all-clear bitmap file (sparse: O(1) whatever the size)."""
         bm = cls(nbits, path)
         bm.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.ftruncate(bm.fd, len(bm.bits))
+        try:
+            os.ftruncate(bm.fd, len(bm.bits))
+            if bm.bits:
+                # Every block allocated now: a later set never meets a full
+                # disk halfway (a bit set in memory but not in the file).
+                os.posix_fallocate(bm.fd, 0, len(bm.bits))
+        except BaseException:
+            os.close(bm.fd)
+            raise
+        bm.unsynced.add(-1)  # new: nothing of it is durable yet
         return bm
 
     @classmethod
@@ -61,6 +93,9 @@ class Bitmap:
         bm.bits[:] = data
         bm._clear_tail()
         bm._count = None
+        # After a kill -9 the file may be newer than the disk: what a write is
+        # told is durable must be, so make it so before anything relies on it.
+        os.fdatasync(bm.fd)
         return bm
 
     def close(self) -> None:
@@ -68,16 +103,53 @@ class Bitmap:
             os.close(self.fd)
             self.fd = -1
 
+    # -- durability -------------------------------------------------------------
+
     def sync(self) -> None:
-        """Make the file durable (blocking: fdatasync)."""
-        if self.fd >= 0 and self.dirty_since_sync:
-            self.dirty_since_sync = False
+        """Make the file durable now (blocking: fdatasync on this thread)."""
+        if self.fd >= 0 and self.sync_begin():
             os.fdatasync(self.fd)
+        self.sync_end()
+
+    def sync_begin(self) -> bool:
+        """A sync is about to start: the bytes written so far are what it
+        covers. False if there is nothing to sync."""
+        if not self.unsynced:
+            return False
+        self.syncing |= self.unsynced
+        self.unsynced = set()
+        return True
+
+    def sync_end(self) -> None:
+        """The fdatasync begun after sync_begin() finished."""
+        self.syncing = set()
+
+    def synced(self) -> bool:
+        return not self.unsynced and not self.syncing
+
+    def _durable_bytes(self, b0: int, b1: int) -> bool:
+        u, s = self.unsynced, self.syncing
+        if not u and not s:
+            return True
+        if -1 in u or -1 in s:
+            return False
+        if b1 - b0 < 64:
+            return not any(b in u or b in s for b in range(b0, b1 + 1))
+        return not any(b0 <= b <= b1 for b in itertools.chain(u, s))
 
     def _write(self, first_byte: int, last_byte: int) -> None:
-        if self.fd >= 0:
-            os.pwrite(self.fd, memoryview(self.bits)[first_byte:last_byte + 1], first_byte)
-            self.dirty_since_sync = True
+        if self.fd < 0:
+            return
+        data = self.bits[first_byte:last_byte + 1]
+        if self.lazy:
+            for r in self.lazy:
+                if first_byte <= r >> 3 <= last_byte:
+                    data[(r >> 3) - first_byte] |= 1 << (r & 7)
+        os.pwrite(self.fd, data, first_byte)
+        if last_byte - first_byte > 4096:
+            self.unsynced.add(-1)  # a large write: the whole file counts as unsynced
+        else:
+            self.unsynced.update(range(first_byte, last_byte + 1))
 
     def _clear_tail(self) -> None:
         spare = len(self.bits) * 8 - self.nbits
@@ -95,12 +167,23 @@ class Bitmap:
         if self.bits[byte] & mask:
             return False
         self.bits[byte] |= mask
+        if self.lazy.pop(i, None) is not None:
+            # Still set in the file: nothing to write.
+            if self._count is not None:
+                self._count += 1
+            return True
+        try:
+            self._write(byte, byte)
+        except OSError:
+            self.bits[byte] &= ~mask & 0xFF  # not in the file: not set
+            raise
         if self._count is not None:
             self._count += 1
-        self._write(byte, byte)
         return True
 
     def clear(self, i: int) -> bool:
+        """Clear bit i now, in memory and in the file (not for bits that
+        describe data still to copy: see clear_lazily)."""
         byte, mask = i >> 3, 1 << (i & 7)
         if not self.bits[byte] & mask:
             return False
@@ -109,6 +192,79 @@ class Bitmap:
             self._count -= 1
         self._write(byte, byte)
         return True
+
+    # -- write intent ----------------------------------------------------------------
+
+    def intent(self, first: int, last: int) -> bool:
+        """Set bits first..last (written through where they were clear in the
+        file) and say whether all of them are durably set: the write they
+        cover may be issued only then."""
+        if first == last:
+            byte, mask = first >> 3, 1 << (first & 7)
+            if not self.bits[byte] & mask:
+                self.set(first)
+            u, s = self.unsynced, self.syncing
+            return not ((u or s) and (byte in u or byte in s or -1 in u or -1 in s))
+        if self.lazy:
+            for r in [r for r in self.lazy if first <= r <= last]:
+                self.set(r)
+        if self.next_clear(first, last) is not None:
+            self.set_range(first, last)
+        return self._durable_bytes(first >> 3, last >> 3)
+
+    def clear_lazily(self, first: int, last: int) -> None:
+        """Clear bits first..last in memory only: their regions were copied.
+        The file keeps them set until apply_clears()."""
+        seq = next(_copy_seq)
+        lazy = self.lazy
+        i = self.next_set(first, last)
+        while i is not None:
+            j = self.next_clear(i, last)
+            end = last if j is None else j - 1
+            for r in range(i, end + 1):
+                lazy[r] = seq
+            self._set_bits(i, end, False)
+            if j is None:
+                break
+            i = self.next_set(j, last)
+
+    def lazy_in(self, first: int, last: int) -> bool:
+        """Is any region of first..last copied but its clear not yet durable?"""
+        lazy = self.lazy
+        if not lazy:
+            return False
+        if last - first < 64:
+            return any(r in lazy for r in range(first, last + 1))
+        return any(first <= r <= last for r in lazy)
+
+    def apply_clears(self, entries: dict[int, int]) -> None:
+        """Write the clears of `entries` (region -> the copy sequence that was
+        made durable) to the file, where the region was not set or copied
+        again since. Durable once a later sync ends."""
+        lazy = self.lazy
+        done = [r for r, seq in entries.items() if lazy.get(r) == seq]
+        if not done:
+            return
+        for r in done:
+            del lazy[r]
+        done.sort()
+        start = prev = done[0] >> 3
+        for r in done[1:]:
+            b = r >> 3
+            if b > prev + 1:
+                self._write(start, prev)
+                start = b
+            prev = b
+        self._write(start, prev)
+
+    def file_bits(self) -> bytes:
+        """The bits as the file holds them: set, or cleared lazily."""
+        if not self.lazy:
+            return bytes(self.bits)
+        out = bytearray(self.bits)
+        for r in self.lazy:
+            out[r >> 3] |= 1 << (r & 7)
+        return bytes(out)
 
     # -- ranges of bits -----------------------------------------------------------
 
@@ -122,6 +278,34 @@ class Bitmap:
     def _update_range(self, first: int, last: int, value: bool) -> bool:
         if first == last:
             return self.set(first) if value else self.clear(first)
+        if value and self.lazy:
+            for r in [r for r in self.lazy if first <= r <= last]:
+                self.set(r)
+        b0, b1 = first >> 3, last >> 3
+        before = self._set_bits(first, last, value)
+        if before is None:
+            return False
+        # Write only the bytes that changed: a byte rewritten unchanged would
+        # count as not yet durable, and writes its bits cover would wait.
+        lo, hi = 0, len(before) - 1
+        bits = self.bits
+        while before[lo] == bits[b0 + lo]:
+            lo += 1
+        while before[hi] == bits[b0 + hi]:
+            hi -= 1
+        try:
+            self._write(b0 + lo, b0 + hi)
+        except OSError:
+            if value:
+                # Not in the file: not set in memory either.
+                self.bits[b0:b1 + 1] = before
+                self._count = None
+            raise
+        return True
+
+    def _set_bits(self, first: int, last: int, value: bool) -> bytes | None:
+        """Set or clear bits first..last in memory only; the bytes as they
+        were, or None if nothing changed."""
         b0, b1 = first >> 3, last >> 3
         before = bytes(self.bits[b0:b1 + 1])
         if b0 == b1:
@@ -140,12 +324,11 @@ class Bitmap:
                 self.bits[b0 + 1:b1] = bytes(b1 - b0 - 1)
         after = self.bits[b0:b1 + 1]
         if after == before:
-            return False
+            return None
         if self._count is not None:
             self._count += (int.from_bytes(after, "little").bit_count()
                             - int.from_bytes(before, "little").bit_count())
-        self._write(b0, b1)
-        return True
+        return before
 
     def any_in(self, first: int, last: int) -> bool:
         """Is any bit in first..last set?"""
@@ -201,6 +384,7 @@ class Bitmap:
     def replace_with(self, other: "Bitmap | bytes | bytearray") -> None:
         src = other.bits if isinstance(other, Bitmap) else other
         self.bits[:] = src
+        self.lazy.clear()
         self._count = None
         if self.bits:
             self._write(0, len(self.bits) - 1)
@@ -213,11 +397,10 @@ class Bitmap:
 
     def clear_all(self) -> None:
         self.bits[:] = bytes(len(self.bits))
+        self.lazy.clear()
         self._count = 0
-        if self.fd >= 0:
-            os.ftruncate(self.fd, 0)
-            os.ftruncate(self.fd, len(self.bits))
-            self.dirty_since_sync = True
+        if self.bits:
+            self._write(0, len(self.bits) - 1)
 
     def copy_bits(self) -> bytes:
         return bytes(self.bits)
