@@ -19,8 +19,9 @@ import logging
 import time
 from typing import Callable, Iterable
 
-from . import layers
 from . import states as st
+from .layers import ClientOps
+from .pair import NotReady
 
 log = logging.getLogger("splitd.engine")
 
@@ -33,8 +34,9 @@ RATE_WINDOW = 1.0       # seconds over which copy rates are measured
 
 class CopyEngine:
     def __init__(self, pairs: Callable[[], Iterable], on_drained: Callable, on_error: Callable,
-                 global_rate: int = 0):
+                 global_rate: int = 0, ops: ClientOps | None = None):
         self.pairs = pairs              # () -> every Pair
+        self.ops = ops if ops is not None else ClientOps()  # client requests served
         self.on_drained = on_drained    # (pair) -> None: state change when the work is done
         self.on_error = on_error        # (pair, reason) -> None
         self.global_rate = global_rate
@@ -93,6 +95,9 @@ class CopyEngine:
                     end = last if j is None else j - 1
                     copied += pair.copy_regions(r, end, bm)
                     pair.cursor = end + 1 if end + 1 < pair.nregions else 0
+        except NotReady:
+            # A restore copy waits for P's other pairs (a durability round).
+            return copied
         except OSError as e:
             self.on_error(pair, f"copy engine I/O error: {e}")
             return copied
@@ -106,7 +111,10 @@ class CopyEngine:
             bm = pair.work_bitmap()
             if bm is None or (bm.count() == 0 and not pair.urgent):
                 if bm is not None and pair.state in (st.COPY, st.RESYNC, st.RESTORE):
+                    state = pair.state
                     self.on_drained(pair)
+                    if pair.state == state:
+                        return  # not yet durably drained
                     # The new state may have work of its own (a restore leaves
                     # pending regions in the diff, copied P->S once in pair).
                     continue
@@ -119,7 +127,7 @@ class CopyEngine:
         # Background task: handles its own errors; one bad pair must not stop the others.
         sample_at = time.monotonic()
         sample_bytes: dict[str, int] = {}
-        last_ops = layers.client_ops()
+        last_ops = self.ops.count
         while not self.stopping:
             busy = [p for p in self.pairs() if _has_work(p)]
             if not busy:
@@ -131,7 +139,7 @@ class CopyEngine:
                 continue
             # Clients first: while they do I/O, copy small slices and leave the
             # loop to them most of the time; at full speed when they are idle.
-            ops = layers.client_ops()
+            ops = self.ops.count
             clients_active = ops != last_ops
             last_ops = ops
             slice_bytes = BUSY_SLICE if clients_active else SLICE
@@ -214,7 +222,12 @@ def _has_work(pair) -> bool:
     # A copy, resync or restore with nothing (left) to copy still needs one
     # step: the step is what moves it on to `pair`. Without this a resync of an
     # unchanged split, or a pair created on an empty primary, stayed there forever.
-    return bm.count() > 0 or bool(pair.urgent) or pair.state in _ENDS_WHEN_DRAINED
+    if bm.count() > 0 or pair.urgent:
+        return True
+    if pair.state == st.RESTORE and (bm.lazy or not bm.synced()):
+        # Restored, but not yet durably: the durability round kicks us after.
+        return False
+    return pair.state in _ENDS_WHEN_DRAINED
 
 
 _ENDS_WHEN_DRAINED = (st.COPY, st.RESYNC, st.RESTORE)

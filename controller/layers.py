@@ -6,6 +6,13 @@ tracking and copy-on-write for a primary, read policies and fills for a
 secondary. The server never branches on pair state; a volume in no pair goes
 straight to the file, after two attribute checks.
 
+A change (write, zero, trim) of a paired volume is issued only once its pairs
+are ready for it (set before write, copy-on-write before the write: see
+controller/durability.py). When they are not, the change is *held*: write,
+zero and trim then return a Future, done when the change has been issued
+(the NBD connection replies then), and the write's bytes are copied, as the
+caller's buffer is reused.
+
 It is one stable object per volume, so a connection opened before a pair was
 created is tracked from the pair's first moment on.
 """
@@ -13,23 +20,30 @@ from __future__ import annotations
 
 from volumes.volume import Volume
 
-# Client requests served through any layer: the copy engine looks at whether
-# it moved to know if clients are active (it gives them the loop first).
-_ops = 0
+from . import states as st
 
 
-def client_ops() -> int:
-    return _ops
+class ClientOps:
+    """Client requests served through any layer: the copy engine looks at
+    whether the count moved to know if clients are active (it gives them the
+    loop first)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 class ManagedVolume:
-    __slots__ = ("vol", "name", "primary_of", "secondary_of")
+    __slots__ = ("vol", "name", "primary_of", "secondary_of", "durability", "ops")
 
-    def __init__(self, vol: Volume):
+    def __init__(self, vol: Volume, durability, ops: ClientOps):
         self.vol = vol
         self.name = vol.name
         self.primary_of: list = []      # pairs where this volume is P
         self.secondary_of = None        # the pair where this volume is S, if any
+        self.durability = durability    # controller.durability.Durability
+        self.ops = ops
 
     @property
     def size(self) -> int:
@@ -39,15 +53,20 @@ class ManagedVolume:
     def read_only(self) -> bool:
         return self.vol.read_only
 
+    @property
+    def paired(self) -> bool:
+        return bool(self.primary_of) or self.secondary_of is not None
+
     # -- reads ---------------------------------------------------------------
 
     def read(self, offset: int, length: int):
-        global _ops
-        _ops += 1
+        self.ops.count += 1
         if self.secondary_of is not None:
             return self.secondary_of.secondary_read(offset, length)
         for pair in self.primary_of:
-            pair.before_primary_read(offset, length)
+            data = pair.primary_read(offset, length)
+            if data is not None:
+                return data
         return self.vol.read(offset, length)
 
     def read_fd(self, offset: int, length: int):
@@ -72,47 +91,66 @@ class ManagedVolume:
 
     # -- changes ---------------------------------------------------------------
 
-    def _before_change(self, offset: int, length: int) -> None:
+    def _ready(self, offset: int, length: int) -> bool:
+        """Are this volume's pairs ready for a change of [offset, offset+length)?
+        Every pair is asked (each sets its bits now, so one round serves all);
+        a restoring pair last, as its fill of P is itself a change of P that
+        the other pairs must be ready for."""
+        ready = True
+        restoring = None
         for pair in self.primary_of:
-            pair.before_primary_change(offset, length)
-        if self.secondary_of is not None:
-            self.secondary_of.before_secondary_change(offset, length)
+            if pair.state == st.RESTORE:
+                restoring = pair
+                continue
+            first, last = pair.regions(offset, length)
+            ready = pair.primary_change_ready(first, last) and ready
+        if restoring is not None:
+            first, last = restoring.regions(offset, length)
+            ready = ready and restoring.primary_change_ready(first, last)
+        s = self.secondary_of
+        if s is not None:
+            first, last = s.regions(offset, length)
+            ready = s.secondary_change_ready(first, last) and ready
+        return ready
 
-    def write(self, offset: int, data) -> None:
-        global _ops
-        _ops += 1
+    def _change(self, offset: int, length: int, run):
+        """Issue a change now if the pairs are ready, else hold it."""
+        if self._ready(offset, length):
+            return run()
+        return self.durability.hold(lambda: self._ready(offset, length), run)
+
+    def write(self, offset: int, data):
+        """None once written; a Future if the write is held (see the module)."""
+        self.ops.count += 1
         if self.primary_of or self.secondary_of is not None:
-            self._before_change(offset, len(data))
+            if not self._ready(offset, len(data)):
+                buf = bytes(data)
+                return self.durability.hold(lambda: self._ready(offset, len(buf)),
+                                            lambda: self.vol.write(offset, buf))
         self.vol.write(offset, data)
+        return None
 
-    def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False) -> None:
-        global _ops
-        _ops += 1
+    def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False):
+        self.ops.count += 1
         if fast_only:
             # Refused before copy-on-write or dirty bits, when already known.
             self.vol.refuse_slow_zero(punch)
         if self.primary_of or self.secondary_of is not None:
-            self._before_change(offset, length)
+            return self._change(offset, length,
+                                lambda: self.vol.zero(offset, length, punch, fast_only))
         self.vol.zero(offset, length, punch, fast_only)
+        return None
 
-    def trim(self, offset: int, length: int) -> None:
-        global _ops
-        _ops += 1
+    def trim(self, offset: int, length: int):
+        self.ops.count += 1
         if self.primary_of or self.secondary_of is not None:
-            self._before_change(offset, length)
+            return self._change(offset, length, lambda: self.vol.trim(offset, length))
         self.vol.trim(offset, length)
+        return None
 
     def flush(self) -> None:
-        """Blocking (runs in a thread): the bitmaps that describe this volume's
-        writes are made durable before the data flush completes."""
-        for pair in list(self.primary_of):
-            if pair.cow_count:
-                # Copy-on-write put the split image of regions into S: it must
-                # be durable before the bitmaps that say it is there.
-                pair.secondary.flush()
-            pair.sync_bitmaps()
-        if self.secondary_of is not None:
-            self.secondary_of.sync_bitmaps()
+        """Blocking (runs in a thread). Only the data: every bit that
+        describes a write was durable before the write was issued."""
         self.vol.flush()
 
     # -- meta contexts ------------------------------------------------------------

@@ -18,6 +18,14 @@ Everything here runs on the event loop thread, synchronously. A copy of a
 region and the client request that needed it therefore never interleave with
 another request: "copies never run under a client write to the same region"
 holds by construction. The copy engine copies in small slices between requests.
+
+Crash safety (DESIGN.md "Crash safety", controller/durability.py): a change
+of P or S asks `primary_change_ready` / `secondary_change_ready` first. They
+set the bits that describe it and copy what must be copied before it (pending
+regions, regions still to restore), and say whether it may be issued now:
+only once those bits are durably set and those copies durably done. Copies
+clear their bits lazily: in memory at once, in the file after a durability
+round has synced both volumes.
 """
 from __future__ import annotations
 
@@ -36,6 +44,14 @@ log = logging.getLogger("splitd.pair")
 READ_POLICIES = st.READ_POLICIES
 BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
 STAGING_LIMIT = 64 * 1024 * 1024   # bytes of staged regions held at once, per pair
+# Pending regions a change copies on the spot (copy-on-write, fills); a change
+# over more of them has the engine copy them first, in slices, and waits.
+INLINE_FILL = 32
+
+
+class NotReady(Exception):
+    """A restore copy into P must wait: another pair of P first needs the
+    bits that describe that change of P durable."""
 
 
 def copy_range(src, dst, offset: int, length: int, grain: int = 65536) -> int:
@@ -127,6 +143,7 @@ class Pair:
         self.group = group
         self.generation = generation
         self.reason = reason
+        self.unrecorded = False         # in error, but the error could not be recorded
         self.created = created
         self.split_at = split_at
         self.region_size = primary.region_size
@@ -139,6 +156,10 @@ class Pair:
         self.urgent: list[int] = []     # regions readers wait for: copy these first
         self.cursor = 0                 # where the engine scans next
         self.kick = lambda: None        # set by the engine: there is work
+        self.want_round = lambda: None  # set by PairManager: a durability round is needed
+        self.poke = lambda: None        # set by PairManager: copies were made
+        self.settle = lambda: False     # set by PairManager: a round now, if inline
+        self.fill_limit = INLINE_FILL   # PairManager: no limit while rounds run inline
         self.siblings = lambda: ()      # set by PairManager: other pairs of the same primary
         self.on_fault = lambda reason: None  # set by PairManager: suspend the pair (error)
         # Counters (since the daemon started) and progress of the current drain.
@@ -187,10 +208,12 @@ class Pair:
         src, dst = self.copy_source_target()
         if dst is self.primary:
             # A restore copy changes P: to the primary's other pairs it is a
-            # P write (copy-on-write of their pending regions, dirty tracking).
-            off, length = self.span(first, last)
-            for other in self.siblings():
-                other.before_primary_change(off, length)
+            # P write (copy-on-write of their pending regions, dirty tracking),
+            # issued only once they are ready for it. (Every pair of P has
+            # P's region size: the same regions.)
+            if not self._siblings_ready(first, last):
+                if not self.settle() or not self._siblings_ready(first, last):
+                    raise NotReady
         copied = 0
         r = first
         while r <= last:
@@ -209,14 +232,22 @@ class Pair:
             off, length = self.span(r, end)
             copied += copy_range(src, dst, off, length, self.region_size)
             r = end + 1
-        bitmap.clear_range(first, last)
+        # In memory now; in the file once both copies are durable.
+        bitmap.clear_lazily(first, last)
         n = last - first + 1
         self.copied_regions += n
         self.copied_bytes += copied
         self.drain_done += n
         if self.waiters:
             self._wake_waiters()
+        self.poke()
         return copied
+
+    def _siblings_ready(self, first: int, last: int) -> bool:
+        ready = True
+        for other in self.siblings():
+            ready = other.primary_change_ready(first, last) and ready
+        return ready
 
     def _fill_pending(self, first: int, last: int) -> int:
         """Copy every pending region in first..last P->S now (copy-on-write,
@@ -230,48 +261,116 @@ class Pair:
 
     # -- the data path: primary -----------------------------------------------------------
 
-    def before_primary_change(self, offset: int, length: int) -> None:
-        """A write, zero or trim of P is about to land on [offset, offset+length)."""
-        first, last = self.regions(offset, length)
+    def _fill_or_queue(self, first: int, last: int, bitmap: Bitmap) -> bool:
+        """Copy the regions of first..last set in `bitmap` (pending, or still
+        to restore) now; or, if there are many (a large TRIM), have the engine
+        copy them first, in slices, and say False: the change waits."""
+        runs = []
+        n = 0
+        for a, b in bitmap.runs(first, last):
+            runs.append((a, b))
+            n += b - a + 1
+            if n > self.fill_limit:
+                self.urgent.extend(r for a2, b2 in bitmap.runs(first, last)
+                                   for r in range(a2, b2 + 1))
+                self.kick()
+                return False
+        filled = 0
+        for a, b in runs:
+            self.copy_regions(a, b, bitmap)
+            filled += b - a + 1
+        if bitmap is self.diff:
+            self.cow_count += filled
+        return True
+
+    def primary_change_ready(self, first: int, last: int) -> bool:
+        """A write, zero or trim of P is about to land on regions first..last:
+        set the bits that describe it and copy what must be copied first.
+        True once the change may be issued (its bits durably set, its copies
+        durably done); otherwise ask again after a durability round."""
         state = self.state
         if state == st.SPLIT:
-            if self.diff.any_in(first, last):
+            pending = self.diff
+            if pending.any_in(first, last):
                 try:
-                    self.cow_count += self._fill_pending(first, last)
+                    if not self._fill_or_queue(first, last, pending):
+                        return False
                 except OSError as e:
                     # S cannot take the split image (its disk is full, say):
                     # suspend the pair, not the primary. Failing the P write
-                    # instead failed every later P write there too.
+                    # instead failed every later P write there too. on_fault
+                    # raises if the error cannot be recorded: then the write
+                    # that would break the pair is refused.
                     self.on_fault(f"copy-on-write to {self.secondary.name} failed: {e}")
-                    return
-            self.bm["changed_p"].set_range(first, last)
-            return
-        if state == st.RESTORE:
+                    return True
+            # Copy-on-write before the write: the copy and its cleared pending
+            # bit durable first, or a restart would copy this write into S.
+            ready = not pending.lazy_in(first, last)
+            ready = self.bm["changed_p"].intent(first, last) and ready
+        elif state == st.RESTORE:
             restore = self.bm["restore"]
+            ready = True
             if restore.any_in(first, last):
                 # P must hold the restored bytes before this write lands on them.
-                for a, b in list(restore.runs(first, last)):
-                    self.copy_regions(a, b, restore)
-            self.diff.set_range(first, last)
-            self.bm["delta"].set_range(first, last)
-            return
-        if state == st.ERROR:
-            return  # only a full resync leaves error: nothing to track
-        # copy, pair, resync: mirror.
-        if self.diff.set_range(first, last):
-            self.drain_total += last - first + 1
-            self.kick()
-        self.bm["delta"].set_range(first, last)
+                try:
+                    ready = self._fill_or_queue(first, last, restore)
+                except NotReady:
+                    ready = False
+            ready = not restore.lazy_in(first, last) and ready
+            ready = self.diff.intent(first, last) and ready
+            ready = self.bm["delta"].intent(first, last) and ready
+        elif state == st.ERROR:
+            if self.unrecorded:
+                # The error is known only in memory: a restart would find the
+                # pair as it was, and this write would break it. Try again to
+                # record it; refuse the write while that fails.
+                self.on_fault(self.reason)
+                if self.unrecorded:
+                    raise OSError(errno.ENOSPC, f"pair {self.name} failed ({self.reason}) "
+                                                "and the failure cannot be recorded: writes to "
+                                                f"{self.primary.name} are refused until it can")
+            return True  # only a full resync leaves error: nothing to track
+        else:
+            # copy, pair, resync: mirror.
+            diff = self.diff
+            before = diff.count()
+            ready = diff.intent(first, last)
+            ready = self.bm["delta"].intent(first, last) and ready
+            if diff.count() != before:
+                self.drain_total += diff.count() - before
+                self.kick()
+        if not ready:
+            self.want_round()
+        return ready
 
-    def before_primary_read(self, offset: int, length: int) -> None:
-        """During a restore, P regions not yet restored come from S first."""
-        if self.state == st.RESTORE:
-            first, last = self.regions(offset, length)
-            restore = self.bm["restore"]
-            if restore.any_in(first, last):
-                for a, b in list(restore.runs(first, last)):
-                    self.copy_regions(a, b, restore)
-                    self.cor_count += b - a + 1
+    def primary_read(self, offset: int, length: int) -> bytes | None:
+        """During a restore, P regions not yet restored come from S: copied
+        into P first (copy-on-read), or, while P's other pairs are not ready
+        for that change of P, read from S as they are. None: read P's file."""
+        if self.state != st.RESTORE:
+            return None
+        first, last = self.regions(offset, length)
+        restore = self.bm["restore"]
+        if not restore.any_in(first, last):
+            return None
+        try:
+            for a, b in list(restore.runs(first, last)):
+                self.copy_regions(a, b, restore)
+                self.cor_count += b - a + 1
+        except NotReady:
+            return self._overlay(offset, length, restore, self.primary, self.secondary)
+        return None
+
+    def _overlay(self, offset: int, length: int, bitmap: Bitmap, base, top) -> bytes:
+        """Bytes of `base` over [offset, offset+length), with those of `top`
+        where the region's bit in `bitmap` is set."""
+        first, last = self.regions(offset, length)
+        out = bytearray(base.read(offset, length))
+        for a, b in bitmap.runs(first, last):
+            lo, n = self.span(a, b)
+            lo, hi = max(offset, lo), min(offset + length, lo + n)
+            out[lo - offset:hi - offset] = top.read(lo, hi - lo)
+        return bytes(out)
 
     def primary_needs_layer(self, offset: int, length: int) -> bool:
         if self.state != st.RESTORE:
@@ -286,13 +385,19 @@ class Pair:
             raise OSError(errno.EIO, f"pair {self.name} is in state {self.state}: "
                                      "the secondary is not served")
 
-    def before_secondary_change(self, offset: int, length: int) -> None:
+    def secondary_change_ready(self, first: int, last: int) -> bool:
+        """As primary_change_ready, for a change of S (served only in split)."""
         self.check_secondary_served()
-        first, last = self.regions(offset, length)
-        if self.diff.any_in(first, last):
-            # Fill from P first: a partial write must land on the split image.
-            self._fill_pending(first, last)
-        self.bm["changed_s"].set_range(first, last)
+        pending = self.diff
+        # Fill from P first: a partial write must land on the split image.
+        if pending.any_in(first, last) and not self._fill_or_queue(first, last, pending):
+            self.want_round()
+            return False
+        ready = not pending.lazy_in(first, last)
+        ready = self.bm["changed_s"].intent(first, last) and ready
+        if not ready:
+            self.want_round()
+        return ready
 
     def secondary_read(self, offset: int, length: int):
         """Bytes of S's image, or a Future of them (read policy `wait`)."""
@@ -303,7 +408,14 @@ class Pair:
             return self.secondary.read(offset, length)
         policy = self.read_policy
         if policy == "copy-on-read":
-            self.cor_count += self._fill_pending(first, last)
+            try:
+                self.cor_count += self._fill_pending(first, last)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # S's disk is full but P still holds the image: serve it from
+                # there; the regions stay pending.
+                return self._overlay(offset, length, pending, self.secondary, self.primary)
             return self.secondary.read(offset, length)
         if policy == "staging":
             return self._staged_read(offset, length, first, last)
@@ -324,10 +436,16 @@ class Pair:
                 roff, rlen = self.span(r, r)
                 if buf is None:
                     if self.staged_bytes + rlen > STAGING_LIMIT:
-                        # Memory bound reached: this one is copied on read instead.
-                        self.copy_regions(r, r, pending)
-                        self.cor_count += 1
-                        buf = self.secondary.read(roff, rlen)
+                        # Memory bound reached: this one is copied on read
+                        # instead (or, S's disk full, read from P unstaged).
+                        try:
+                            self.copy_regions(r, r, pending)
+                            self.cor_count += 1
+                            buf = self.secondary.read(roff, rlen)
+                        except OSError as e:
+                            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                                raise
+                            buf = self.primary.read(roff, rlen)
                     else:
                         buf = self.primary.read(roff, rlen)
                         self.staged[r] = buf
@@ -380,13 +498,6 @@ class Pair:
             return self.primary.extents(offset, length)
         return _merge_by_bitmap(self, self.bm["restore"], offset, length,
                                 self.secondary.extents, self.primary.extents)
-
-    # -- durability ------------------------------------------------------------------------------
-
-    def sync_bitmaps(self) -> None:
-        """fdatasync every bitmap with changes (blocking: called from FLUSH's thread)."""
-        for bm in self.bm.values():
-            bm.sync()
 
     # -- reporting ---------------------------------------------------------------------------------
 

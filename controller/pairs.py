@@ -26,11 +26,14 @@ from volumes.names import format_size, parse_rate, quoted, validate_name
 from volumes.store import PairRecord
 
 from . import states as st
+from .durability import Durability
 from .engine import CopyEngine
-from .layers import ManagedVolume
-from .pair import BITMAPS, READ_POLICIES, Pair
+from .layers import ClientOps, ManagedVolume
+from .pair import BITMAPS, INLINE_FILL, READ_POLICIES, Pair
 
 log = logging.getLogger("splitd.pairs")
+
+FAULT_SIZE = 4096   # bytes of a pair's fault record (its reason, NUL-padded)
 
 
 class Refused(SplitdError):
@@ -49,8 +52,11 @@ class PairManager:
         self.layers: dict[str, ManagedVolume] = {}
         self.pairs: dict[str, Pair] = {}
         self.unavailable: dict[str, str] = {}
+        self.ops = ClientOps()
+        self.durability = Durability(lambda: list(self.pairs.values()), self.fail)
         self.engine = CopyEngine(lambda: list(self.pairs.values()), self._drained, self.fail,
-                                 global_rate)
+                                 global_rate, self.ops)
+        self.durability.on_round = self.engine.kick
         self._load()
 
     # -- layers ------------------------------------------------------------------
@@ -58,7 +64,8 @@ class PairManager:
     def layer(self, name: str) -> ManagedVolume:
         layer = self.layers.get(name)
         if layer is None or layer.vol is not self.volumes.find(name):
-            layer = self.layers[name] = ManagedVolume(self.volumes.get(name))
+            layer = self.layers[name] = ManagedVolume(self.volumes.get(name), self.durability,
+                                                      self.ops)
         return layer
 
     def roles(self, volume: str) -> list[str]:
@@ -82,6 +89,11 @@ class PairManager:
         primary_layer = self.layer(pair.primary.name)
         pair.siblings = lambda: [p for p in primary_layer.primary_of if p is not pair]
         pair.on_fault = lambda reason: self.fail(pair, reason)
+        pair.want_round = self.durability.want_round
+        pair.poke = self.durability.poke
+        pair.settle = self.durability.settle
+        # Rounds inline (no event loop yet, tests): fills are done on the spot.
+        pair.fill_limit = 1 << 62 if self.durability.inline else INLINE_FILL
         self.engine.attach(pair)
 
     def _unwire(self, pair: Pair) -> None:
@@ -108,7 +120,6 @@ class PairManager:
                 data = contents.get(kind)
                 if data is not None:
                     bm.replace_with(data)
-                bm.dirty_since_sync = True
                 bm.sync()
             _fsync_dir(os.path.join(self.dir, pair_name))  # the new names are durable too
         except BaseException:
@@ -128,8 +139,44 @@ class PairManager:
     def _keep_only_generation(self, pair_name: str, generation: int) -> None:
         folder = os.path.join(self.dir, pair_name)
         for entry in os.listdir(folder):
-            if not entry.endswith(f".{generation}.bm"):
+            if entry.endswith(".bm") and not entry.endswith(f".{generation}.bm"):
                 os.unlink(os.path.join(folder, entry))
+
+    # -- the fault record ---------------------------------------------------------------
+
+    # A pair's error is recorded in SQLite and, first, in pairs/<name>/fault: a
+    # file allocated when the pair is made, so that recording a fault needs no
+    # new space. On a full disk the SQLite commit fails; the fault file still
+    # takes the reason, and a restart finds the pair in error.
+
+    def _fault_path(self, pair_name: str) -> str:
+        return os.path.join(self.dir, pair_name, "fault")
+
+    def _make_fault_file(self, pair_name: str) -> None:
+        fd = os.open(self._fault_path(pair_name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, FAULT_SIZE)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_fault(self, pair_name: str, reason: str) -> None:
+        """Record (or, with reason "", forget) a pair's fault durably."""
+        data = reason.encode("utf-8", "replace")[:FAULT_SIZE - 1]
+        fd = os.open(self._fault_path(pair_name), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, data + bytes(FAULT_SIZE - len(data)), 0)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _read_fault(self, pair_name: str) -> str:
+        try:
+            with open(self._fault_path(pair_name), "rb") as f:
+                data = f.read(FAULT_SIZE)
+        except FileNotFoundError:
+            return ""
+        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     # -- start -------------------------------------------------------------------------
 
@@ -160,6 +207,22 @@ class PairManager:
                 self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason,
                                                           "generation": generation})])
             self._keep_only_generation(rec.secondary, generation)
+            fault = self._read_fault(rec.secondary)
+            if fault and state != st.ERROR:
+                # The fault was recorded, its row not (a full disk, say).
+                log.error("pair %s: %s (recorded before the stop); state error",
+                          rec.secondary, fault)
+                state, reason = st.ERROR, fault
+                try:
+                    self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason})])
+                except Exception as e:  # noqa: BLE001 -- the fault file keeps it meanwhile
+                    log.error("pair %s: could not record its error in the database: %s",
+                              rec.secondary, e)
+            if not os.path.exists(self._fault_path(rec.secondary)):
+                try:
+                    self._make_fault_file(rec.secondary)  # a pair made by an older splitd
+                except OSError as e:
+                    log.warning("pair %s: cannot make its fault record: %s", rec.secondary, e)
             pair = Pair(rec.secondary, p_vol, s_vol, state, rec.read_policy, rec.rate, rec.grp,
                         generation, bitmaps, reason, rec.created, rec.split_at)
             work = pair.work_bitmap()
@@ -237,6 +300,8 @@ class PairManager:
         generation = 1
         try:
             self._remove_generation(secondary, generation)
+            os.makedirs(os.path.join(self.dir, secondary), mode=0o750, exist_ok=True)
+            self._make_fault_file(secondary)
             bitmaps = self._write_generation(secondary, nbits, generation,
                                              {"diff": diff, "delta": _all_bits(nbits)})
             now = time.time()
@@ -363,7 +428,9 @@ class PairManager:
             contents = {"diff": full, "delta": full}
         else:
             changed = _or(pair.bm["changed_p"], pair.bm["changed_s"])
-            contents = {"diff": _or(pair.diff, changed), "delta": changed}
+            # The diff as the file has it: a region copied but not yet durably
+            # is copied again.
+            contents = {"diff": _or(pair.diff.file_bits(), changed), "delta": changed}
         self._rewrite(pair, st.RESYNC, contents, "resync")
         return pair
 
@@ -380,7 +447,7 @@ class PairManager:
         # wrote: the next split's delta must name those regions (and what P
         # writes from now on). Keeping the old delta (the previous split to
         # this one) lost S's writes from incremental backups.
-        contents = {"diff": pair.diff.copy_bits(), "delta": changed, "restore": changed}
+        contents = {"diff": pair.diff.file_bits(), "delta": changed, "restore": changed}
         self._rewrite(pair, st.RESTORE, contents, "restore")
         return pair
 
@@ -395,6 +462,12 @@ class PairManager:
                 bm.close()
             self._remove_generation(pair.name, generation)
             raise
+        if pair.state == st.ERROR:
+            # Leaving error (a full resync): the row says so now; forget the fault.
+            try:
+                self._write_fault(pair.name, "")
+            except OSError as e:
+                log.warning("pair %s: could not clear its fault record: %s", pair.name, e)
         self._close_secondary(pair, f"pair {why}")
         old = pair.bm
         pair.bm = bitmaps
@@ -416,6 +489,15 @@ class PairManager:
         log.info("pair %s: %s, %d regions to copy", pair.name, state, pair.drain_total)
 
     def _drained(self, pair: Pair) -> None:
+        if pair.state == st.RESTORE:
+            # P holds S's image only once the restore copies are durable (in
+            # `pair` the restore bitmap is no longer looked at).
+            bm = pair.bm["restore"]
+            if bm.lazy or not bm.synced():
+                if not self.durability.inline:
+                    self.durability.want_round()
+                    return
+                self.durability.round_now(everything=True)
         new = st.next_state(pair.name, pair.state, "drained")
         self.store.update_pairs([(pair.name, {"state": new})])
         log.info("pair %s: %s done, now %s", pair.name, pair.state, new)
@@ -425,11 +507,23 @@ class PairManager:
         pair.kick()
 
     def fail(self, pair: Pair, reason: str) -> None:
-        log.error("pair %s: %s; state error (only a full resync leaves it)", pair.name, reason)
+        """Suspend a pair: state error, recorded where a restart finds it. If
+        it cannot be recorded at all, pair.unrecorded stays set and the
+        primary's writes are refused (Pair.primary_change_ready) until it is."""
+        if pair.state != st.ERROR:
+            log.error("pair %s: %s; state error (only a full resync leaves it)", pair.name, reason)
+        recorded = False
+        try:
+            self._write_fault(pair.name, reason)
+            recorded = True
+        except OSError as e:
+            log.error("pair %s: could not write its fault record: %s", pair.name, e)
         try:
             self.store.update_pairs([(pair.name, {"state": st.ERROR, "reason": reason})])
-        except Exception:  # noqa: BLE001 -- still suspend the pair in memory
-            log.exception("could not record the error of pair %s", pair.name)
+            recorded = True
+        except Exception as e:  # noqa: BLE001 -- the fault file may hold it
+            log.error("pair %s: could not record its error in the database: %s", pair.name, e)
+        pair.unrecorded = not recorded
         pair.state = st.ERROR
         pair.reason = reason
         self._close_secondary(pair, reason)
@@ -444,12 +538,15 @@ class PairManager:
     # -- daemon life --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.durability.start()
+        for pair in self.pairs.values():
+            pair.fill_limit = INLINE_FILL
         self.engine.start()
 
     async def stop(self) -> None:
         await self.engine.stop()
-        for pair in self.pairs.values():
-            pair.sync_bitmaps()
+        # Every copy made durable, every lazy clear applied, every bitmap synced.
+        await self.durability.stop()
 
     def close(self) -> None:
         for pair in self.pairs.values():

@@ -80,6 +80,9 @@ MIN_READ_ROOM = 64 * 1024
 SENDFILE_MIN = 128 * 1024
 # WRITEs this large are written to the volume piece by piece as they arrive.
 STREAM_MIN = 256 * 1024
+# Payload bytes of held writes (waiting for their pairs' bits) one connection
+# may have; past it, its requests are not read until some are written.
+MAX_HELD = 64 * 1024 * 1024
 
 
 def _grow_socket_buffers(sock) -> None:
@@ -154,6 +157,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.skip_option = 0        # ... and that option's code
         self.discard_reply = (0, 0, "")  # its error reply, sent once it is dropped
         self.inflight = 0           # requests handed to threads, not yet replied
+        self.held_bytes = 0         # payload bytes of writes held by the backend
         self.paused = set()         # why reading is paused: "writes", "inflight"
         self.disconnecting = False  # NBD_CMD_DISC seen: close once inflight drains
         self.shutting_down = False
@@ -445,7 +449,10 @@ class NBDConnection(asyncio.BufferedProtocol):
                                                                 f"the {MAX_PAYLOAD} byte limit")
                         continue
                     if end - pos - _REQ_SIZE < length:
-                        if length >= STREAM_MIN:
+                        # A paired volume takes a write whole: its pairs may
+                        # hold it (set before write), and a split must fall
+                        # between two requests, not inside one.
+                        if length >= STREAM_MIN and not self.backend.paired:
                             pos += _REQ_SIZE
                             refusal = self._write_refusal(flags, offset, length)
                             if refusal is None:
@@ -536,8 +543,10 @@ class NBDConnection(asyncio.BufferedProtocol):
                     raise RequestError(c.EPERM, "export is read-only")
                 if offset + length > self.size:
                     raise RequestError(c.ENOSPC, f"{offset}+{length} is beyond the end ({self.size})")
-                self.backend.write(offset, payload)
-                if flags & _FLAG_FUA:
+                held = self.backend.write(offset, payload)
+                if held is not None:
+                    self._reply_when_changed(cookie, flags, held, length)
+                elif flags & _FLAG_FUA:
                     self._in_thread(cookie, self.backend.flush)
                 else:
                     out.append(_SIMPLE_PACK(_SIMPLE_MAGIC, 0, cookie))
@@ -548,14 +557,12 @@ class NBDConnection(asyncio.BufferedProtocol):
             if cmd == c.CMD_TRIM:
                 self._check_writable()
                 self._check_range(offset, length, c.EINVAL)
-                self.backend.trim(offset, length)
-                self._done(out, cookie, flags)
+                self._done(out, cookie, flags, self.backend.trim(offset, length))
                 return
             if cmd == c.CMD_WRITE_ZEROES:
                 self._check_writable()
                 self._check_range(offset, length, c.ENOSPC)
-                self._write_zeroes(flags, offset, length)
-                self._done(out, cookie, flags)
+                self._done(out, cookie, flags, self._write_zeroes(flags, offset, length))
                 return
             if cmd == c.CMD_BLOCK_STATUS:
                 self._block_status(out, flags, cookie, offset, length)
@@ -657,15 +664,15 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     # -- operations ------------------------------------------------------------------------
 
-    def _write_zeroes(self, flags: int, offset: int, length: int) -> None:
+    def _write_zeroes(self, flags: int, offset: int, length: int):
+        """None once done, or a Future if the backend holds the change."""
         punch = not flags & c.CMD_FLAG_NO_HOLE
         if not flags & c.CMD_FLAG_FAST_ZERO:
-            self.backend.zero(offset, length, punch)
-            return
+            return self.backend.zero(offset, length, punch)
         # "NBD_CMD_FLAG_FAST_ZERO": fail fast with ENOTSUP rather than write
         # zeroes slowly; the backend finds out, changing nothing.
         try:
-            self.backend.zero(offset, length, punch, fast_only=True)
+            return self.backend.zero(offset, length, punch, fast_only=True)
         except OSError as e:
             if e.errno == errno.ENOTSUP:
                 raise RequestError(c.ENOTSUP, "zeroing would not be fast") from None
@@ -687,9 +694,12 @@ class NBDConnection(asyncio.BufferedProtocol):
                 extents = extents[:MAX_EXTENTS]
             out.append(c.encode_block_status(cookie, ctx_id, extents, done=n == len(items) - 1))
 
-    def _done(self, out, cookie: int, flags: int) -> None:
-        """Reply to a data-changing request, after a flush if FUA asks for one."""
-        if flags & c.CMD_FLAG_FUA:
+    def _done(self, out, cookie: int, flags: int, held=None) -> None:
+        """Reply to a data-changing request, after a flush if FUA asks for
+        one; once the change is issued if the backend `held` it."""
+        if held is not None:
+            self._reply_when_changed(cookie, flags, held)
+        elif flags & c.CMD_FLAG_FUA:
             self._in_thread(cookie, self.backend.flush)
         else:
             self._reply_ok(out, cookie)
@@ -722,22 +732,45 @@ class NBDConnection(asyncio.BufferedProtocol):
         fut = self.loop.run_in_executor(None, fn, *args)
         self._reply_later(cookie, fut, "flush", lambda out, _: self._reply_ok(out, cookie))
 
+    def _reply_when_changed(self, cookie: int, flags: int, fut, nbytes: int = 0) -> None:
+        """A change the backend held until its pairs were ready (set before
+        write): reply once it is issued, after a flush if FUA asks for one.
+        `nbytes` of payload are held meanwhile, and count against the bound."""
+
+        def issued(out, _) -> None:
+            if flags & _FLAG_FUA:
+                self._in_thread(cookie, self.backend.flush)
+            else:
+                self._reply_ok(out, cookie)
+
+        self._reply_later(cookie, fut, "write", issued, nbytes)
+
     def _reply_when_read(self, cookie: int, offset: int, length: int, fut) -> None:
         """A layer holds a read (pair read policy `wait`): reply with its data."""
         self._reply_later(cookie, fut, "read", lambda out, data: out.extend(
             (self._data_header(cookie, offset, length), data)))
 
-    def _reply_later(self, cookie: int, fut, what: str, on_success) -> None:
+    def _reply_later(self, cookie: int, fut, what: str, on_success, nbytes: int = 0) -> None:
         """Count a request in flight until `fut` is done, then send its reply:
-        on_success(out, result) builds it, or an error reply on failure."""
+        on_success(out, result) builds it, or an error reply on failure.
+        `nbytes`: memory the request holds meanwhile (a held write's payload);
+        reading pauses while more than MAX_HELD bytes are held."""
         self.inflight += 1
         if self.inflight >= self.server.max_inflight:
             self._pause("inflight")
+        if nbytes:
+            self.held_bytes += nbytes
+            if self.held_bytes > MAX_HELD:
+                self._pause("held")
 
         def done(f) -> None:
             self.inflight -= 1
             if self.inflight < self.server.max_inflight:
                 self._resume("inflight")
+            if nbytes:
+                self.held_bytes -= nbytes
+                if self.held_bytes <= MAX_HELD:
+                    self._resume("held")
             if self.phase != self.TRANSMISSION or f.cancelled():
                 return
             out: list = []

@@ -58,7 +58,8 @@ def split_with_writes(env, name="s"):
 
 
 def folder_generations(env, name="s") -> set[int]:
-    return {int(f.split(".")[1]) for f in os.listdir(os.path.join(env.pairs.dir, name))}
+    return {int(f.split(".")[1]) for f in os.listdir(os.path.join(env.pairs.dir, name))
+            if f.endswith(".bm")}
 
 
 @pytest.mark.parametrize("action", ["resync", "restore"])

@@ -284,9 +284,16 @@ def test_group_split_is_one_point(daemon, policy):
     writer = AlternatingWriter([daemon.uri("p1"), daemon.uri("p2")], slot_bytes)
     writer.start()
     try:
-        time.sleep(1.0)
+        # Past the first round of slots: each first write to a region waits
+        # for its dirty bit to be durable (set before write), later ones do
+        # not, so the writer is at full speed when the split comes.
+        deadline = time.monotonic() + 60
+        while writer.acked_both < 2 * SLOTS and time.monotonic() < deadline:
+            assert writer.is_alive(), writer.error
+            time.sleep(0.05)
         assert writer.is_alive(), writer.error
         lo = writer.acked_both
+        time.sleep(0.01)     # a few more writes: the split lands among them
         reply = daemon.call("group.split", name="g")
         hi = writer.issued
         time.sleep(1.0)      # the writer goes on: copy-on-write into both secondaries

@@ -1,0 +1,123 @@
+"""md's write-intent rules (DESIGN.md "Crash safety"), seen in the files.
+
+In-process, with the durability rounds running on an event loop as in the
+daemon: what matters is the order in which things reach the files, so each
+test looks at the bitmap and volume files directly, before and after a round.
+The power-loss test (tests/powerloss) checks the same rules end to end.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from controller import states as S
+
+from .env import Env
+
+RS = 64 * 1024
+SIZE = 16 * RS
+
+
+def file_bit(bm, r: int) -> bool:
+    return bool(os.pread(bm.fd, 1, r >> 3)[0] & (1 << (r & 7)))
+
+
+def pread(env, name: str, off: int, n: int) -> bytes:
+    return os.pread(env.volumes.get(name).fd, n, off)
+
+
+@pytest.fixture
+def env(tmp_path):
+    env = Env(tmp_path / "data")
+    env.volumes.create("p", SIZE, RS)
+    env.layer("p").write(0, b"a" * SIZE)
+    yield env
+    env.close()
+
+
+async def settle(env, fut=None) -> None:
+    """Let rounds run until `fut` (a held change) is done."""
+    if fut is not None:
+        await asyncio.wait_for(fut, 10)
+    await asyncio.sleep(0)
+
+
+async def test_a_write_waits_for_its_dirty_bit(env):
+    """Set before write: a P write to a clean region is not issued to P's
+    file until the diff bit covering it is durable."""
+    pair = env.pairs.create("p", "s", create_secondary=True)
+    env.engine.drain(pair)
+    env.pairs.durability.round_now(everything=True)
+    assert pair.state == S.PAIR and not file_bit(pair.diff, 3)
+    env.pairs.start()
+    try:
+        held = env.layer("p").write(3 * RS, b"b" * 4096)
+        assert held is not None, "the write was issued before its bit was durable"
+        assert pread(env, "p", 3 * RS, 4096) == b"a" * 4096
+        assert file_bit(pair.diff, 3)            # written through, not yet synced
+        await settle(env, held)
+        assert pread(env, "p", 3 * RS, 4096) == b"b" * 4096
+        # The bit is durable now: the next write there is issued at once.
+        assert env.layer("p").write(3 * RS + 4096, b"c" * 4096) is None
+        assert pread(env, "p", 3 * RS + 4096, 4096) == b"c" * 4096
+    finally:
+        await env.pairs.stop()
+
+
+async def test_a_copy_clears_its_bit_only_once_durable(env):
+    """Clear after both copies are durable: the engine's copy clears the bit
+    in memory; the file keeps it until a round has synced P and S."""
+    pair = env.pairs.create("p", "s", create_secondary=True)
+    env.pairs.durability.round_now(everything=True)
+    env.engine.step(pair, 2 * RS)
+    copied = [r for r in range(pair.nregions) if not pair.diff[r]]
+    assert copied, "the engine copied nothing"
+    for r in copied:
+        assert file_bit(pair.diff, r), f"region {r}: cleared in the file before S was synced"
+    env.pairs.durability.round_now(everything=True)
+    for r in copied:
+        assert not file_bit(pair.diff, r), f"region {r}: never cleared in the file"
+
+
+async def test_copy_on_write_is_durable_before_the_write(env):
+    """A P write to a pending region is issued only after that region is in
+    S and its pending bit is durably clear."""
+    pair = env.pairs.create("p", "s", create_secondary=True, rate=1)
+    env.pairs.split(["s"])
+    env.pairs.durability.round_now(everything=True)
+    assert pair.diff[5] and file_bit(pair.diff, 5)
+    env.pairs.start()
+    try:
+        held = env.layer("p").write(5 * RS, b"z" * 4096)
+        assert held is not None
+        assert pread(env, "s", 5 * RS, RS) == b"a" * RS     # copied already
+        assert pread(env, "p", 5 * RS, 4096) == b"a" * 4096   # but not yet written
+        assert file_bit(pair.diff, 5)                          # still pending on disk
+        await settle(env, held)
+        assert not file_bit(pair.diff, 5)
+        assert file_bit(pair.bm["changed_p"], 5)
+        assert pread(env, "p", 5 * RS, 4096) == b"z" * 4096
+        assert pread(env, "s", 5 * RS, RS) == b"a" * RS
+    finally:
+        await env.pairs.stop()
+
+
+async def test_a_large_trim_of_pending_regions_is_copied_by_the_engine(env):
+    """Copy-on-write for a change over many pending regions is done by the
+    engine in slices, not on the spot (it would block every client)."""
+    pair = env.pairs.create("p", "s", create_secondary=True, rate=1)
+    env.pairs.split(["s"])
+    env.pairs.start()
+    try:
+        pair.fill_limit = 4
+        held = env.layer("p").trim(0, SIZE)
+        assert held is not None
+        assert pair.diff.count() == 16      # nothing copied on the spot
+        await settle(env, held)
+        assert pair.diff.count() == 0
+        assert pread(env, "s", 0, SIZE) == b"a" * SIZE
+        assert pread(env, "p", 0, SIZE) == bytes(SIZE)
+    finally:
+        await env.pairs.stop()
