@@ -6,7 +6,8 @@
 
 Error codes: "bad-request" (the line is not a JSON object with a string
 "method"), "unknown-method", the `code` of any controller.errors error
-("bad-input", "not-found", "conflict", ...), and "internal" for a bug, which
+("bad-input", "not-found", "conflict", ...), "no-space" when the data
+directory's filesystem is full, and "internal" for a bug, which
 is logged with its traceback while the daemon carries on.
 
 A connection may send many requests; each is answered in order. A line
@@ -19,11 +20,14 @@ event loop: no request ever sees another one half done.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import sqlite3
 import time
 
 from controller.errors import SplitdError
+from volumes.errors import NoSpace
 from daemon.listeners import bind_unix, unlink_owned
 from volumes.names import quoted
 
@@ -110,12 +114,31 @@ def handle_line(line: bytes, controller) -> bytes:
         reply = _error(req_id, e.code, str(e))
         outcome = e.code
     except Exception as e:
-        log.exception("admin request %s failed", method)
-        reply = _error(req_id, "internal", f"internal error in {method}: {type(e).__name__}: {e}")
-        outcome = "internal"
+        full = _disk_full(e)
+        if full is None:
+            log.exception("admin request %s failed", method)
+            reply = _error(req_id, "internal", f"internal error in {method}: {type(e).__name__}: {e}")
+            outcome = "internal"
+        else:
+            log.warning("admin request %s failed: %s", method, full)
+            reply = _error(req_id, NoSpace.code, f"no space left in the data directory: {method} "
+                                                 f"was not done ({full})")
+            outcome = NoSpace.code
     log.debug("admin %s id=%s: %s (%.1f ms)", quoted(method), quoted(req_id), outcome,
               (time.monotonic() - started) * 1000)
     return reply
+
+
+def _disk_full(e: Exception) -> str | None:
+    """What a full disk (or quota) said, or None for any other failure: the
+    metadata store's "database or disk is full", or ENOSPC from a file."""
+    if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return e.strerror or str(e)
+    return None
+
+
 
 
 def _error(req_id, code: str, message: str) -> bytes:

@@ -6,6 +6,8 @@
      +-- Conflict          code "conflict"   the request clashes with the
                                              current state (exists already,
                                              in use); change that state first
+     +-- NoSpace           code "no-space"   the data directory's filesystem
+                                             is full; free space and retry
 
 The admin server turns any SplitdError into {"code": e.code, "message": str(e)};
 anything else is a bug and becomes "internal". Messages are one line and name
@@ -28,3 +30,7 @@ class NotFound(SplitdError, LookupError):
 
 class Conflict(SplitdError):
     code = "conflict"
+
+
+class NoSpace(SplitdError):
+    code = "no-space"
