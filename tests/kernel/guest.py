@@ -336,7 +336,7 @@ class Guest:
                 "-serial", f"file:{self.console}",
                 # User-mode networking: the host's loopback is 10.0.2.2 in the
                 # guest, which gets no default route (see /init).
-                "-netdev", "user,id=n0,ipv6=off", "-device", "virtio-net-pci,netdev=n0",
+                "-netdev", "user,id=n0,ipv6=off", "-device", "virtio-net-pci,netdev=n0,romfile=",
                 "-kernel", str(self.k.vmlinuz), "-initrd", str(self.initrd),
                 "-append", "console=ttyS0 loglevel=4 log_buf_len=4M panic=-1 "
                            "oops=panic rdinit=/init"]
