@@ -363,11 +363,11 @@ mount -t ext4 $S /mnt/sec || die "mount the secondary"
 dmesg | grep -q 'EXT4-fs (nbd3): recovery complete' && say "INFO split journal_replayed 1" \
     || say "INFO split journal_replayed 0"
 (cd /mnt/sec && sha256sum -c -s /tmp/fs.sums) || fail "static files differ on the secondary"
-present=0
+present=0; last=-1
 while read -r i len pos; do
     pat_sha $pos $len; want=$SHA
     if [ -e /mnt/sec/live/f.$i ]; then
-        present=$((present + 1))
+        present=$((present + 1)); last=$i
         got=$(sha256sum < /mnt/sec/live/f.$i); got=${got%% *}
         [ "$got" = "$want" ] || fail "secondary live/f.$i: sha $got, expected $want"
     elif [ $i -lt $durable ]; then
@@ -375,6 +375,9 @@ while read -r i len pos; do
     fi
 done < /tmp/live.done
 say "INFO split secondary_files $present durable $durable"
+# The writer finished its files one after the other: a point-in-time image
+# holds the first ones, with no gap.
+[ $present = $((last + 1)) ] || fail "the secondary holds $present files, the last f.$last: a gap"
 for f in /mnt/sec/live/f.*; do
     i=${f##*/f.}
     grep -q "^$i " /tmp/live.done || fail "secondary has live/f.$i, which the writer never finished"
@@ -394,7 +397,7 @@ out=$(/host/sbin/e2fsck -n -f $P 2>&1) || fail "e2fsck -n -f (primary): $out"
 step devsum
 for pair in "$FS $P" "$SEC $S"; do
     set -- $pair
-    SHA=$(dd if=$2 bs=4M 2> /dev/null | sha256sum)
+    SHA=$(dd if=$2 bs=4M iflag=direct 2> /dev/null | sha256sum)
     say "DEVSUM $1 ${SHA%% *}"
 done
 detach nbd2

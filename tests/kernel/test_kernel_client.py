@@ -53,7 +53,8 @@ RAW_SIZE = "64G"
 FS_SIZE = "256M"
 BIG_MB = 24            # each of the large files
 SMALL_FILES = 3000
-GUEST_TIMEOUT = 1500   # seconds for one guest, boot to power-off (TCG, busy cores)
+GUEST_TIMEOUT = 900    # seconds for one guest, boot to power-off (TCG, busy cores)
+STALL = 240            # seconds without a line on the console: the guest hangs
 
 INIT = Path(__file__).with_name("init.sh")
 
@@ -136,18 +137,25 @@ def run_guest(d, k: guest.Kernel, tmp: Path, params: dict[str, str]) -> tuple[Ru
     g = guest.boot(k, initrd, tmp / "console.log")
     split_done = finished = False
     deadline = time.monotonic() + GUEST_TIMEOUT
+    last_line = time.monotonic()
     try:
         while True:
-            for line in g.poll_lines():
+            lines = g.poll_lines()
+            now = time.monotonic()
+            if lines:
+                last_line = now
+            for line in lines:
                 if "@@SPLIT-NOW" in line and not split_done:
                     d.call("pair.split", name=params["SEC"])
                     split_done = True
                 finished = finished or "@@DONE" in line
             if finished or not g.alive():
                 break
-            if time.monotonic() > deadline:
+            if now > deadline or now - last_line > STALL:
+                why = (f"did not finish in {GUEST_TIMEOUT} s" if now > deadline
+                       else f"printed nothing for {STALL} s")
                 raise AssertionError(
-                    f"{k.package}: the guest did not finish in {GUEST_TIMEOUT} s ({g.accel}); "
+                    f"{k.package}: the guest {why} ({g.accel}); "
                     f"console tail:\n{g.tail()}\n--- splitd log tail:\n{log_tail(d)}")
             time.sleep(0.2)
         # let it power off (and the console flush) before reading the rest
