@@ -548,13 +548,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             if cmd == c.CMD_TRIM:
                 self._check_writable()
                 self._check_range(offset, length, c.EINVAL)
-                self.backend.trim(offset, length)
+                if length:  # length 0 is "unspecified" ("NBD_CMD_TRIM"): a no-op
+                    self.backend.trim(offset, length)
                 self._done(out, cookie, flags)
                 return
             if cmd == c.CMD_WRITE_ZEROES:
                 self._check_writable()
                 self._check_range(offset, length, c.ENOSPC)
-                self._write_zeroes(flags, offset, length)
+                if length:  # likewise ("NBD_CMD_WRITE_ZEROES")
+                    self._write_zeroes(flags, offset, length)
                 self._done(out, cookie, flags)
                 return
             if cmd == c.CMD_BLOCK_STATUS:

@@ -144,6 +144,8 @@ class Volume:
         NO_HOLE); punch=False keeps it allocated. fast_only: raise OSError
         ENOTSUP, changing nothing, rather than write zeroes.
         """
+        if not length:
+            return  # nothing to do (and fallocate() would say EINVAL)
         if punch and self._can_punch:
             if self._try_fallocate(_PUNCH | _KEEP_SIZE, offset, length):
                 return
@@ -161,11 +163,16 @@ class Volume:
             offset += n
 
     def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
-        """fallocate(2); False if this file system does not do that mode."""
+        """fallocate(2); False if this file system does not do that mode.
+
+        Only EOPNOTSUPP says so (ENOSYS: no fallocate at all), and the caller
+        remembers it for good. Anything else, EINVAL for a range fallocate
+        does not take say, is about this one request: raised, nothing learnt.
+        """
         try:
             _fallocate(self.fd, mode, offset, length)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             return False
         return True
