@@ -62,13 +62,13 @@ class ManagedVolume:
                 return None
         return self.vol.read_fd(offset, length)
 
-    def extents(self, offset: int, length: int):
+    def extents(self, offset: int, length: int, limit: int = 0):
         if self.secondary_of is not None:
-            return self.secondary_of.secondary_extents(offset, length)
+            return self.secondary_of.secondary_extents(offset, length, limit)
         for pair in self.primary_of:
             if pair.primary_needs_layer(offset, length):
-                return pair.primary_extents(offset, length)
-        return self.vol.extents(offset, length)
+                return pair.primary_extents(offset, length, limit)
+        return self.vol.extents(offset, length, limit)
 
     # -- changes ---------------------------------------------------------------
 
@@ -117,8 +117,8 @@ class ManagedVolume:
 
     # -- meta contexts ------------------------------------------------------------
 
-    def pending_extents(self, offset: int, length: int):
-        return self.secondary_of.bitmap_extents("diff", offset, length)
+    def pending_extents(self, offset: int, length: int, limit: int = 0):
+        return self.secondary_of.bitmap_extents("diff", offset, length, limit)
 
-    def delta_extents(self, offset: int, length: int):
-        return self.secondary_of.bitmap_extents("delta", offset, length)
+    def delta_extents(self, offset: int, length: int, limit: int = 0):
+        return self.secondary_of.bitmap_extents("delta", offset, length, limit)

@@ -52,9 +52,13 @@ _FLAGS_FOR = {
 }
 _FLAG_NAMES = {c.CMD_FLAG_FUA: "FUA", c.CMD_FLAG_NO_HOLE: "NO_HOLE", c.CMD_FLAG_DF: "DF",
                c.CMD_FLAG_REQ_ONE: "REQ_ONE", c.CMD_FLAG_FAST_ZERO: "FAST_ZERO"}
-# A BLOCK_STATUS reply lists at most this many extents per context; the spec
-# lets a server describe less than the whole range.
-MAX_EXTENTS = 64 * 1024
+# A BLOCK_STATUS reply lists at most this many extents per context, and the
+# scan behind it (on the event loop) stops there. proto.md, BLOCK_STATUS
+# reply chunk: "the server MAY return fewer descriptors in the reply than
+# would be required to fully specify the whole range ... if looking up the
+# information would be too resource-intensive"; clients go on from the first
+# offset not covered (libnbd, qemu).
+MAX_EXTENTS = 1024
 
 # errno from the storage -> NBD error ("Error values"); anything else is EIO.
 _ERRNO_TO_NBD = {
@@ -680,13 +684,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         if length == 0:
             raise RequestError(c.EINVAL, "block status of length 0")
         self._check_range(offset, length, c.EINVAL)
+        # REQ_ONE: "every reply chunk MUST contain exactly one descriptor, and
+        # that descriptor MUST NOT exceed the length of the original request":
+        # the scan stops at the first extent instead of covering the range.
+        limit = 1 if flags & c.CMD_FLAG_REQ_ONE else MAX_EXTENTS
         items = list(self.meta.items())
         for n, (ctx_id, fn) in enumerate(items):
-            extents = fn(offset, length)
-            if flags & c.CMD_FLAG_REQ_ONE:
-                extents = extents[:1]
-            elif len(extents) > MAX_EXTENTS:
-                extents = extents[:MAX_EXTENTS]
+            extents = fn(offset, length, limit)
             out.append(c.encode_block_status(cookie, ctx_id, extents, done=n == len(items) - 1))
 
     def _done(self, out, cookie: int, flags: int) -> None:

@@ -7,7 +7,7 @@ this small interface:
     read(offset, length) -> bytes      write(offset, data)
     zero(offset, length, punch)        trim(offset, length)
     flush()  (blocking: run it off the event loop)
-    extents(offset, length) -> [(length, flags)]  (flags: HOLE | ZERO)
+    extents(offset, length, limit) -> [(length, flags)]  (flags: HOLE | ZERO)
 
 Rules kept here:
 - Creation never writes zeroes: the file is made with ftruncate, so a new
@@ -185,17 +185,20 @@ class Volume:
         """Make every write so far durable. Blocking: call it from a thread."""
         os.fdatasync(self.fd)
 
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
         """Allocation of [offset, offset+length): a list of (length, flags).
 
         Holes (found with SEEK_HOLE/SEEK_DATA) read as zeroes and are reported
-        HOLE|ZERO; data is reported 0. The lengths add up to `length`.
+        HOLE|ZERO; data is reported 0. The lengths add up to `length`; with a
+        `limit`, the scan stops after that many extents, which then describe
+        the start of the range only (each one is whole: data and holes
+        alternate, so none is cut short by the next).
         """
         end = offset + length
         out: list[tuple[int, int]] = []
         pos = offset
         fd = self.fd
-        while pos < end:
+        while pos < end and not (limit and len(out) >= limit):
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as e:
