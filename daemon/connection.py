@@ -8,8 +8,18 @@ The request path, in order (proto.md "Transmission"):
 Small operations (reads and writes to the page cache) run inline on the event
 loop: that is the fast path, and replies produced by one data_received call go
 out in one write. Operations that block (fdatasync for FLUSH and FUA) run in
-a thread and reply when done; the in-flight cap pauses reading while too many
-are outstanding. Replies may go out of order; each carries its cookie.
+a thread and reply when done. Replies may go out of order; each carries its
+cookie.
+
+Flow control: requests are taken only while the connection is not paused,
+and a pause stops the parsing of what is already buffered too, not only the
+reading of more. It pauses while the client leaves its replies unread (more
+than REPLY_HIGH waiting in the transport, behind the socket's own buffer),
+while too many requests are in flight (threads, held reads), and after DISC.
+Replies built in one go are written out every REPLY_BATCH bytes, so a pause
+comes in time. A client that reads nothing thus costs the daemon at most
+about one reply (a READ is up to 32 MiB) plus REPLY_BATCH; times the
+connection cap, that bounds the total.
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ _REQUEST_MAGIC = c.REQUEST_MAGIC
 _SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
 _SIMPLE_PACK = c.SIMPLE_REPLY.pack
 _CMD_READ, _CMD_WRITE, _CMD_DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
+_CMD_BLOCK_STATUS = c.CMD_BLOCK_STATUS
 _FLAG_FUA = c.CMD_FLAG_FUA
 _KNOWN_FLAGS = (c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_DF | c.CMD_FLAG_REQ_ONE
                 | c.CMD_FLAG_FAST_ZERO)
@@ -59,6 +70,9 @@ _FLAG_NAMES = {c.CMD_FLAG_FUA: "FUA", c.CMD_FLAG_NO_HOLE: "NO_HOLE", c.CMD_FLAG_
 # information would be too resource-intensive"; clients go on from the first
 # offset not covered (libnbd, qemu).
 MAX_EXTENTS = 1024
+# A bound on the size of a BLOCK_STATUS reply, for flow control: one chunk per
+# context (at most three), each a 20-byte header, an id and the extents.
+_STATUS_REPLY_MAX = 3 * (24 + 8 * MAX_EXTENTS)
 
 # errno from the storage -> NBD error ("Error values"); anything else is EIO.
 _ERRNO_TO_NBD = {
@@ -84,6 +98,16 @@ MIN_READ_ROOM = 64 * 1024
 SENDFILE_MIN = 128 * 1024
 # WRITEs this large are written to the volume piece by piece as they arrive.
 STREAM_MIN = 256 * 1024
+# Reply flow control (see the module docstring). REPLY_HIGH is the transport's
+# high-water mark: past it the client is not keeping up with the socket buffer
+# (4 MiB) in front, and we stop taking its requests until everything queued
+# has gone to the socket (low-water mark 0: then the next large READ can go
+# out with sendfile again). REPLY_BATCH: replies built by one pass over the
+# receive buffer are written out when they reach it, not all at its end.
+# HELD_READS: bytes of READs a layer holds (pair read policy `wait`) at once.
+REPLY_HIGH = 64 * 1024
+REPLY_BATCH = 1024 * 1024
+HELD_READS = 32 * 1024 * 1024
 
 
 def _grow_socket_buffers(sock) -> None:
@@ -158,7 +182,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.skip_option = 0        # ... and that option's code
         self.discard_reply = (0, 0, "")  # its error reply, sent once it is dropped
         self.inflight = 0           # requests handed to threads, not yet replied
-        self.paused = set()         # why reading is paused: "writes", "inflight"
+        self.held = 0               # bytes of READs a layer holds, not yet replied
+        self.paused = set()         # why reading is paused: "writes", "inflight", "held"
+        self.parse_soon = False     # a pass over buffered requests is scheduled
         self.disconnecting = False  # NBD_CMD_DISC seen: close once inflight drains
         self.shutting_down = False
         self.handshake_timer = None
@@ -180,6 +206,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _grow_socket_buffers(sock)
+        transport.set_write_buffer_limits(REPLY_HIGH, 0)
         if not self.server.admit(self):
             log.warning("refused connection from %s on %s: %d connections is the cap",
                         self.peer, self.listener.name, self.server.max_connections)
@@ -370,6 +397,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         self.negotiation.tls_active = True
         self.sockfd = -1  # bytes now go through TLS: no more sendfile
+        self.transport.set_write_buffer_limits(REPLY_HIGH, 0)
         self.phase = self.OPTIONS
         log.info("TLS active with %s", self.peer)
 
@@ -396,9 +424,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         end = self.rend
         pos = self.rstart
         out: list = []
+        built = 0       # bytes of read data and block status in `out`
         view = memoryview(buf)
         try:
-            while not self.disconnecting:
+            while not self.disconnecting and not self.paused:
                 if self.stream is not None:
                     # A large WRITE's payload goes to the volume as it arrives,
                     # while it is hot in cache; the reply follows its last byte.
@@ -467,6 +496,14 @@ class NBDConnection(asyncio.BufferedProtocol):
                 else:
                     pos += _REQ_SIZE
                     self._request(out, flags, cmd, cookie, offset, length, None)
+                    if cmd == _CMD_READ or cmd == _CMD_BLOCK_STATUS:
+                        built += length if cmd == _CMD_READ else _STATUS_REPLY_MAX
+                        if built >= REPLY_BATCH:
+                            # Out now: if the client is not reading, the
+                            # transport pauses us before the next request.
+                            self.transport.writelines(out)
+                            out.clear()
+                            built = 0
         finally:
             view.release()
             if pos == end:
@@ -729,9 +766,23 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._reply_later(cookie, fut, "flush", lambda out, _: self._reply_ok(out, cookie))
 
     def _reply_when_read(self, cookie: int, offset: int, length: int, fut) -> None:
-        """A layer holds a read (pair read policy `wait`): reply with its data."""
-        self._reply_later(cookie, fut, "read", lambda out, data: out.extend(
-            (self._data_header(cookie, offset, length), data)))
+        """A layer holds a read (pair read policy `wait`): reply with its data.
+        Held reads count towards flow control by their size: the in-flight cap
+        alone let 64 of them (2 GiB) pile up for a client reading nothing."""
+        self.held += length
+        if self.held >= HELD_READS:
+            self._pause("held")
+
+        def reply(out, data) -> None:
+            out.extend((self._data_header(cookie, offset, length), data))
+
+        def release(_fut) -> None:
+            self.held -= length
+            if self.held < HELD_READS:
+                self._resume("held")
+
+        fut.add_done_callback(release)
+        self._reply_later(cookie, fut, "read", reply)
 
     def _reply_later(self, cookie: int, fut, what: str, on_success) -> None:
         """Count a request in flight until `fut` is done, then send its reply:
@@ -776,3 +827,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.paused.discard(why)
         if not self.paused and self.phase != self.CLOSED:
             self.transport.resume_reading()
+            # Requests that arrived before the pause wait in the buffer: no
+            # more data may come to trigger their parsing.
+            if self.rend > self.rstart and not self.parse_soon:
+                self.parse_soon = True
+                self.loop.call_soon(self._parse_buffered)
+
+    def _parse_buffered(self) -> None:
+        self.parse_soon = False
+        if self.phase == self.TRANSMISSION and not self.paused:
+            self._transmission_data()

@@ -5,8 +5,11 @@ other clients see.
 - A zero-length TRIM is a no-op, not a reason to stop punching holes.
 - BLOCK_STATUS with REQ_ONE looks at the first extent only, and without it a
   reply describes a bounded number of extents.
+- A client that never reads its replies holds at most about one reply of
+  daemon memory; the others keep being served.
 
-CPU time is read from /proc/PID/stat; section names refer to proto.md.
+Memory is read from /proc/PID/status, CPU time from /proc/PID/stat;
+section names refer to proto.md.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -35,6 +39,22 @@ STATE_ZERO = 2
 
 def connect(d) -> RawClient:
     return RawClient.unix(d.nbd_socket)
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def grown(pid: int, before: dict[str, int]) -> int:
+    after = memory(pid)
+    return max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -171,3 +191,33 @@ def test_block_status_reply_describes_a_bounded_number_of_extents(fragmented):
     rows = [tuple(int(x) for x in line.split()[:3]) for line in cp.stdout.splitlines()]
     assert rows == [(off + part, n, f) for off in range(0, size, every)
                     for part, n, f in ((0, length, 0), (length, every - length, 3))], rows[:4]
+
+
+# -- replies nobody reads ------------------------------------------------------------------
+
+def test_replies_nobody_reads_cost_about_one_reply(served_big):
+    # A client may pipeline as many READs as it likes and read the replies
+    # when it wants to. One that does not read them must not make the daemon
+    # hold every reply: it stops reading that client's requests while its
+    # replies wait (about one reply, here 32 MiB), serves the others, and goes
+    # on when the client reads.
+    d, pattern = served_big
+    pid = d.proc.pid
+    n, length = 40, 32 * MiB
+    with connect(d).open("big") as hoarder:
+        assert hoarder.read(0, 4096) == pattern[:4096]
+        before = memory(pid)
+        hoarder.send(b"".join(r.request(r.CMD_READ, 0, length, cookie=i) for i in range(n)))
+        time.sleep(1.0)
+        with connect(d).open("big") as other:
+            for i in range(8):
+                off = i * MiB
+                assert other.read(off, 64 * KiB, cookie=i) == pattern[off:off + 64 * KiB]
+        grew = grown(pid, before)
+        assert grew < 80 * MiB, (f"{n} unread 32 MiB replies made the daemon grow by "
+                                 f"{grew / MiB:.0f} MiB")
+        for i in range(n):
+            rep = hoarder.reply(length)
+            assert (rep.cookie, rep.error) == (i, 0)
+            assert rep.payload == pattern, f"reply {i} carries the wrong bytes"
+        assert hoarder.read(4096, 4096, cookie=99) == pattern[4096:8192]

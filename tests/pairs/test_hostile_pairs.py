@@ -1,0 +1,59 @@
+"""Hostile and unlucky clients of a pair (issue 9, section 3).
+
+- READs that the `wait` read policy holds count towards what a client that
+  reads nothing may cost, by their size, not only by their number.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.daemon import rawnbd as r
+from tests.daemon.rawnbd import RawClient
+from tests.pairs.helpers import MiB, show
+
+nbd = pytest.importorskip("nbd")
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def test_held_reads_nobody_reads_cost_bounded_memory(daemon):
+    # Read policy `wait` holds a READ of a pending region until the copy
+    # engine has copied it. 64 such READs of 4 MiB are within the in-flight
+    # cap, but once copied they are 256 MiB of replies for a client that
+    # reads none of them.
+    size, length, n = 256 * MiB, 4 * MiB, 64
+    data = os.urandom(MiB) * 4
+    daemon.create_volume("p", size)
+    with RawClient.unix(daemon.nbd_socket).open("p") as p:
+        for off in range(0, size, length):
+            assert p.write(off, data, cookie=off // length) == 0
+    daemon.call("pair.create", primary="p", secondary="s", create_secondary=True,
+                read_policy="wait", rate=1)
+    daemon.call("pair.split", name="s")
+    assert show(daemon, "s")["pending"] > 4000
+    pid = daemon.proc.pid
+    before = memory(pid)
+    with RawClient.unix(daemon.nbd_socket, timeout=60).open("s") as s:
+        s.send(b"".join(r.request(r.CMD_READ, i * length, length, cookie=i) for i in range(n)))
+        time.sleep(3)
+        after = memory(pid)
+        grew = max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])
+        assert grew < 96 * MiB, (f"{n} held READs of {length // MiB} MiB nobody reads made the "
+                                 f"daemon grow by {grew / MiB:.0f} MiB")
+        got = set()
+        for _ in range(n):
+            rep = s.reply(length)
+            assert rep.error == 0 and rep.cookie not in got and rep.payload == data, rep.cookie
+            got.add(rep.cookie)
