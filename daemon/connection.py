@@ -252,10 +252,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif self.phase in (self.GREETING, self.OPTIONS):
             self.buf += self.rbuf[self.rstart:self.rend]
             self.rstart = self.rend = 0
-            try:
-                self._handshake()
-            except c.ProtocolError as e:
-                self.close_now(f"protocol error in handshake: {e}")
+            self._handshake_data()
         else:
             # TLS_UPGRADE / CLOSED: nothing may arrive; drop it.
             self.rstart = self.rend = 0
@@ -320,6 +317,12 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     # -- handshake phase ------------------------------------------------------------
 
+    def _handshake_data(self) -> None:
+        try:
+            self._handshake()
+        except c.ProtocolError as e:
+            self.close_now(f"protocol error in handshake: {e}")
+
     def _handshake(self) -> None:
         buf = self.buf
         pos = 0
@@ -333,7 +336,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.close_now(reason)
                 return
             self.phase = self.OPTIONS
-        while self.phase == self.OPTIONS:
+        # Options are taken while the client reads the replies, as requests
+        # are: a LIST of 16 bytes can take kilobytes to answer.
+        while self.phase == self.OPTIONS and not self.paused:
             if self.skip:
                 # An option too long to take: its data is dropped as it
                 # arrives, never buffered, then refused.
@@ -827,13 +832,17 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.paused.discard(why)
         if not self.paused and self.phase != self.CLOSED:
             self.transport.resume_reading()
-            # Requests that arrived before the pause wait in the buffer: no
-            # more data may come to trigger their parsing.
-            if self.rend > self.rstart and not self.parse_soon:
+            # Requests (or options) that arrived before the pause wait in the
+            # buffer: no more data may come to trigger their parsing.
+            if (self.rend > self.rstart or self.buf) and not self.parse_soon:
                 self.parse_soon = True
                 self.loop.call_soon(self._parse_buffered)
 
     def _parse_buffered(self) -> None:
         self.parse_soon = False
-        if self.phase == self.TRANSMISSION and not self.paused:
+        if self.paused:
+            return
+        if self.phase == self.TRANSMISSION:
             self._transmission_data()
+        elif self.phase == self.OPTIONS:
+            self._handshake_data()

@@ -6,7 +6,8 @@ other clients see.
 - BLOCK_STATUS with REQ_ONE looks at the first extent only, and without it a
   reply describes a bounded number of extents.
 - A client that never reads its replies holds at most about one reply of
-  daemon memory; the others keep being served.
+  daemon memory, in the transmission phase and in the handshake alike; the
+  others keep being served.
 
 Memory is read from /proc/PID/status, CPU time from /proc/PID/stat;
 section names refer to proto.md.
@@ -221,3 +222,39 @@ def test_replies_nobody_reads_cost_about_one_reply(served_big):
             assert (rep.cookie, rep.error) == (i, 0)
             assert rep.payload == pattern, f"reply {i} carries the wrong bytes"
         assert hoarder.read(4096, 4096, cookie=99) == pattern[4096:8192]
+
+
+def test_list_replies_nobody_reads_cost_little(daemon):
+    # NBD_OPT_LIST is 16 bytes; with 100 exports its replies are ~5 KB. A
+    # client that sends thousands and reads nothing must be stopped like one
+    # that does the same with READs, not answered a receive buffer at a time.
+    for i in range(100):
+        daemon.create_volume(f"volume-{i:03d}-with-a-longer-name", "1M")
+    pid = daemon.proc.pid
+    option = struct.pack(">QII", r.IHAVEOPT, r.OPT_LIST, 0)
+    before = memory(pid)
+    clients = [connect(daemon) for _ in range(8)]
+    try:
+        for cl in clients:
+            cl.start()
+            cl.send(option * 20000)
+        time.sleep(1.0)
+        grew = grown(pid, before)
+        assert grew < 48 * MiB, (f"8 clients sending LIST without reading made the daemon grow "
+                                 f"by {grew / MiB:.0f} MiB")
+        # Nothing was lost on the way: the first client's replies are all
+        # there, in order, when it reads them.
+        cl = clients[0]
+        for _ in range(300):
+            names = []
+            while True:
+                rep = cl.option_reply()
+                assert rep.option == r.OPT_LIST
+                if rep.type == r.REP_ACK:
+                    break
+                assert rep.type == r.REP_SERVER, rep
+                names.append(rep.data[4:].decode())
+            assert len(names) == 100 and names[0].startswith("volume-000"), names[:3]
+    finally:
+        for cl in clients:
+            cl.close()
