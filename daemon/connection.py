@@ -183,7 +183,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.discard_reply = (0, 0, "")  # its error reply, sent once it is dropped
         self.inflight = 0           # requests handed to threads, not yet replied
         self.held = 0               # bytes of READs a layer holds, not yet replied
-        self.paused = set()         # why reading is paused: "writes", "inflight", "held"
+        self.paused = set()         # why reading is paused: "writes", "inflight", "held", "disc"
         self.parse_soon = False     # a pass over buffered requests is scheduled
         self.disconnecting = False  # NBD_CMD_DISC seen: close once inflight drains
         self.shutting_down = False
@@ -614,8 +614,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._reply_ok(out, cookie)
                 return
             if cmd == c.CMD_DISC:
-                # No reply; finish what is in flight, then close.
+                # No reply; finish what is in flight, then close. Nothing sent
+                # after it is read ("the client MUST NOT send any further
+                # requests"): a client that goes on sending is not buffered.
                 self.disconnecting = True
+                self._pause("disc")
                 return
             raise RequestError(c.EINVAL, f"unknown command {cmd}")
         except RequestError as e:
