@@ -51,12 +51,16 @@ class ManagedVolume:
         return self.vol.read(offset, length)
 
     def read_fd(self, offset: int, length: int):
-        # sendfile straight from the file only where the file holds the image.
-        s = self.secondary_of
-        if s is not None:
-            first, last = s.regions(offset, length)
-            if s.diff.any_in(first, last):
-                return None
+        # sendfile straight from the file only where the file holds the image,
+        # and never from a secondary. sendfile queues references to the
+        # file's page-cache pages, not their bytes: a READ of S still in the
+        # socket when `pair resync` (or the full resync out of `error`)
+        # rewrites S arrived complete, error 0, with P's later bytes. S's
+        # replies are copies. P keeps sendfile: only writes to P change it (a
+        # restore is such a write), and a reply still on its way when one
+        # lands may show it, as NBD allows for requests in flight together.
+        if self.secondary_of is not None:
+            return None
         for pair in self.primary_of:
             if pair.primary_needs_layer(offset, length):
                 return None

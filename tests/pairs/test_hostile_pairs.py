@@ -2,6 +2,10 @@
 
 - READs that the `wait` read policy holds count towards what a client that
   reads nothing may cost, by their size, not only by their number.
+- A READ of the secondary that was served but not yet received when
+  `pair resync` starts must not arrive carrying bytes that were never in the
+  image (sendfile queues references to page-cache pages, which the resync
+  then overwrites).
 """
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import pytest
 
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import RawClient
-from tests.pairs.helpers import MiB, show
+from tests.pairs.helpers import MiB, log_tail, show, wait_mirrored
 
 nbd = pytest.importorskip("nbd")
+
+SIZE = 16 * MiB
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -57,3 +63,33 @@ def test_held_reads_nobody_reads_cost_bounded_memory(daemon):
             rep = s.reply(length)
             assert rep.error == 0 and rep.cookie not in got and rep.payload == data, rep.cookie
             got.add(rep.cookie)
+
+
+def mirrored_pair(daemon, old: bytes) -> None:
+    """P holds `old` at its start; pair p -> s, mirrored."""
+    daemon.create_volume("p", SIZE)
+    with RawClient.unix(daemon.nbd_socket).open("p") as cl:
+        assert cl.write(0, old) == 0
+    daemon.call("pair.create", primary="p", secondary="s", create_secondary=True)
+    wait_mirrored(daemon, "s")
+
+
+def test_queued_read_of_the_secondary_keeps_the_image(daemon):
+    old, new = os.urandom(MiB), os.urandom(MiB)
+    mirrored_pair(daemon, old)
+    daemon.call("pair.split", name="s")
+    with RawClient.unix(daemon.nbd_socket).open("p") as p:
+        assert p.write(0, new) == 0                 # after the split: not in S
+    with RawClient.unix(daemon.nbd_socket).open("s") as s:
+        assert s.read(0, 4096) == old[:4096]
+        # Served now, received after the resync has rewritten S: the reply
+        # was complete when the resync started, and it is the image's bytes.
+        s.send_request(r.CMD_READ, 0, MiB, cookie=7)
+        time.sleep(0.3)
+        daemon.call("pair.resync", name="s")
+        wait_mirrored(daemon, "s")
+        rep = s.reply(MiB)
+        assert (rep.cookie, rep.error) == (7, 0)
+        assert rep.payload == old, (
+            "a READ of S served before the resync carries bytes that were never in the image"
+            + log_tail(daemon))
