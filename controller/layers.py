@@ -39,6 +39,14 @@ class ManagedVolume:
     def read_only(self) -> bool:
         return self.vol.read_only
 
+    @property
+    def streams_writes(self) -> bool:
+        """Whether a WRITE may reach the volume piece by piece as its payload
+        arrives. Not in a pair: a split falls "between two requests of P"
+        (DESIGN.md "Split"), and a split that came while a write streamed in
+        put part of a write acknowledged after it into S."""
+        return not self.primary_of and self.secondary_of is None
+
     # -- reads ---------------------------------------------------------------
 
     def read(self, offset: int, length: int):

@@ -484,14 +484,16 @@ class NBDConnection(asyncio.BufferedProtocol):
                         continue
                     if end - pos - _REQ_SIZE < length:
                         if length >= STREAM_MIN:
-                            pos += _REQ_SIZE
                             refusal = self._write_refusal(flags, offset, length)
-                            if refusal is None:
-                                self.stream = [cookie, flags, offset, length, None]
-                            else:
-                                self.discard = length
-                                self.discard_reply = (cookie, *refusal)
-                            continue
+                            # A paired volume takes a write whole, below.
+                            if refusal is not None or self.backend.streams_writes:
+                                pos += _REQ_SIZE
+                                if refusal is None:
+                                    self.stream = [cookie, flags, offset, length, None]
+                                else:
+                                    self.discard = length
+                                    self.discard_reply = (cookie, *refusal)
+                                continue
                         # Wait for the whole payload, with room for it in one piece.
                         self.want = _REQ_SIZE + length
                         break

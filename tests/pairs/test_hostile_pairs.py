@@ -6,6 +6,9 @@
   `pair resync` starts must not arrive carrying bytes that were never in the
   image (sendfile queues references to page-cache pages, which the resync
   then overwrites).
+- The split point is "a single point between two requests of P" (DESIGN.md
+  "Split"): a WRITE still streaming in when the split arrives is either
+  wholly in the image or not at all; acknowledged after the split, not at all.
 """
 from __future__ import annotations
 
@@ -93,3 +96,23 @@ def test_queued_read_of_the_secondary_keeps_the_image(daemon):
         assert rep.payload == old, (
             "a READ of S served before the resync carries bytes that were never in the image"
             + log_tail(daemon))
+
+
+def test_split_while_a_write_streams_in_does_not_tear_it(daemon):
+    old, new = os.urandom(MiB), os.urandom(MiB)
+    mirrored_pair(daemon, old)
+    with RawClient.unix(daemon.nbd_socket).open("p") as p:
+        # The WRITE's header and half its payload, then a pause long enough
+        # for the daemon to take in what came.
+        p.send(r.request(r.CMD_WRITE, 0, MiB, cookie=5) + new[:MiB // 2])
+        time.sleep(0.3)
+        daemon.call("pair.split", name="s")
+        p.send(new[MiB // 2:])
+        rep = p.reply()
+        assert (rep.cookie, rep.error) == (5, 0)    # acknowledged after the split
+        assert p.read(0, MiB) == new
+    with RawClient.unix(daemon.nbd_socket).open("s") as s:
+        got = s.read(0, MiB)
+    torn = sum(1 for i in range(0, MiB, 4096) if got[i:i + 4096] != old[i:i + 4096])
+    assert torn == 0, (f"{torn} of 256 pages of S hold a write acknowledged after the split"
+                       f" (pair: {show(daemon, 's')})")
