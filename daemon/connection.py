@@ -432,7 +432,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         built = 0       # bytes of read data and block status in `out`
         view = memoryview(buf)
         try:
-            while not self.disconnecting and not self.paused:
+            while not self.paused:  # DISC pauses too
                 if self.stream is not None:
                     # A large WRITE's payload goes to the volume as it arrives,
                     # while it is hot in cache; the reply follows its last byte.
@@ -503,14 +503,16 @@ class NBDConnection(asyncio.BufferedProtocol):
                 else:
                     pos += _REQ_SIZE
                     self._request(out, flags, cmd, cookie, offset, length, None)
-                    if cmd == _CMD_READ or cmd == _CMD_BLOCK_STATUS:
-                        built += length if cmd == _CMD_READ else _STATUS_REPLY_MAX
-                        if built >= REPLY_BATCH:
-                            # Out now: if the client is not reading, the
-                            # transport pauses us before the next request.
-                            self.transport.writelines(out)
-                            out.clear()
-                            built = 0
+                    if cmd == _CMD_READ:
+                        built += length
+                    elif cmd == _CMD_BLOCK_STATUS:
+                        built += _STATUS_REPLY_MAX
+                    if built >= REPLY_BATCH:
+                        # Out now: if the client is not reading, the
+                        # transport pauses us before the next request.
+                        self.transport.writelines(out)
+                        out.clear()
+                        built = 0
         finally:
             view.release()
             if pos == end:
