@@ -54,8 +54,12 @@ class ManagedVolume:
         return self.vol.read_only
 
     @property
-    def paired(self) -> bool:
-        return bool(self.primary_of) or self.secondary_of is not None
+    def streams_writes(self) -> bool:
+        """Whether a WRITE may reach the volume piece by piece as its payload
+        arrives. Not in a pair: a split falls "between two requests of P"
+        (DESIGN.md "Split"), and a split that came while a write streamed in
+        put part of a write acknowledged after it into S."""
+        return not self.primary_of and self.secondary_of is None
 
     # -- reads ---------------------------------------------------------------
 
@@ -70,24 +74,28 @@ class ManagedVolume:
         return self.vol.read(offset, length)
 
     def read_fd(self, offset: int, length: int):
-        # sendfile straight from the file only where the file holds the image.
-        s = self.secondary_of
-        if s is not None:
-            first, last = s.regions(offset, length)
-            if s.diff.any_in(first, last):
-                return None
+        # sendfile straight from the file only where the file holds the image,
+        # and never from a secondary. sendfile queues references to the
+        # file's page-cache pages, not their bytes: a READ of S still in the
+        # socket when `pair resync` (or the full resync out of `error`)
+        # rewrites S arrived complete, error 0, with P's later bytes. S's
+        # replies are copies. P keeps sendfile: only writes to P change it (a
+        # restore is such a write), and a reply still on its way when one
+        # lands may show it, as NBD allows for requests in flight together.
+        if self.secondary_of is not None:
+            return None
         for pair in self.primary_of:
             if pair.primary_needs_layer(offset, length):
                 return None
         return self.vol.read_fd(offset, length)
 
-    def extents(self, offset: int, length: int):
+    def extents(self, offset: int, length: int, limit: int = 0):
         if self.secondary_of is not None:
-            return self.secondary_of.secondary_extents(offset, length)
+            return self.secondary_of.secondary_extents(offset, length, limit)
         for pair in self.primary_of:
             if pair.primary_needs_layer(offset, length):
-                return pair.primary_extents(offset, length)
-        return self.vol.extents(offset, length)
+                return pair.primary_extents(offset, length, limit)
+        return self.vol.extents(offset, length, limit)
 
     # -- changes ---------------------------------------------------------------
 
@@ -155,8 +163,8 @@ class ManagedVolume:
 
     # -- meta contexts ------------------------------------------------------------
 
-    def pending_extents(self, offset: int, length: int):
-        return self.secondary_of.bitmap_extents("diff", offset, length)
+    def pending_extents(self, offset: int, length: int, limit: int = 0):
+        return self.secondary_of.bitmap_extents("diff", offset, length, limit)
 
-    def delta_extents(self, offset: int, length: int):
-        return self.secondary_of.bitmap_extents("delta", offset, length)
+    def delta_extents(self, offset: int, length: int, limit: int = 0):
+        return self.secondary_of.bitmap_extents("delta", offset, length, limit)

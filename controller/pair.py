@@ -485,19 +485,20 @@ class Pair:
 
     # -- meta contexts ------------------------------------------------------------------------
 
-    def bitmap_extents(self, name: str, offset: int, length: int) -> list[tuple[int, int]]:
-        return self.bm[name].extents(offset, length, self.region_size, self.size)
+    def bitmap_extents(self, name: str, offset: int, length: int,
+                       limit: int = 0) -> list[tuple[int, int]]:
+        return self.bm[name].extents(offset, length, self.region_size, self.size, limit)
 
-    def secondary_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def secondary_extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
         """base:allocation of S's image: P's allocation where still pending."""
         return _merge_by_bitmap(self, self.diff, offset, length,
-                                self.primary.extents, self.secondary.extents)
+                                self.primary.extents, self.secondary.extents, limit)
 
-    def primary_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def primary_extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
         if self.state != st.RESTORE:
-            return self.primary.extents(offset, length)
+            return self.primary.extents(offset, length, limit)
         return _merge_by_bitmap(self, self.bm["restore"], offset, length,
-                                self.secondary.extents, self.primary.extents)
+                                self.secondary.extents, self.primary.extents, limit)
 
     # -- reporting ---------------------------------------------------------------------------------
 
@@ -539,15 +540,24 @@ class Pair:
         }
 
 
-def _merge_by_bitmap(pair: Pair, bitmap: Bitmap, offset: int, length: int, fn_set, fn_clear):
+def _merge_by_bitmap(pair: Pair, bitmap: Bitmap, offset: int, length: int, fn_set, fn_clear,
+                     limit: int = 0):
     """Extents over a range, taken from fn_set where the region's bit is set
-    and from fn_clear elsewhere."""
+    and from fn_clear elsewhere. With `limit`: at most that many, from at
+    most that many runs of the bitmap (runs whose extents merge would
+    otherwise be walked to the end of the range), describing its start."""
     out: list[tuple[int, int]] = []
-    for part_len, flag in bitmap.extents(offset, length, pair.region_size, pair.size):
-        for ext in (fn_set if flag else fn_clear)(offset, part_len):
+    for part_len, flag in bitmap.extents(offset, length, pair.region_size, pair.size, limit):
+        # One more than the room left: the first may merge with the last one.
+        room = limit - len(out) + 1 if limit else 0
+        covered = 0
+        for ext in (fn_set if flag else fn_clear)(offset, part_len, room):
+            covered += ext[0]
             if out and out[-1][1] == ext[1]:
                 out[-1] = (out[-1][0] + ext[0], ext[1])
             else:
                 out.append(ext)
         offset += part_len
+        if limit and (len(out) >= limit or covered < part_len):
+            return out[:limit]   # a prefix of the range, without a gap
     return out

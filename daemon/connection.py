@@ -8,8 +8,18 @@ The request path, in order (proto.md "Transmission"):
 Small operations (reads and writes to the page cache) run inline on the event
 loop: that is the fast path, and replies produced by one data_received call go
 out in one write. Operations that block (fdatasync for FLUSH and FUA) run in
-a thread and reply when done; the in-flight cap pauses reading while too many
-are outstanding. Replies may go out of order; each carries its cookie.
+a thread and reply when done. Replies may go out of order; each carries its
+cookie.
+
+Flow control: requests are taken only while the connection is not paused,
+and a pause stops the parsing of what is already buffered too, not only the
+reading of more. It pauses while the client leaves its replies unread (more
+than REPLY_HIGH waiting in the transport, behind the socket's own buffer),
+while too many requests are in flight (threads, held reads), and after DISC.
+Replies built in one go are written out every REPLY_BATCH bytes, so a pause
+comes in time. A client that reads nothing thus costs the daemon at most
+about one reply (a READ is up to 32 MiB) plus REPLY_BATCH; times the
+connection cap, that bounds the total.
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ _REQUEST_MAGIC = c.REQUEST_MAGIC
 _SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
 _SIMPLE_PACK = c.SIMPLE_REPLY.pack
 _CMD_READ, _CMD_WRITE, _CMD_DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
+_CMD_BLOCK_STATUS = c.CMD_BLOCK_STATUS
 _FLAG_FUA = c.CMD_FLAG_FUA
 _KNOWN_FLAGS = (c.CMD_FLAG_FUA | c.CMD_FLAG_NO_HOLE | c.CMD_FLAG_DF | c.CMD_FLAG_REQ_ONE
                 | c.CMD_FLAG_FAST_ZERO)
@@ -52,9 +63,16 @@ _FLAGS_FOR = {
 }
 _FLAG_NAMES = {c.CMD_FLAG_FUA: "FUA", c.CMD_FLAG_NO_HOLE: "NO_HOLE", c.CMD_FLAG_DF: "DF",
                c.CMD_FLAG_REQ_ONE: "REQ_ONE", c.CMD_FLAG_FAST_ZERO: "FAST_ZERO"}
-# A BLOCK_STATUS reply lists at most this many extents per context; the spec
-# lets a server describe less than the whole range.
-MAX_EXTENTS = 64 * 1024
+# A BLOCK_STATUS reply lists at most this many extents per context, and the
+# scan behind it (on the event loop) stops there. proto.md, BLOCK_STATUS
+# reply chunk: "the server MAY return fewer descriptors in the reply than
+# would be required to fully specify the whole range ... if looking up the
+# information would be too resource-intensive"; clients go on from the first
+# offset not covered (libnbd, qemu).
+MAX_EXTENTS = 1024
+# A bound on the size of a BLOCK_STATUS reply, for flow control: one chunk per
+# context (at most three), each a 20-byte header, an id and the extents.
+_STATUS_REPLY_MAX = 3 * (24 + 8 * MAX_EXTENTS)
 
 # errno from the storage -> NBD error ("Error values"); anything else is EIO.
 _ERRNO_TO_NBD = {
@@ -80,9 +98,17 @@ MIN_READ_ROOM = 64 * 1024
 SENDFILE_MIN = 128 * 1024
 # WRITEs this large are written to the volume piece by piece as they arrive.
 STREAM_MIN = 256 * 1024
-# Payload bytes of held writes (waiting for their pairs' bits) one connection
-# may have; past it, its requests are not read until some are written.
-MAX_HELD = 64 * 1024 * 1024
+# Reply flow control (see the module docstring). REPLY_HIGH is the transport's
+# high-water mark: past it the client is not keeping up with the socket buffer
+# (4 MiB) in front, and we stop taking its requests until everything queued
+# has gone to the socket (low-water mark 0: then the next large READ can go
+# out with sendfile again). REPLY_BATCH: replies built by one pass over the
+# receive buffer are written out when they reach it, not all at its end.
+# HELD: bytes of requests a layer holds at once: READs (pair read policy
+# `wait`) and WRITEs waiting for their pairs' bits (set before write).
+REPLY_HIGH = 64 * 1024
+REPLY_BATCH = 1024 * 1024
+HELD = 32 * 1024 * 1024
 
 
 def _grow_socket_buffers(sock) -> None:
@@ -157,8 +183,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.skip_option = 0        # ... and that option's code
         self.discard_reply = (0, 0, "")  # its error reply, sent once it is dropped
         self.inflight = 0           # requests handed to threads, not yet replied
-        self.held_bytes = 0         # payload bytes of writes held by the backend
-        self.paused = set()         # why reading is paused: "writes", "inflight"
+        self.held = 0               # bytes of requests a layer holds, not yet replied
+        self.paused = set()         # why reading is paused: "writes", "inflight", "held", "disc"
+        self.parse_soon = False     # a pass over buffered requests is scheduled
         self.disconnecting = False  # NBD_CMD_DISC seen: close once inflight drains
         self.shutting_down = False
         self.handshake_timer = None
@@ -180,6 +207,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _grow_socket_buffers(sock)
+        transport.set_write_buffer_limits(REPLY_HIGH, 0)
         if not self.server.admit(self):
             log.warning("refused connection from %s on %s: %d connections is the cap",
                         self.peer, self.listener.name, self.server.max_connections)
@@ -225,10 +253,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif self.phase in (self.GREETING, self.OPTIONS):
             self.buf += self.rbuf[self.rstart:self.rend]
             self.rstart = self.rend = 0
-            try:
-                self._handshake()
-            except c.ProtocolError as e:
-                self.close_now(f"protocol error in handshake: {e}")
+            self._handshake_data()
         else:
             # TLS_UPGRADE / CLOSED: nothing may arrive; drop it.
             self.rstart = self.rend = 0
@@ -293,6 +318,12 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     # -- handshake phase ------------------------------------------------------------
 
+    def _handshake_data(self) -> None:
+        try:
+            self._handshake()
+        except c.ProtocolError as e:
+            self.close_now(f"protocol error in handshake: {e}")
+
     def _handshake(self) -> None:
         buf = self.buf
         pos = 0
@@ -306,7 +337,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.close_now(reason)
                 return
             self.phase = self.OPTIONS
-        while self.phase == self.OPTIONS:
+        # Options are taken while the client reads the replies, as requests
+        # are: a LIST of 16 bytes can take kilobytes to answer.
+        while self.phase == self.OPTIONS and not self.paused:
             if self.skip:
                 # An option too long to take: its data is dropped as it
                 # arrives, never buffered, then refused.
@@ -370,6 +403,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         self.negotiation.tls_active = True
         self.sockfd = -1  # bytes now go through TLS: no more sendfile
+        self.transport.set_write_buffer_limits(REPLY_HIGH, 0)
         self.phase = self.OPTIONS
         log.info("TLS active with %s", self.peer)
 
@@ -396,9 +430,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         end = self.rend
         pos = self.rstart
         out: list = []
+        built = 0       # bytes of read data and block status in `out`
         view = memoryview(buf)
         try:
-            while not self.disconnecting:
+            while not self.paused:  # DISC pauses too
                 if self.stream is not None:
                     # A large WRITE's payload goes to the volume as it arrives,
                     # while it is hot in cache; the reply follows its last byte.
@@ -449,18 +484,17 @@ class NBDConnection(asyncio.BufferedProtocol):
                                                                 f"the {MAX_PAYLOAD} byte limit")
                         continue
                     if end - pos - _REQ_SIZE < length:
-                        # A paired volume takes a write whole: its pairs may
-                        # hold it (set before write), and a split must fall
-                        # between two requests, not inside one.
-                        if length >= STREAM_MIN and not self.backend.paired:
-                            pos += _REQ_SIZE
+                        if length >= STREAM_MIN:
                             refusal = self._write_refusal(flags, offset, length)
-                            if refusal is None:
-                                self.stream = [cookie, flags, offset, length, None]
-                            else:
-                                self.discard = length
-                                self.discard_reply = (cookie, *refusal)
-                            continue
+                            # A paired volume takes a write whole, below.
+                            if refusal is not None or self.backend.streams_writes:
+                                pos += _REQ_SIZE
+                                if refusal is None:
+                                    self.stream = [cookie, flags, offset, length, None]
+                                else:
+                                    self.discard = length
+                                    self.discard_reply = (cookie, *refusal)
+                                continue
                         # Wait for the whole payload, with room for it in one piece.
                         self.want = _REQ_SIZE + length
                         break
@@ -470,6 +504,16 @@ class NBDConnection(asyncio.BufferedProtocol):
                 else:
                     pos += _REQ_SIZE
                     self._request(out, flags, cmd, cookie, offset, length, None)
+                    if cmd == _CMD_READ:
+                        built += length
+                    elif cmd == _CMD_BLOCK_STATUS:
+                        built += _STATUS_REPLY_MAX
+                    if built >= REPLY_BATCH:
+                        # Out now: if the client is not reading, the
+                        # transport pauses us before the next request.
+                        self.transport.writelines(out)
+                        out.clear()
+                        built = 0
         finally:
             view.release()
             if pos == end:
@@ -557,12 +601,18 @@ class NBDConnection(asyncio.BufferedProtocol):
             if cmd == c.CMD_TRIM:
                 self._check_writable()
                 self._check_range(offset, length, c.EINVAL)
-                self._done(out, cookie, flags, self.backend.trim(offset, length))
+                if length:  # length 0 is "unspecified" ("NBD_CMD_TRIM"): a no-op
+                    self._done(out, cookie, flags, self.backend.trim(offset, length))
+                else:
+                    self._done(out, cookie, flags)
                 return
             if cmd == c.CMD_WRITE_ZEROES:
                 self._check_writable()
                 self._check_range(offset, length, c.ENOSPC)
-                self._done(out, cookie, flags, self._write_zeroes(flags, offset, length))
+                if length:  # likewise ("NBD_CMD_WRITE_ZEROES")
+                    self._done(out, cookie, flags, self._write_zeroes(flags, offset, length))
+                else:
+                    self._done(out, cookie, flags)
                 return
             if cmd == c.CMD_BLOCK_STATUS:
                 self._block_status(out, flags, cookie, offset, length)
@@ -573,8 +623,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._reply_ok(out, cookie)
                 return
             if cmd == c.CMD_DISC:
-                # No reply; finish what is in flight, then close.
+                # No reply; finish what is in flight, then close. Nothing sent
+                # after it is read ("the client MUST NOT send any further
+                # requests"): a client that goes on sending is not buffered.
                 self.disconnecting = True
+                self._pause("disc")
                 return
             raise RequestError(c.EINVAL, f"unknown command {cmd}")
         except RequestError as e:
@@ -685,13 +738,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         if length == 0:
             raise RequestError(c.EINVAL, "block status of length 0")
         self._check_range(offset, length, c.EINVAL)
+        # REQ_ONE: "every reply chunk MUST contain exactly one descriptor, and
+        # that descriptor MUST NOT exceed the length of the original request":
+        # the scan stops at the first extent instead of covering the range.
+        limit = 1 if flags & c.CMD_FLAG_REQ_ONE else MAX_EXTENTS
         items = list(self.meta.items())
         for n, (ctx_id, fn) in enumerate(items):
-            extents = fn(offset, length)
-            if flags & c.CMD_FLAG_REQ_ONE:
-                extents = extents[:1]
-            elif len(extents) > MAX_EXTENTS:
-                extents = extents[:MAX_EXTENTS]
+            extents = fn(offset, length, limit)
             out.append(c.encode_block_status(cookie, ctx_id, extents, done=n == len(items) - 1))
 
     def _done(self, out, cookie: int, flags: int, held=None) -> None:
@@ -746,21 +799,26 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._reply_later(cookie, fut, "write", issued, nbytes)
 
     def _reply_when_read(self, cookie: int, offset: int, length: int, fut) -> None:
-        """A layer holds a read (pair read policy `wait`): reply with its data."""
-        self._reply_later(cookie, fut, "read", lambda out, data: out.extend(
-            (self._data_header(cookie, offset, length), data)))
+        """A layer holds a read (pair read policy `wait`): reply with its data.
+        Held reads count towards flow control by their size: the in-flight cap
+        alone let 64 of them (2 GiB) pile up for a client reading nothing."""
+
+        def reply(out, data) -> None:
+            out.extend((self._data_header(cookie, offset, length), data))
+
+        self._reply_later(cookie, fut, "read", reply, length)
 
     def _reply_later(self, cookie: int, fut, what: str, on_success, nbytes: int = 0) -> None:
         """Count a request in flight until `fut` is done, then send its reply:
         on_success(out, result) builds it, or an error reply on failure.
-        `nbytes`: memory the request holds meanwhile (a held write's payload);
-        reading pauses while more than MAX_HELD bytes are held."""
+        `nbytes`: memory the request holds meanwhile (a held read's data, a
+        held write's payload); requests are not taken while HELD bytes are."""
         self.inflight += 1
         if self.inflight >= self.server.max_inflight:
             self._pause("inflight")
         if nbytes:
-            self.held_bytes += nbytes
-            if self.held_bytes > MAX_HELD:
+            self.held += nbytes
+            if self.held >= HELD:
                 self._pause("held")
 
         def done(f) -> None:
@@ -768,8 +826,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self.inflight < self.server.max_inflight:
                 self._resume("inflight")
             if nbytes:
-                self.held_bytes -= nbytes
-                if self.held_bytes <= MAX_HELD:
+                self.held -= nbytes
+                if self.held < HELD:
                     self._resume("held")
             if self.phase != self.TRANSMISSION or f.cancelled():
                 return
@@ -803,3 +861,17 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.paused.discard(why)
         if not self.paused and self.phase != self.CLOSED:
             self.transport.resume_reading()
+            # Requests (or options) that arrived before the pause wait in the
+            # buffer: no more data may come to trigger their parsing.
+            if (self.rend > self.rstart or self.buf) and not self.parse_soon:
+                self.parse_soon = True
+                self.loop.call_soon(self._parse_buffered)
+
+    def _parse_buffered(self) -> None:
+        self.parse_soon = False
+        if self.paused:
+            return
+        if self.phase == self.TRANSMISSION:
+            self._transmission_data()
+        elif self.phase == self.OPTIONS:
+            self._handshake_data()

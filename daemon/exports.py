@@ -13,8 +13,9 @@ from typing import Callable, Iterable
 from controller.states import SECONDARY_SERVED
 from volumes.volume import Volume
 
-# A meta context answers BLOCK_STATUS: (offset, length) -> [(length, flags)].
-ContextFn = Callable[[int, int], list[tuple[int, int]]]
+# A meta context answers BLOCK_STATUS: (offset, length, limit) -> [(length,
+# flags)], at most `limit` of them (0: no limit) from the start of the range.
+ContextFn = Callable[[int, int, int], list[tuple[int, int]]]
 
 BASE_ALLOCATION = "base:allocation"
 # Our own contexts live in an "x-" namespace: proto.md "Metadata querying"

@@ -405,13 +405,15 @@ class Bitmap:
     def copy_bits(self) -> bytes:
         return bytes(self.bits)
 
-    def extents(self, offset: int, length: int, region_size: int, size: int) -> list[tuple[int, int]]:
+    def extents(self, offset: int, length: int, region_size: int, size: int,
+                limit: int = 0) -> list[tuple[int, int]]:
         """[(length, flag)] over [offset, offset+length): flag 1 where the bit of
-        the region is set, 0 elsewhere (for NBD meta contexts)."""
+        the region is set, 0 elsewhere (for NBD meta contexts). With `limit`,
+        at most that many, describing the start of the range only."""
         out: list[tuple[int, int]] = []
         end = offset + length
         pos = offset
-        while pos < end:
+        while pos < end and not (limit and len(out) >= limit):
             r = pos // region_size
             flag = 1 if self[r] else 0
             # Extend over following regions with the same value.

@@ -7,7 +7,7 @@ this small interface:
     read(offset, length) -> bytes      write(offset, data)
     zero(offset, length, punch)        trim(offset, length)
     flush()  (blocking: run it off the event loop)
-    extents(offset, length) -> [(length, flags)]  (flags: HOLE | ZERO)
+    extents(offset, length, limit) -> [(length, flags)]  (flags: HOLE | ZERO)
 
 Rules kept here:
 - Creation never writes zeroes: the file is made with ftruncate, so a new
@@ -144,6 +144,8 @@ class Volume:
         NO_HOLE); punch=False keeps it allocated. fast_only: raise OSError
         ENOTSUP, changing nothing, rather than write zeroes.
         """
+        if not length:
+            return  # nothing to do (and fallocate() would say EINVAL)
         if punch and self._can_punch:
             if self._try_fallocate(_PUNCH | _KEEP_SIZE, offset, length):
                 return
@@ -161,11 +163,16 @@ class Volume:
             offset += n
 
     def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
-        """fallocate(2); False if this file system does not do that mode."""
+        """fallocate(2); False if this file system does not do that mode.
+
+        Only EOPNOTSUPP says so (ENOSYS: no fallocate at all), and the caller
+        remembers it for good. Anything else, EINVAL for a range fallocate
+        does not take say, is about this one request: raised, nothing learnt.
+        """
         try:
             _fallocate(self.fd, mode, offset, length)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             return False
         return True
@@ -178,17 +185,20 @@ class Volume:
         """Make every write so far durable. Blocking: call it from a thread."""
         os.fdatasync(self.fd)
 
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
         """Allocation of [offset, offset+length): a list of (length, flags).
 
         Holes (found with SEEK_HOLE/SEEK_DATA) read as zeroes and are reported
-        HOLE|ZERO; data is reported 0. The lengths add up to `length`.
+        HOLE|ZERO; data is reported 0. The lengths add up to `length`; with a
+        `limit`, the scan stops after that many extents, which then describe
+        the start of the range only (each one is whole: data and holes
+        alternate, so none is cut short by the next).
         """
         end = offset + length
         out: list[tuple[int, int]] = []
         pos = offset
         fd = self.fd
-        while pos < end:
+        while pos < end and not (limit and len(out) >= limit):
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as e:

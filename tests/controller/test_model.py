@@ -255,6 +255,17 @@ class PairMachine(RuleBasedStateMachine):
             if flags & 1:
                 assert image[pos:pos + n] == bytes(n), f"hole at {pos}+{n} is not zeroes"
             pos += n
+        # With a limit (BLOCK_STATUS, REQ_ONE): that many at most, from the
+        # start of the range, each as true as above.
+        for limit in (1, 2):
+            part = layer.extents(off, length, limit)
+            assert 1 <= len(part) <= limit and 0 < sum(n for n, _ in part) <= length, part
+            pos = off
+            for n, flags in part:
+                assert n > 0
+                if flags & 1:
+                    assert image[pos:pos + n] == bytes(n), f"hole at {pos}+{n} is not zeroes"
+                pos += n
 
     # -- the secondaries ------------------------------------------------------------------
 

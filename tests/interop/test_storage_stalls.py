@@ -1,0 +1,145 @@
+"""Storage that stalls: the data directory on a disk that stops answering
+on demand, so a FLUSH stays in flight for as long as a test wants.
+
+The disk is nbdkit's memory plugin behind its pause filter; nbdfuse shows it
+as a file, a loop device makes it a block device, and ext4 on that holds
+splitd's data directory (as in test_storage_faults.py). While the disk is
+paused, an fdatasync of a volume waits, and with it the NBD request that asked
+for it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import need
+from tests.daemon import rawnbd as r
+from tests.daemon.rawnbd import Closed, RawClient
+from tests.interop.clients import MiB, random_bytes
+from tests.interop.test_filesystem import Stack, attach_loop, mount
+
+pytestmark = pytest.mark.root
+
+DISK = "256M"
+VOL_SIZE = 16 * MiB
+
+
+class StalledDisk:
+    def __init__(self, root: Path, control: Path):
+        self.root = root
+        self.control = control
+
+    def _command(self, cmd: bytes) -> None:
+        # The pause filter echoes the command in upper case once it holds:
+        # for a pause, once the requests already running are done.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(self.control))
+            s.sendall(cmd)
+            assert s.recv(1) == cmd.upper()
+
+    def pause(self) -> None:
+        self._command(b"p")
+
+    def resume(self) -> None:
+        self._command(b"r")
+
+
+@pytest.fixture
+def stalled_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mount)")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing")
+    need("nbdkit", "nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount")
+    if subprocess.run(["nbdkit", "--filter=pause", "null", "--dump-plugin"],
+                      capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("nbdkit's pause filter is missing")
+    fuse_dir = tmp_path / "fuse"
+    fuse_dir.mkdir()
+    disk = StalledDisk(tmp_path / "mnt", tmp_path / "pause.sock")
+    disk.root.mkdir()
+    pidfile = tmp_path / "nbdfuse.pid"
+    stack = Stack()
+    paused = False
+    try:
+        log = open(tmp_path / "nbdfuse.log", "wb")
+        stack.procs.append(subprocess.Popen(
+            ["nbdfuse", "-P", str(pidfile), str(fuse_dir), "--command",
+             "nbdkit", "-s", "--filter=pause", "memory", DISK, f"pause-control={disk.control}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        log.close()
+        stack.push("fuse", ["fusermount3", "-u", str(fuse_dir)])
+        deadline = time.monotonic() + 15
+        while not pidfile.exists() or not disk.control.exists():
+            assert time.monotonic() < deadline, (tmp_path / "nbdfuse.log").read_text()
+            time.sleep(0.05)
+        dev = attach_loop(stack, fuse_dir / "nbd")
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True, timeout=60)
+        mount(stack, dev, disk.root)
+        yield disk
+    finally:
+        try:
+            disk.resume()        # never leave the kernel waiting on a paused disk
+        except (OSError, AssertionError):
+            pass
+        stack.close()
+
+
+def test_bytes_after_disc_are_not_read_while_a_flush_waits(stalled_disk, make_daemon):
+    # NBD_CMD_DISC: the server finishes the outstanding requests, then
+    # closes; "the client MUST NOT send any further requests". A client that
+    # goes on sending anyway must not be read into memory while the FLUSH
+    # before its DISC waits for the disk.
+    d = make_daemon(["--data-dir", str(stalled_disk.root / "data")], tcp=False)
+    d.create_volume("v", VOL_SIZE)
+    data = random_bytes(MiB, 3)
+    pid = d.proc.pid
+    with RawClient.unix(d.nbd_socket, timeout=30).open("v") as cl:
+        assert cl.write(0, data, cookie=1) == 0
+        before = _memory(pid)
+        stalled_disk.pause()
+        cl.send(r.request(r.CMD_FLUSH, 0, 0, 2) + r.request(r.CMD_DISC, 0, 0, 3))
+        junk = b"\x55" * (4 * MiB)
+
+        def send() -> None:
+            try:
+                for _ in range(256):                 # 1 GiB nobody should read
+                    cl.send(junk)
+            except (Closed, OSError):
+                pass                                 # the server closed: what we expect
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        time.sleep(3)
+        # Other clients are served meanwhile (from the page cache).
+        with RawClient.unix(d.nbd_socket, timeout=10).open("v") as other:
+            assert other.read(0, 4096) == data[:4096]
+        grew = _grown(pid, before)
+        stalled_disk.resume()
+        rep = cl.reply()
+        assert (rep.cookie, rep.error) == (2, 0)
+        cl.wait_closed(30)
+        sender.join(30)
+    assert grew < 24 * MiB, f"bytes sent after DISC made the daemon grow by {grew / MiB:.0f} MiB"
+
+
+def _memory(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _grown(pid: int, before: dict[str, int]) -> int:
+    after = _memory(pid)
+    return max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])
