@@ -106,10 +106,13 @@ class PowerDisk:
             self._start_nbdfuse()
             self._attach_loop()
             if mkfs:
-                # nodiscard: the image is a fresh sparse file already. The
-                # inode tables and journal are written now, not by a
-                # background thread while rounds run.
-                run(["mkfs.ext4", "-q", "-F", "-E",
+                # -b 4096: mke2fs would pick 1 KiB blocks for a filesystem
+                # this small; then a 4 KiB write of a client could be torn
+                # by the cut (unflushed sectors kept in part), which no real
+                # deployment (4 KiB blocks) sees. nodiscard: the image is a
+                # fresh sparse file already. The inode tables and journal are
+                # written now, not by a background thread while rounds run.
+                run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E",
                      "nodiscard,lazy_itable_init=0,lazy_journal_init=0", self.loop])
                 run(["blockdev", "--flushbufs", self.loop])
             else:
