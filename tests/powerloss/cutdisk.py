@@ -35,7 +35,7 @@ a time under one lock, so each is atomic with respect to the others and to a
 cut.
 
 The control socket takes one line per connection and answers one line:
-    cut [keep=FRACTION] [seed=N]  ->  ok dropped=BLOCKS kept=BLOCKS
+    cut [keep=FRACTION] [seed=N]  ->  ok dropped=BLOCKS kept=BLOCKS flushes=N
     stats                         ->  {"writes": ..., "flushes": ..., ...}  (JSON)
 
 The protocol numbers below are written out from the NBD protocol document
@@ -419,7 +419,8 @@ def control(conn: socket.socket, disk: Disk) -> None:
             seed = int(args["seed"]) if "seed" in args else None
             with disk.lock:
                 dropped, kept = disk.power_cut(keep, seed)
-            answer = f"ok dropped={dropped} kept={kept}"
+                flushes = disk.stats["flushes"]
+            answer = f"ok dropped={dropped} kept={kept} flushes={flushes}"
             print(f"cutdisk: cut: {dropped} unflushed blocks dropped, {kept} kept",
                   file=sys.stderr, flush=True)
         elif words and words[0] == "stats":
@@ -469,6 +470,7 @@ class CutDisk:
         self.control_socket = self.dir / "cutdisk.ctl"
         self.log_path = self.dir / "cutdisk.log"
         self.proc = None
+        self.flushes_at_cut: int | None = None
 
     @property
     def uri(self) -> str:
@@ -519,9 +521,11 @@ class CutDisk:
         return json.loads(self.command("stats"))
 
     def cut(self, keep: float = 0.0, seed: int | None = None) -> tuple[int, int]:
-        """The power cut; returns (unflushed blocks dropped, kept)."""
+        """The power cut; returns (unflushed blocks dropped, kept).
+        self.flushes_at_cut: FLUSH requests handled before it."""
         line = f"cut keep={keep}" + (f" seed={seed}" if seed is not None else "")
         words = dict(w.split("=") for w in self.command(line).split()[1:])
+        self.flushes_at_cut = int(words["flushes"])
         return int(words["dropped"]), int(words["kept"])
 
     def stop(self) -> None:
