@@ -717,6 +717,9 @@ class Round:
         errors = check_image("P", read_all(self.d.uri("p")), self.p.all_candidates(),
                              explain=self.explain)
         if errors:
+            if self.phase == "restore" and self.p is not self.p_before_restore:
+                raise RoundFailed(f"P is not S's image at the restore plus P's later "
+                                  f"{self.kept_writes}{when}: " + "; ".join(errors))
             raise RoundFailed(f"P lost {self.kept_writes}{when}: " + "; ".join(errors))
 
     def _check_split(self) -> None:
