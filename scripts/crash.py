@@ -271,6 +271,7 @@ class Worker(threading.Thread):
         self.flush_every = flush_every
         self.fua_rate = fua_rate
         self.flushes = 0
+        self.explain = None     # for reports (PowerRound)
         self.uri = uri
         self.model = model
         self.side = side
@@ -329,8 +330,8 @@ class Worker(threading.Thread):
             # (After a power cut the daemon may read what the disk lost from
             # it; those reads prove nothing. The model is frozen before the cut.)
             if got not in want and not self.model.frozen:
-                self.bad_reads.append(f"block {b}: read {show_token(got)}, may hold only "
-                                      f"{sorted(map(show_token, want))}")
+                self.bad_reads.append(f"block {b}: read {_shown(got, self.explain)}, may hold "
+                                      f"only {sorted(_shown(t, self.explain) for t in want)}")
             return
         tok = (self.side, next_gen())
         self.model.issue(b, tok)
@@ -521,6 +522,7 @@ class Round:
         kw.setdefault("flush_every", self.flush_every)
         kw.setdefault("fua_rate", self.fua_rate)
         w = Worker(self.d.uri(export), model, side, self.rng, **kw)
+        w.explain = self.explain
         w.start()
         self.workers.append(w)
         return w
@@ -529,7 +531,8 @@ class Round:
         for w in self.workers:
             w.stop()
             if w.bad_reads:
-                raise RoundFailed(f"live read of {'PS'[w.side]} during {self.phase}: "
+                raise RoundFailed(f"live read of {'PS'[w.side]} after the restart "
+                                  f"(killed during {self.phase}): "
                                   + "; ".join(w.bad_reads[:3]))
         self.workers = []
 
@@ -793,6 +796,8 @@ class PowerRound(Round):
         # everything synced before the cut, so nothing is lost and the round
         # must hold exactly as a kill -9 round does.
         self.lossless = lossless
+        if lossless:
+            keep = 0.0
         if keep is None:
             r = random.Random(seed ^ 0x5EED)
             keep = 0.0 if r.random() < 2 / 3 else round(r.uniform(0.2, 0.8), 2)
