@@ -513,6 +513,11 @@ class Round:
     # How often writers FLUSH and use FUA (PowerRound: much more often).
     flush_every = 499
     fua_rate = 0.005
+    # The copy rate while the kill may land; during a resync, P writes all
+    # over the volume (PowerRound: faster, and P keeps to a part of it, so
+    # that regions are copied, and stay copied, before the cut).
+    copy_rate = RATE
+    resync_writes_everywhere = True
     # What P must keep after the restart (PowerRound: only flushed writes).
     kept_writes = "acknowledged writes"
     # In reports, what became of a write (PowerRound: flushed or not before the cut).
@@ -573,7 +578,7 @@ class Round:
         pw = self.worker("p", self.p, P_SIDE, check_reads=True, hot=hot)
         time.sleep(0.1)
         d.call("pair.create", primary="p", secondary="s", create_secondary=True,
-               read_policy=self.policy, rate=RATE)
+               read_policy=self.policy, rate=self.copy_rate)
         if self.phase == "copy":
             self._kill_after(rng.uniform(0.2, 2.0))
             return
@@ -583,7 +588,7 @@ class Round:
             d.call("pair.set", name="s", rate=0)
             wait_for(d, "state pair", lambda i: i["state"] == "pair", timeout=120)
             if rng.random() < 0.5:
-                d.call("pair.set", name="s", rate=RATE)
+                d.call("pair.set", name="s", rate=self.copy_rate)
             self._kill_after(rng.uniform(0.2, 2.0))
             return
         time.sleep(rng.uniform(0.2, 0.8))
@@ -608,7 +613,8 @@ class Round:
             raise RoundFailed("live read of S while split: " + "; ".join(sw.bad_reads[:3]))
         self.workers.remove(sw)
         if self.phase == "resync":
-            pw.area = None
+            if self.resync_writes_everywhere:
+                pw.area = None
             if self.at_call:
                 self._call_and_kill("pair.resync")
                 self.allowed = {"split", "resync"}
@@ -786,6 +792,8 @@ class PowerRound(Round):
 
     flush_every = 23
     fua_rate = 0.02
+    copy_rate = 2 * RATE
+    resync_writes_everywhere = False
     kept_writes = "writes flushed before the power cut"
 
     def __init__(self, number: int, seed: int, phase: str, base: Path, verbose: bool = False,
