@@ -273,8 +273,11 @@ class Disk:
             if zero:
                 punch_hole(self.fd, blocks[i] * BLOCK, (j - i + 1) * BLOCK)
             else:
-                os.pwrite(self.fd, b"".join(self.overlay[b] for b in blocks[i:j + 1]),
-                          blocks[i] * BLOCK)
+                start = blocks[i] * BLOCK
+                data = b"".join(self.overlay[b] for b in blocks[i:j + 1])
+                # (A last block short of BLOCK is kept whole in the overlay;
+                # the image does not grow.)
+                os.pwrite(self.fd, data[:self.size - start], start)
             i = j + 1
 
     def power_cut(self, keep: float = 0.0, seed: int | None = None) -> tuple[int, int]:

@@ -197,3 +197,23 @@ def test_out_of_range(disk):
     h.pwrite(blk(1), SIZE - 4096)       # the connection goes on
     assert h.pread(4096, SIZE - 4096) == blk(1)
     h.shutdown()
+
+
+def test_an_image_not_a_multiple_of_the_block(tmp_path):
+    image = tmp_path / "odd.img"
+    with open(image, "wb") as f:
+        f.truncate(SIZE - 1536)
+    d = CutDisk(image, tmp_path).start()
+    try:
+        h = connect(d)
+        h.pwrite(b"t" * 1536, SIZE - 3072)           # the last, short block
+        h.flush()
+        h.shutdown()
+        assert os.path.getsize(image) == SIZE - 1536
+        restart(d)
+        h = connect(d)
+        assert h.get_size() == SIZE - 1536
+        assert h.pread(1536, SIZE - 3072) == b"t" * 1536
+        h.shutdown()
+    finally:
+        d.stop()
