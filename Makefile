@@ -2,7 +2,8 @@
 #   make run    install what is missing, start the daemon in the foreground on ./var
 #   make test   same install, then the whole test suite
 #   make bench  the referee benchmark (splitd vs nbdkit vs qemu-nbd) on tmpfs
-#   make crash  many rounds of kill -9 under load, checking every pair's guarantee
+#   make crash  many rounds of kill -9 and of power cuts under load, checking every pair's guarantee
+#   make powercut  only the power cuts (root, /dev/fuse)
 #   make install  install under $(PREFIX) with the systemd unit (as root)
 SHELL := /bin/sh
 # python3-libnbd installs the `nbd` module for Debian's interpreter only, so the
@@ -13,7 +14,7 @@ PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv run test bench crash install clean distclean
+.PHONY: all deps venv run test bench crash powercut install clean distclean
 
 all: venv
 
@@ -43,10 +44,17 @@ test: venv
 bench: venv
 	$(PY) bench/run.py
 
-# Many rounds of kill -9 during copies, resync and restore (make test runs a few).
+# Many rounds of kill -9 during copies, resync and restore, then of power cuts
+# (the data directory on a disk that loses unflushed writes; needs root and
+# /dev/fuse, else skipped). make test runs a few of each.
 CRASH_ROUNDS ?= 50
+POWER_ROUNDS ?= 25
 crash: venv
-	$(PY) scripts/crash.py --rounds $(CRASH_ROUNDS)
+	@rc=0; $(PY) scripts/crash.py --rounds $(CRASH_ROUNDS) || rc=1; \
+	$(PY) scripts/crash.py --power --rounds $(POWER_ROUNDS) || rc=1; exit $$rc
+
+powercut: venv
+	$(PY) scripts/crash.py --power --rounds $(POWER_ROUNDS)
 
 PREFIX ?= /opt/splitd
 install:
