@@ -30,6 +30,23 @@ def need(*tools: str) -> None:
             pytest.skip(f"{t} is not installed")
 
 
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def grown(pid: int, before: dict[str, int]) -> int:
+    """How much a process grew since `before` (memory()), peak or resident."""
+    after = memory(pid)
+    return max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])
+
+
 class Daemon:
     """A running splitd process, with its data directory and sockets."""
 

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.conftest import need
+from tests.conftest import grown, memory, need
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import RawClient
 
@@ -40,22 +40,6 @@ STATE_ZERO = 2
 
 def connect(d) -> RawClient:
     return RawClient.unix(d.nbd_socket)
-
-
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def grown(pid: int, before: dict[str, int]) -> int:
-    after = memory(pid)
-    return max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])
 
 
 def cpu_seconds(pid: int) -> float:

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.conftest import memory
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import Closed, RawClient
 
@@ -34,17 +35,6 @@ def connect(d, tcp: bool = False, timeout: float = 10.0) -> RawClient:
     if tcp:
         return RawClient.tcp(d.tcp_port, timeout=timeout)
     return RawClient.unix(d.nbd_socket, timeout=timeout)
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 # -- handshake ---------------------------------------------------------------------------
@@ -268,9 +258,9 @@ def test_a_write_costs_at_most_its_payload_in_memory(served):
     data = b"\xa5" * (32 * MiB)
     with connect(served).open("big") as cl:
         assert cl.read(0, 4096) == bytes(4096)
-        before = proc_status(pid)
+        before = memory(pid)
         assert cl.write(0, data) == 0
-        after = proc_status(pid)
+        after = memory(pid)
         assert cl.read(32 * MiB - 4096, 4096) == data[:4096]
     grew = after["VmHWM"] - before["VmHWM"]
     assert grew < 64 * MiB, f"a 32 MiB write made the daemon grow by {grew / MiB:.0f} MiB"
@@ -286,11 +276,11 @@ def test_announced_payload_does_not_reserve_more_than_it(served):
     clients = [connect(served).open(VOL) for _ in range(n)]
     try:
         assert clients[0].read(0, 4096) == bytes(4096)
-        before = proc_status(pid)
+        before = memory(pid)
         for i, cl in enumerate(clients):
             cl.send_request(r.CMD_WRITE, 0, 32 * MiB, cookie=i)
         time.sleep(0.3)
-        after = proc_status(pid)
+        after = memory(pid)
         grew = after["VmRSS"] - before["VmRSS"]
         assert grew < n * 48 * MiB, (
             f"{n} write headers (no payload sent) made the daemon grow by {grew / MiB:.0f} MiB")
@@ -304,7 +294,7 @@ def test_oversized_write_is_einval_without_buffering(served):
     length = 64 * MiB
     with connect(served).open(VOL) as cl:
         assert cl.read(0, 4096) == bytes(4096)
-        before = proc_status(pid)
+        before = memory(pid)
         # The verdict comes from the header; the reply comes once the payload
         # has been dropped (as nbdkit does: a client still sending the payload,
         # libnbd for one, cannot take a reply to it before).
@@ -316,7 +306,7 @@ def test_oversized_write_is_einval_without_buffering(served):
         assert (rep.cookie, rep.error) == (64, r.EINVAL)
         # The payload was dropped, not written, and the stream is still in step.
         assert cl.read(0, 4096, cookie=65) == bytes(4096)
-        after = proc_status(pid)
+        after = memory(pid)
     grew = max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])
     assert grew < 16 * MiB, f"daemon memory grew by {grew / MiB:.1f} MiB"
 

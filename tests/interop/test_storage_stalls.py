@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
+from tests.conftest import grown, memory, need
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import Closed, RawClient
 from tests.interop.clients import MiB, random_bytes
@@ -103,7 +103,7 @@ def test_bytes_after_disc_are_not_read_while_a_flush_waits(stalled_disk, make_da
     pid = d.proc.pid
     with RawClient.unix(d.nbd_socket, timeout=30).open("v") as cl:
         assert cl.write(0, data, cookie=1) == 0
-        before = _memory(pid)
+        before = memory(pid)
         stalled_disk.pause()
         cl.send(r.request(r.CMD_FLUSH, 0, 0, 2) + r.request(r.CMD_DISC, 0, 0, 3))
         junk = b"\x55" * (4 * MiB)
@@ -121,7 +121,7 @@ def test_bytes_after_disc_are_not_read_while_a_flush_waits(stalled_disk, make_da
         # Other clients are served meanwhile (from the page cache).
         with RawClient.unix(d.nbd_socket, timeout=10).open("v") as other:
             assert other.read(0, 4096) == data[:4096]
-        grew = _grown(pid, before)
+        grew = grown(pid, before)
         stalled_disk.resume()
         rep = cl.reply()
         assert (rep.cookie, rep.error) == (2, 0)
@@ -130,16 +130,3 @@ def test_bytes_after_disc_are_not_read_while_a_flush_waits(stalled_disk, make_da
     assert grew < 24 * MiB, f"bytes sent after DISC made the daemon grow by {grew / MiB:.0f} MiB"
 
 
-def _memory(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _grown(pid: int, before: dict[str, int]) -> int:
-    after = _memory(pid)
-    return max(after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"])

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.conftest import memory
+
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import RawClient
 from tests.pairs.helpers import MiB, log_tail, show, wait_mirrored
@@ -24,17 +26,6 @@ from tests.pairs.helpers import MiB, log_tail, show, wait_mirrored
 nbd = pytest.importorskip("nbd")
 
 SIZE = 16 * MiB
-
-
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def test_held_reads_nobody_reads_cost_bounded_memory(daemon):
