@@ -49,6 +49,7 @@ DEFAULTS = {
     "tls_verify_peer": False,
     "max_connections": 256,
     "max_inflight": 64,
+    "reply_memory": 256 * 1024 * 1024,
     "handshake_timeout": 10.0,
     "shutdown_grace": 10.0,
     "log_level": "info",
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"NBD connection cap (default {DEFAULTS['max_connections']})")
     p.add_argument("--max-inflight", type=int, metavar="N",
                    help=f"requests in flight per connection (default {DEFAULTS['max_inflight']})")
+    p.add_argument("--reply-memory", metavar="BYTES",
+                   help="replies queued for all clients together before a client that has "
+                        "not read its replies for 10 s is disconnected (K/M/G suffixes; "
+                        "default 256M)")
     p.add_argument("--handshake-timeout", type=float, metavar="S",
                    help=f"seconds a client has to finish the handshake "
                         f"(default {DEFAULTS['handshake_timeout']:g})")
@@ -259,6 +264,13 @@ def _copy_rate(value) -> int:
     return parse_rate(value, "copy rate")
 
 
+def _reply_memory(value) -> int:
+    n = parse_rate(value, "reply memory")
+    if n < 64 * 1024 * 1024:
+        raise _Bad(f"must be at least 64M, two of the largest replies (got {_got(value)})")
+    return n
+
+
 SETTINGS = {
     "data_dir": _string,
     "listen": _listen,
@@ -271,6 +283,7 @@ SETTINGS = {
     "tls_verify_peer": _boolean,
     "max_connections": _at_least(1),
     "max_inflight": _at_least(1),
+    "reply_memory": _reply_memory,
     "handshake_timeout": _seconds(zero_allowed=False),
     "shutdown_grace": _seconds(zero_allowed=True),
     "log_level": _choice("debug", "info", "warning", "error"),
@@ -436,6 +449,7 @@ class Daemon:
             server = NBDServer(exports, registry, tls_context=tls_context,
                                max_connections=int(cfg["max_connections"]),
                                max_inflight=int(cfg["max_inflight"]),
+                               reply_memory=int(cfg["reply_memory"]),
                                handshake_timeout=float(cfg["handshake_timeout"]))
             controller = Controller(manager, registry, self.info, pairs)
             self._make_runtime_dir()

@@ -91,6 +91,8 @@ def test_numbers_out_of_range_from_flags(tmp_path, args, message):
     ("shutdown_grace = -3", "shutdown_grace: must be 0 or more (got -3)"),
     ("shutdown_grace = 1e9", "shutdown_grace: must be at most 86400"),
     ("max_inflight = 0", "max_inflight: must be at least 1 (got 0)"),
+    ('reply_memory = "1M"', "reply_memory: must be at least 64M, two of the largest replies"),
+    ('reply_memory = "lots"', "reply_memory: invalid reply memory 'lots'"),
 ])
 def test_numbers_out_of_range_from_the_file(tmp_path, line, message):
     out = refused(run_splitd(tmp_path, config=line + "\n"))

@@ -208,6 +208,38 @@ def test_replies_nobody_reads_cost_about_one_reply(served_big):
         assert hoarder.read(4096, 4096, cookie=99) == pattern[4096:8192]
 
 
+@pytest.mark.slow
+def test_replies_for_all_clients_are_bounded(make_daemon):
+    # Each connection holds about one unread reply; many hoarders together
+    # would still hold many. Past --reply-memory in total, the clients that
+    # have read nothing for 10 s are dropped, largest first, until the total
+    # is under it again; a client that reads is served throughout.
+    d = make_daemon(["--reply-memory", "64M"])
+    d.create_volume("big", 32 * MiB)
+    pattern = os.urandom(MiB) * 32
+    with connect(d).open("big") as cl:
+        assert cl.write(0, pattern) == 0
+    hoarders = [connect(d).open("big") for _ in range(5)]
+    try:
+        for h in hoarders:
+            h.send(b"".join(r.request(r.CMD_READ, 0, 32 * MiB, cookie=i) for i in range(4)))
+        with connect(d).open("big") as reader:
+            deadline = time.monotonic() + 30
+            i = 0
+            while d.log().count("replies unread for") < 3 and time.monotonic() < deadline:
+                off = (i % 32) * MiB
+                assert reader.read(off, 64 * KiB, cookie=i) == pattern[off:off + 64 * KiB]
+                i += 1
+                time.sleep(0.05)
+            dropped = d.log().count("replies unread for")
+            assert dropped >= 3, (f"5 clients hold 160 MiB of unread replies, over the 64 MiB "
+                                  f"bound for 30 s, and {dropped} were dropped")
+            assert reader.read(0, 4096, cookie=10**6) == pattern[:4096]
+    finally:
+        for h in hoarders:
+            h.close()
+
+
 def test_list_replies_nobody_reads_cost_little(daemon):
     # NBD_OPT_LIST is 16 bytes; with 100 exports its replies are ~5 KB. A
     # client that sends thousands and reads nothing must be stopped like one
