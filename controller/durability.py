@@ -202,14 +202,24 @@ class Durability:
             # In the mirroring states a region copied recently keeps its bit
             # for a while (a hot region pays for one sync, not one per copy);
             # elsewhere (split, restore) writes may be waiting for the clear.
-            delay = 0.0 if everything or pair.state not in MIRRORING else LAZY_DELAY
+            # Nothing left to copy: no region is hot, the clears are due now.
+            delay = LAZY_DELAY
+            if everything or pair.state not in MIRRORING or pair.diff.count() == 0:
+                delay = 0.0
             for kind in ("diff", "restore"):
                 bm = pair.bm[kind]
                 if not bm.lazy:
                     continue
                 if delay:
+                    # Lazy clears are kept in the order they were made (a
+                    # region set again leaves the dict; copied again, it comes
+                    # back at the end): the due ones are a prefix.
                     cutoff = self._cutoff(now - delay)
-                    entries = {r: seq for r, seq in bm.lazy.items() if seq < cutoff}
+                    entries = {}
+                    for r, seq in bm.lazy.items():
+                        if seq >= cutoff:
+                            break
+                        entries[r] = seq
                 else:
                     entries = dict(bm.lazy)
                 if entries:
@@ -239,9 +249,19 @@ class Durability:
         return out
 
     async def round(self, everything: bool = False) -> bool:
-        """One round (see the module's docstring). True if it did anything."""
-        due, vols = self._plan(everything)
+        """One round (see the module's docstring). True if it did anything.
+        Held changes whose bits only need syncing do not wait behind the
+        volumes' fdatasyncs: the bitmaps are synced for them first."""
         worked = False
+        if self.held:
+            bms = self._begin_bitmap_sync()
+            if bms:
+                items = self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
+                failed = await asyncio.to_thread(self._sync_files, items)
+                self._end_bitmap_sync(bms, failed)
+                self._run_held()
+                worked = True
+        due, vols = self._plan(everything)
         if due:
             items = self._dups([(p, f"volume {v.name}", v.fd) for p, v in vols])
             failed = await asyncio.to_thread(self._sync_files, items)

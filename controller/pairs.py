@@ -491,7 +491,9 @@ class PairManager:
     def _drained(self, pair: Pair) -> None:
         if pair.state == st.RESTORE:
             # P holds S's image only once the restore copies are durable (in
-            # `pair` the restore bitmap is no longer looked at).
+            # `pair` the restore bitmap is no longer looked at). A copy or
+            # resync needs no wait: in `pair` the diff is still drained, and
+            # its lazy clears are due as soon as nothing is left to copy.
             bm = pair.bm["restore"]
             if bm.lazy or not bm.synced():
                 if not self.durability.inline:

@@ -141,10 +141,17 @@ class Bitmap:
         if self.fd < 0:
             return
         data = self.bits[first_byte:last_byte + 1]
-        if self.lazy:
-            for r in self.lazy:
-                if first_byte <= r >> 3 <= last_byte:
-                    data[(r >> 3) - first_byte] |= 1 << (r & 7)
+        lazy = self.lazy
+        if lazy:
+            if (last_byte - first_byte + 1) * 8 <= len(lazy):
+                # A few bytes: look up their regions, not every lazy clear.
+                for r in range(first_byte << 3, (last_byte + 1) << 3):
+                    if r in lazy:
+                        data[(r >> 3) - first_byte] |= 1 << (r & 7)
+            else:
+                for r in lazy:
+                    if first_byte <= r >> 3 <= last_byte:
+                        data[(r >> 3) - first_byte] |= 1 << (r & 7)
         os.pwrite(self.fd, data, first_byte)
         if last_byte - first_byte > 4096:
             self.unsynced.add(-1)  # a large write: the whole file counts as unsynced
