@@ -507,6 +507,8 @@ class PairManager:
         pair.drain_total = pair.diff.count()
         pair.drain_done = 0
         pair.kick()
+        # The copies are done: make them durable now, not at the next idle round.
+        self.durability.want_round()
 
     def fail(self, pair: Pair, reason: str) -> None:
         """Suspend a pair: state error, recorded where a restart finds it. If
