@@ -331,10 +331,13 @@ class Pair:
                                                 f"{self.primary.name} are refused until it can")
             return True  # only a full resync leaves error: nothing to track
         else:
-            # copy, pair, resync: mirror.
+            # copy, pair, resync: mirror. The intent covers the whole bitmap
+            # byte (8 regions): one sync then serves the writes to its
+            # neighbours too, as md's coarse write-intent chunks do; the
+            # engine copies those regions again, which changes nothing on S.
             diff = self.diff
             before = diff.count()
-            ready = diff.intent(first, last)
+            ready = diff.intent(first & ~7, min(last | 7, self.nregions - 1))
             ready = self.bm["delta"].intent(first, last) and ready
             if diff.count() != before:
                 self.drain_total += diff.count() - before
