@@ -55,14 +55,12 @@ MIRRORING = (st.COPY, st.PAIR, st.RESYNC)
 class Held:
     """A change waiting for its bits: run() once ready() says so."""
 
-    __slots__ = ("ready", "run", "future", "result", "error")
+    __slots__ = ("ready", "run", "future")
 
     def __init__(self, ready: Callable[[], bool], run: Callable[[], object], future=None):
         self.ready = ready
         self.run = run
         self.future = future
-        self.result = None
-        self.error: BaseException | None = None
 
 
 class Durability:
@@ -72,7 +70,6 @@ class Durability:
         self.inline = True              # until start(): rounds on the caller's thread
         self.held: collections.deque[Held] = collections.deque()
         self.urgent = False             # a round is wanted now, not lazily
-        self.rounds = 0
         # (monotonic time, copy sequence) at each round: lazy clears older than
         # a time are those with a sequence below its mark.
         self.marks: collections.deque[tuple[float, int]] = collections.deque()
@@ -249,52 +246,57 @@ class Durability:
         return out
 
     async def round(self, everything: bool = False) -> bool:
-        """One round (see the module's docstring). True if it did anything.
-        Held changes whose bits only need syncing do not wait behind the
-        volumes' fdatasyncs: the bitmaps are synced for them first."""
-        worked = False
-        if self.held:
-            bms = self._begin_bitmap_sync()
-            if bms:
-                items = self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
-                failed = await asyncio.to_thread(self._sync_files, items)
-                self._end_bitmap_sync(bms, failed)
-                self._run_held()
-                worked = True
-        due, vols = self._plan(everything)
-        if due:
-            items = self._dups([(p, f"volume {v.name}", v.fd) for p, v in vols])
-            failed = await asyncio.to_thread(self._sync_files, items)
-            self._clears(due, failed)
-            worked = True
-        bms = self._begin_bitmap_sync()
-        if bms:
-            items = self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
-            failed = await asyncio.to_thread(self._sync_files, items)
-            self._end_bitmap_sync(bms, failed)
-            worked = True
-        self.rounds += 1
-        self._run_held()
+        """One round (see the module's docstring), its fdatasyncs in a
+        thread. True if it did anything."""
+        steps = self._steps(everything)
+        failed = None
+        try:
+            while True:
+                failed = await asyncio.to_thread(self._sync_files, steps.send(failed))
+        except StopIteration as done:
+            worked = done.value
         self.on_round()
         return worked
 
     def round_now(self, everything: bool = False) -> bool:
         """The same round on this thread (inline mode, tests)."""
-        due, vols = self._plan(everything)
-        worked = False
-        if due:
-            items = self._dups([(p, f"volume {v.name}", v.fd) for p, v in vols])
-            self._clears(due, self._sync_files(items))
-            worked = True
-        bms = self._begin_bitmap_sync()
-        if bms:
-            items = self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
-            self._end_bitmap_sync(bms, self._sync_files(items))
-            worked = True
-        self.rounds += 1
         self.urgent = False
+        steps = self._steps(everything)
+        failed = None
+        try:
+            while True:
+                failed = self._sync_files(steps.send(failed))
+        except StopIteration as done:
+            return done.value
+
+    def _steps(self, everything: bool):
+        """The steps of a round, for round() and round_now() alike: yields
+        the files to fdatasync (dup'ed fds), is sent back the failures, and
+        returns whether it did anything. Held changes whose bits only need
+        syncing do not wait behind the volumes' fdatasyncs: the bitmaps are
+        synced for them first."""
+        worked = False
+        if self.held and (yield from self._sync_bitmaps()):
+            self._run_held()
+            worked = True
+        due, vols = self._plan(everything)
+        if due:
+            failed = yield self._dups([(p, f"volume {v.name}", v.fd) for p, v in vols])
+            self._clears(due, failed)
+            worked = True
+        if (yield from self._sync_bitmaps()):
+            worked = True
         self._run_held()
         return worked
+
+    def _sync_bitmaps(self):
+        """Step 4 (a sub-generator of _steps): True if any bitmap was synced."""
+        bms = self._begin_bitmap_sync()
+        if not bms:
+            return False
+        failed = yield self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
+        self._end_bitmap_sync(bms, failed)
+        return True
 
     def _clears(self, due, failed) -> None:
         """Step 3: write the clears whose copies are now durable on both sides."""
