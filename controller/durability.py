@@ -49,7 +49,6 @@ log = logging.getLogger("splitd.durability")
 LAZY_DELAY = 2.0        # seconds a copied region keeps its bit while mirroring
 IDLE_ROUND = 0.5        # seconds between rounds while lazy clears wait
 HELD_ROUNDS = 100       # inline: rounds after which a held change gives up
-MIRRORING = (st.COPY, st.PAIR, st.RESYNC)
 
 
 class Held:
@@ -86,7 +85,9 @@ class Durability:
         run's result, resolved by a later round."""
         if self.inline:
             for _ in range(HELD_ROUNDS):
-                self.round_now(everything=True)
+                # Not `everything`: a mirrored write's bits are lazy clears
+                # made before it is issued, which such a round would undo.
+                self.round_now()
                 if ready():
                     return run()
             raise OSError(errno.EIO, "a held write never became ready")
@@ -199,9 +200,14 @@ class Durability:
             # In the mirroring states a region copied recently keeps its bit
             # for a while (a hot region pays for one sync, not one per copy);
             # elsewhere (split, restore) writes may be waiting for the clear.
-            # Nothing left to copy: no region is hot, the clears are due now.
+            # Nothing left to copy and no write mirrored lately: no region is
+            # hot, the clears are due now.
+            if pair.mirrored != pair.mirrored_seen:
+                pair.mirrored_seen = pair.mirrored
+                pair.mirrored_at = now
             delay = LAZY_DELAY
-            if everything or pair.state not in MIRRORING or pair.diff.count() == 0:
+            if (everything or pair.state not in st.MIRRORING
+                    or (pair.diff.count() == 0 and pair.mirrored_at < now - LAZY_DELAY)):
                 delay = 0.0
             for kind in ("diff", "restore"):
                 bm = pair.bm[kind]

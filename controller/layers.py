@@ -99,11 +99,12 @@ class ManagedVolume:
 
     # -- changes ---------------------------------------------------------------
 
-    def _ready(self, offset: int, length: int) -> bool:
+    def _ready(self, offset: int, length: int, write: bool = False) -> bool:
         """Are this volume's pairs ready for a change of [offset, offset+length)?
         Every pair is asked (each sets its bits now, so one round serves all);
         a restoring pair last, as its fill of P is itself a change of P that
-        the other pairs must be ready for."""
+        the other pairs must be ready for. `write`: a WRITE, which _write
+        mirrors to the secondaries of mirroring pairs at once after True."""
         ready = True
         restoring = None
         for pair in self.primary_of:
@@ -111,7 +112,7 @@ class ManagedVolume:
                 restoring = pair
                 continue
             first, last = pair.regions(offset, length)
-            ready = pair.primary_change_ready(first, last) and ready
+            ready = pair.primary_change_ready(first, last, write) and ready
         if restoring is not None:
             first, last = restoring.regions(offset, length)
             ready = ready and restoring.primary_change_ready(first, last)
@@ -130,13 +131,37 @@ class ManagedVolume:
     def write(self, offset: int, data):
         """None once written; a Future if the write is held (see the module)."""
         self.ops.count += 1
-        if self.primary_of or self.secondary_of is not None:
-            if not self._ready(offset, len(data)):
+        pairs = self.primary_of
+        if pairs or self.secondary_of is not None:
+            if len(pairs) == 1 and self.secondary_of is None and pairs[0].write_hot(offset, data):
+                return None
+            if not self._ready(offset, len(data), True):
                 buf = bytes(data)
-                return self.durability.hold(lambda: self._ready(offset, len(buf)),
-                                            lambda: self.vol.write(offset, buf))
+                return self.durability.hold(lambda: self._ready(offset, len(buf), True),
+                                            lambda: self._write(offset, buf))
+            if self.primary_of:
+                self._write(offset, data)
+                return None
         self.vol.write(offset, data)
         return None
+
+    def _write(self, offset: int, data) -> None:
+        """A WRITE of P, its pairs ready for it: to P's file, then to the
+        secondary of every pair that mirrors (Pair.mirror_write)."""
+        mirrors = [p for p in self.primary_of if p.mirrors_writes]
+        if not mirrors:
+            self.vol.write(offset, data)
+            return
+        try:
+            self.vol.write(offset, data)
+        except OSError:
+            # P may hold part of the write: its regions are no longer known
+            # to be in step with S.
+            for pair in mirrors:
+                pair.mirror_failed(*pair.regions(offset, len(data)))
+            raise
+        for pair in mirrors:
+            pair.mirror_write(offset, data)
 
     def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False):
         self.ops.count += 1

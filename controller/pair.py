@@ -40,6 +40,7 @@ from volumes.bitmap import Bitmap
 from . import states as st
 
 log = logging.getLogger("splitd.pair")
+_MIRRORING = st.MIRRORING
 
 READ_POLICIES = st.READ_POLICIES
 BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
@@ -160,6 +161,9 @@ class Pair:
         self.poke = lambda: None        # set by PairManager: copies were made
         self.settle = lambda: False     # set by PairManager: a round now, if inline
         self.fill_limit = INLINE_FILL   # PairManager: no limit while rounds run inline
+        self.mirrored = 0               # writes mirrored to S (counted, for durability)
+        self.mirrored_seen = 0          # ... as the last durability round saw it
+        self.mirrored_at = 0.0          # ... and when that round saw it change
         self.siblings = lambda: ()      # set by PairManager: other pairs of the same primary
         self.on_fault = lambda reason: None  # set by PairManager: suspend the pair (error)
         # Counters (since the daemon started) and progress of the current drain.
@@ -283,12 +287,26 @@ class Pair:
             self.cow_count += filled
         return True
 
-    def primary_change_ready(self, first: int, last: int) -> bool:
+    def primary_change_ready(self, first: int, last: int, mirrored: bool = False) -> bool:
         """A write, zero or trim of P is about to land on regions first..last:
         set the bits that describe it and copy what must be copied first.
         True once the change may be issued (its bits durably set, its copies
-        durably done); otherwise ask again after a durability round."""
+        durably done); otherwise ask again after a durability round.
+        `mirrored`: the change is a WRITE that the caller also writes to S
+        if the pair mirrors (see mirror_write), at once after this says True."""
         state = self.state
+        if mirrored and state in st.MIRRORING:
+            # copy, pair, resync, a WRITE: it goes to S too (mirror_write), as
+            # md and DRBD mirror a write, so a region that was in step stays
+            # in step and the engine has nothing to copy. Its bit is set in
+            # the file only, as a copy made now, cleared lazily once both
+            # copies are durable; regions still to copy keep their bits.
+            self.mirrored += 1     # its lazy clears wait (durability)
+            if (self.diff.intent_mirrored(first, last)
+                    and self.bm["delta"].intent(first, last)):
+                return True
+            self.want_round()
+            return False
         if state == st.SPLIT:
             pending = self.diff
             if pending.any_in(first, last):
@@ -331,10 +349,11 @@ class Pair:
                                                 f"{self.primary.name} are refused until it can")
             return True  # only a full resync leaves error: nothing to track
         else:
-            # copy, pair, resync: mirror. The intent covers the whole bitmap
-            # byte (8 regions): one sync then serves the writes to its
-            # neighbours too, as md's coarse write-intent chunks do; the
-            # engine copies those regions again, which changes nothing on S.
+            # copy, pair, resync, a zero or trim: the engine copies the
+            # regions. The intent covers the whole bitmap byte (8 regions):
+            # one sync then serves the changes of its neighbours too, as md's
+            # coarse write-intent chunks do; the engine copies those regions
+            # again, which changes nothing on S.
             diff = self.diff
             before = diff.count()
             ready = diff.intent(first & ~7, min(last | 7, self.nregions - 1))
@@ -345,6 +364,71 @@ class Pair:
         if not ready:
             self.want_round()
         return ready
+
+    @property
+    def mirrors_writes(self) -> bool:
+        """Whether a WRITE of P goes to S too (primary_change_ready, mirrored)."""
+        return self.state in st.MIRRORING
+
+    def write_hot(self, offset: int, data) -> bool:
+        """The hot path of a WRITE of P (ManagedVolume.write), when this is
+        P's only pair: mirroring, within one region that is in step with S
+        and was written lately (its bits durably set in the file already).
+        Then write P and S and say True; otherwise do nothing and say False
+        (the general path: primary_change_ready, then mirror_write)."""
+        if self.state not in _MIRRORING:
+            return False
+        rs = self.region_size
+        r = offset // rs
+        n = len(data)
+        if (offset + n - 1) // rs != r:
+            return False
+        bm = self.bm
+        if not bm["delta"].durably_set(r) or not bm["diff"].rewrite_copied(r):
+            return False
+        self.mirrored += 1
+        # os.pwrite at once (a short write, rare, goes through Volume.write).
+        try:
+            if os.pwrite(self.primary.fd, data, offset) != n:
+                self.primary.write(offset, data)
+        except OSError:
+            self.mirror_failed(r, r)
+            raise
+        try:
+            if os.pwrite(self.secondary.fd, data, offset) != n:
+                self.secondary.write(offset, data)
+        except OSError as e:
+            self._mirror_write_failed(r, r, e)
+        return True
+
+    def mirror_write(self, offset: int, data) -> None:
+        """A WRITE of P just issued (P's file has it): write it to S too.
+        Regions whose S copy is not exact after this (a failed write of S, a
+        region still to copy anyway) keep or get their bits in memory: the
+        engine copies them."""
+        first, last = self.regions(offset, len(data))
+        diff = self.diff
+        if diff.next_clear(first, last) is None:
+            return      # every region is to be copied anyway
+        try:
+            self.secondary.write(offset, data)
+        except OSError as e:
+            self._mirror_write_failed(first, last, e)
+
+    def _mirror_write_failed(self, first: int, last: int, e: OSError) -> None:
+        log.warning("pair %s: mirror write to %s failed (%s); the engine copies the regions",
+                    self.name, self.secondary.name, e)
+        self.mirror_failed(first, last)
+
+    def mirror_failed(self, first: int, last: int) -> None:
+        """P's or S's half of a mirrored write failed: S may differ from P on
+        first..last; have the engine copy the regions (their bits are set in
+        the file already)."""
+        diff = self.diff
+        before = diff.count()
+        diff.set_range(first, last)
+        self.drain_total += diff.count() - before
+        self.kick()
 
     def primary_read(self, offset: int, length: int) -> bytes | None:
         """During a restore, P regions not yet restored come from S: copied

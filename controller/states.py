@@ -35,6 +35,10 @@ TRANSITIONS: dict[str, dict[str, str]] = {
     "fail": {s: ERROR for s in STATES},
 }
 
+# States where S follows P: a WRITE of P goes to S too, and the engine drains
+# what is still to copy.
+MIRRORING = frozenset({COPY, PAIR, RESYNC})
+
 # Which states serve the secondary as an NBD export.
 SECONDARY_SERVED = frozenset({SPLIT})
 

@@ -219,6 +219,62 @@ class Bitmap:
             self.set_range(first, last)
         return self._durable_bytes(first >> 3, last >> 3)
 
+    def intent_mirrored(self, first: int, last: int) -> bool:
+        """For a write that goes to both copies now (P, then its mirror S):
+        bits first..last that are clear in memory stay clear (there is
+        nothing for the engine to copy), but are set in the file as if
+        copied this moment (lazy clears, applied once both copies are
+        durable: a crash before then copies the regions again). Bits set in
+        memory stay set. The file is set for whole bytes (8 regions): one
+        sync then serves writes to the neighbours too. True if the file bits
+        of first..last are durably set: the write may be issued."""
+        seq = next(_copy_seq)
+        bits, lazy = self.bits, self.lazy
+        added = []
+        for r in range(first, last + 1):
+            if bits[r >> 3] & (1 << (r & 7)):
+                continue
+            if lazy.pop(r, None) is None:
+                added.append(r)
+            lazy[r] = seq   # at the end: lazy clears stay in the order they were made
+        b0, b1 = first >> 3, last >> 3
+        for r in itertools.chain(range(b0 << 3, first),
+                                 range(last + 1, min((b1 + 1) << 3, self.nbits))):
+            if not bits[r >> 3] & (1 << (r & 7)) and r not in lazy:
+                added.append(r)
+                lazy[r] = seq
+        if added:
+            try:
+                self._write(b0, b1)
+            except OSError:
+                for r in added:  # not in the file: not set there either
+                    del lazy[r]
+                raise
+        return self._durable_bytes(b0, b1)
+
+    def rewrite_copied(self, r: int) -> bool:
+        """The hot path of intent_mirrored for one region: if region r is
+        clear in memory and still set in the file (a lazy clear), durably,
+        give its lazy clear a new copy sequence and say True. Otherwise
+        change nothing and say False (take intent_mirrored)."""
+        lazy = self.lazy
+        if r not in lazy or self.bits[r >> 3] & (1 << (r & 7)):
+            return False
+        u, s = self.unsynced, self.syncing
+        if (u or s) and not self._durable_bytes(r >> 3, r >> 3):
+            return False
+        del lazy[r]
+        lazy[r] = next(_copy_seq)
+        return True
+
+    def durably_set(self, r: int) -> bool:
+        """Is bit r set, in memory and durably in the file?"""
+        byte = r >> 3
+        if not self.bits[byte] & (1 << (r & 7)):
+            return False
+        u, s = self.unsynced, self.syncing
+        return not ((u or s) and (byte in u or byte in s or -1 in u or -1 in s))
+
     def clear_lazily(self, first: int, last: int) -> None:
         """Clear bits first..last in memory only: their regions were copied.
         The file keeps them set until apply_clears()."""

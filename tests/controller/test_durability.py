@@ -121,3 +121,84 @@ async def test_a_large_trim_of_pending_regions_is_copied_by_the_engine(env):
         assert pread(env, "p", 0, SIZE) == bytes(SIZE)
     finally:
         await env.pairs.stop()
+
+
+async def test_a_write_in_pair_state_is_mirrored_to_s_at_once(env):
+    """In `pair` a WRITE of P goes to S too, as md mirrors it: S holds it as
+    soon as the write is done, and the engine has nothing to copy. Before,
+    each write dirtied 8 regions (a bitmap byte) that the engine then copied
+    whole: 512 KiB of copying for a 4 KiB write."""
+    pair = env.pairs.create("p", "s", create_secondary=True)
+    env.engine.drain(pair)
+    env.pairs.durability.round_now(everything=True)
+    env.pairs.start()
+    try:
+        copied = pair.copied_regions
+        held = env.layer("p").write(3 * RS + 4096, b"m" * 4096)
+        if held is not None:
+            await settle(env, held)
+        assert pread(env, "s", 3 * RS + 4096, 4096) == b"m" * 4096
+        assert pair.diff.count() == 0, "regions were left for the engine to copy"
+        # Written again: the hot path, no wait.
+        assert env.layer("p").write(3 * RS, b"n" * 4096) is None
+        assert pread(env, "s", 3 * RS, 4096) == b"n" * 4096
+        assert pair.copied_regions == copied
+    finally:
+        await env.pairs.stop()
+
+
+async def test_a_mirrored_write_keeps_its_bit_until_both_copies_are_durable(env):
+    """Set before write, clear after both copies are durable: the mirrored
+    region's bit is in the file before P is written, and leaves it only in a
+    round that synced P and S after the write."""
+    pair = env.pairs.create("p", "s", create_secondary=True)
+    env.engine.drain(pair)
+    env.pairs.durability.round_now(everything=True)
+    assert not file_bit(pair.diff, 6)
+    env.pairs.start()
+    try:
+        held = env.layer("p").write(6 * RS, b"k" * 4096)
+        assert held is not None, "the write was issued before its bit was durable"
+        assert file_bit(pair.diff, 6)
+        await settle(env, held)
+        assert file_bit(pair.diff, 6), "cleared in the file with no sync of P and S since"
+        assert 6 in pair.diff.lazy
+    finally:
+        await env.pairs.stop()           # a clean stop syncs both, then clears
+    assert not file_bit(pair.diff, 6)
+
+
+async def test_a_failed_mirror_write_leaves_the_region_to_the_engine(env, monkeypatch):
+    """S's half of a mirrored write fails (S's disk, say): the client's
+    write still succeeds on P, and the region is dirty again, so the engine
+    copies it (and puts the pair in error if S keeps failing)."""
+    pair = env.pairs.create("p", "s", create_secondary=True)
+    env.engine.drain(pair)
+    env.pairs.durability.round_now(everything=True)
+    env.pairs.start()
+    try:
+        assert await _write(env, 2 * RS, b"w" * 4096) is None
+        real = os.pwrite
+        s_fd = env.volumes.get("s").fd
+
+        def failing(fd, data, off):
+            if fd == s_fd:
+                raise OSError(28, "No space left on device")
+            return real(fd, data, off)
+
+        monkeypatch.setattr(os, "pwrite", failing)
+        await _write(env, 2 * RS, b"x" * 4096)
+        monkeypatch.setattr(os, "pwrite", real)
+        assert pread(env, "p", 2 * RS, 4096) == b"x" * 4096
+        assert pair.diff[2], "S missed the write and nothing says so"
+        env.engine.drain(pair)
+        assert pread(env, "s", 2 * RS, 4096) == b"x" * 4096
+    finally:
+        await env.pairs.stop()
+
+
+async def _write(env, off: int, data: bytes):
+    held = env.layer("p").write(off, data)
+    if held is not None:
+        await settle(env, held)
+    return None
