@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import nbdwire as c
 
-from .memserver import PENDING, FakeExports, MemoryServer, drive
+from .memserver import PENDING, MemoryServer, drive
 
 
 def kinds(events: list) -> list[str]:
@@ -178,9 +178,8 @@ def test_offset_data_round_trip(cookie, offset, data, done):
 
 @given(u64, st.integers(1, 2**32 - 1), messages)
 def test_error_chunk_round_trip(cookie, error, message):
-    chunk, used = c.decode_reply(c.encode_error_chunk(cookie, error, message))
+    chunk, _ = c.decode_reply(c.encode_error_chunk(cookie, error, message))
     assert chunk == c.ErrorChunk(cookie, True, error, message, None, c.REPLY_TYPE_ERROR)
-    assert c.to_errno(c.EINVAL) == 22
 
 
 @given(u64, u32, st.lists(st.tuples(st.integers(1, 2**32 - 1), u32), min_size=1, max_size=20),
