@@ -176,3 +176,24 @@ def test_request_errors_come_back_as_error_chunks(served):
         assert all(m for _, m in errors.values())
     finally:
         cl.close()
+
+
+@pytest.mark.parametrize("offset, length", [(4096 + 100, 1000), (0, 1), (4 * MiB - 512, 512),
+                                            (4095, 2), (0, 4 * MiB)])
+@pytest.mark.parametrize("flags", [0, c.CMD_FLAG_REQ_ONE])
+def test_block_status_extents_stay_within_the_request(served, offset, length, flags):
+    # "NBD_CMD_BLOCK_STATUS": the descriptors' lengths sum to at most the
+    # request's length; each is nonzero (the client codec checks that); with
+    # REQ_ONE there is exactly one.
+    cl = Client(str(served.nbd_socket), c.ClientHandshake("vol", meta_contexts=[c.BASE_ALLOCATION]))
+    try:
+        cl.request(c.CMD_WRITE, 1, 4096, 4096, data=b"x" * 4096)
+        assert cl.reply() == c.SimpleReply(1, 0)
+        cl.request(c.CMD_BLOCK_STATUS, 2, offset, length, flags)
+        [status] = cl.chunks(2)
+        assert isinstance(status, c.BlockStatus), status
+        assert 0 < sum(n for n, _ in status.extents) <= length
+        if flags:
+            assert len(status.extents) == 1
+    finally:
+        cl.close()
