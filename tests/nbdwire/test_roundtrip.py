@@ -198,3 +198,13 @@ def test_errno_mapping_both_ways():
     assert c.nbd_error(OSError(errno.EDQUOT, "quota")) == c.ENOSPC
     assert c.nbd_error(ValueError()) == c.EIO
     assert c.to_errno(9999) == errno.EINVAL
+
+
+def test_the_package_is_pure():
+    # No sockets, no asyncio, nothing of splitd's: importable anywhere.
+    import subprocess
+    import sys
+    code = ("import sys, nbdwire; bad = [m for m in ('socket', 'asyncio', 'ssl', 'daemon', "
+            "'controller', 'volumes') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
