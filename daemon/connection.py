@@ -31,9 +31,10 @@ import socket
 import struct
 import time
 
+import nbdwire as c
+from nbdwire import nbd_error
 from volumes.volume import pread_padded
 
-from . import codec as c
 from .handshake import MAX_PAYLOAD, STARTTLS, TRANSMISSION, CLOSE, Negotiation
 
 log = logging.getLogger("splitd.nbd")
@@ -73,21 +74,6 @@ MAX_EXTENTS = 1024
 # A bound on the size of a BLOCK_STATUS reply, for flow control: one chunk per
 # context (at most three), each a 20-byte header, an id and the extents.
 _STATUS_REPLY_MAX = 3 * (24 + 8 * MAX_EXTENTS)
-
-# errno from the storage -> NBD error ("Error values"); anything else is EIO.
-_ERRNO_TO_NBD = {
-    errno.EPERM: c.EPERM, errno.EACCES: c.EPERM, errno.EROFS: c.EPERM,
-    errno.EIO: c.EIO, errno.ENOMEM: c.ENOMEM, errno.EINVAL: c.EINVAL,
-    errno.ENOSPC: c.ENOSPC, errno.EDQUOT: c.ENOSPC, errno.EFBIG: c.ENOSPC,
-    errno.EOVERFLOW: c.EOVERFLOW, errno.ENOTSUP: c.ENOTSUP, errno.ESHUTDOWN: c.ESHUTDOWN,
-}
-
-
-def nbd_error(exc: BaseException) -> int:
-    if isinstance(exc, OSError) and exc.errno in _ERRNO_TO_NBD:
-        return _ERRNO_TO_NBD[exc.errno]
-    return c.EIO
-
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 INITIAL_BUFFER = 256 * 1024

@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from . import codec as c
+import nbdwire as c
+from nbdwire import MAX_PAYLOAD
+
 from .exports import Export, ExportUnavailable, ExportUnknown
 
 log = logging.getLogger("splitd.nbd")
 
 # Block size constraints we advertise (NBD_INFO_BLOCK_SIZE): any alignment is
-# accepted (the kernel sends 512-byte I/O, qemu-io 1-byte I/O), 4 KiB is best.
+# accepted (the kernel sends 512-byte I/O, qemu-io 1-byte I/O), 4 KiB is best,
+# MAX_PAYLOAD (nbdwire.limits) at most.
 MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
-MAX_PAYLOAD = 32 * 1024 * 1024
 
 CONTINUE, STARTTLS, TRANSMISSION, CLOSE = "continue", "starttls", "transmission", "close"
 

@@ -4,7 +4,7 @@ libnbd is a polite client: it will not send a bad magic, a 64 MiB write, an
 unknown command or an option out of order. This one sends whatever a test
 asks for, byte for byte, and reads back exactly what the server answers.
 
-It deliberately does not import daemon.codec: the numbers below are copied
+It deliberately does not import nbdwire: the numbers below are copied
 from the protocol document (/tmp/proto.md, section names in the comments),
 so a wrong constant in the server cannot hide behind the same wrong constant
 in its test.
