@@ -1,6 +1,7 @@
 # splitd — set-up, run, test, bench.
 #   make run    install what is missing, start the daemon in the foreground on ./var
 #   make test   same install, then the whole test suite
+#   make lint   same install, then ruff (style, imports, likely bugs) and mypy (types)
 #   make bench  the referee benchmark (splitd vs nbdkit vs qemu-nbd) on tmpfs
 #   make crash  many rounds of kill -9 and of power cuts under load, checking every pair's guarantee
 #   make powercut  only the power cuts (root, /dev/fuse)
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 VAR := $(CURDIR)/var
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv run test bench crash powercut install clean distclean
+.PHONY: all deps venv run test lint bench crash powercut install clean distclean
 
 all: venv
 
@@ -40,6 +41,13 @@ run: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every package we ship, and the tests and tools beside them.
+LINT_PATHS := daemon controller volumes splitctl nbdwire tests bench scripts
+TYPED_PATHS := daemon controller volumes splitctl nbdwire
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(TYPED_PATHS)
 
 bench: venv
 	$(PY) bench/run.py
