@@ -1,11 +1,11 @@
-"""Errors of the admin API: those of volumes.errors, plus the ones only a
-request dispatcher can raise. See volumes/errors.py for the tree."""
+"""Errors of the admin API: those of common.errors, plus the ones only a
+request dispatcher can raise. See common/errors.py for the tree and the codes."""
 from __future__ import annotations
 
-from volumes.errors import BadInput, Conflict, NotFound, SplitdError
+from common.errors import BadInput, Conflict, ErrorCode, NotFound, SplitdError
 
-__all__ = ["SplitdError", "BadInput", "NotFound", "Conflict", "UnknownMethod"]
+__all__ = ["BadInput", "Conflict", "NotFound", "SplitdError", "UnknownMethod"]
 
 
 class UnknownMethod(SplitdError):
-    code = "unknown-method"
+    code = ErrorCode.UNKNOWN_METHOD

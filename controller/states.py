@@ -14,13 +14,29 @@ listed for a state is refused, and the refusal names what would be allowed.
 """
 from __future__ import annotations
 
-COPY, PAIR, SPLIT, RESYNC, RESTORE, ERROR = "copy", "pair", "split", "resync", "restore", "error"
-STATES = (COPY, PAIR, SPLIT, RESYNC, RESTORE, ERROR)
+from common.states import READ_POLICIES, STATES, PairState, ReadPolicy
 
-# How a split secondary's reads of regions not yet copied are served
-# (DESIGN.md "Split"). Kept here, not in pair.py, so that splitctl can offer
-# them without importing asyncio.
-READ_POLICIES = ("copy-on-read", "staging", "wait")
+# The states and read policies are shared with splitctl and the agents
+# (common/states.py); the names below are the ones the controller uses.
+COPY, PAIR, SPLIT = PairState.COPY, PairState.PAIR, PairState.SPLIT
+RESYNC, RESTORE, ERROR = PairState.RESYNC, PairState.RESTORE, PairState.ERROR
+
+__all__ = [
+    "COPY",
+    "ERROR",
+    "PAIR",
+    "READ_POLICIES",
+    "RESTORE",
+    "RESYNC",
+    "SECONDARY_SERVED",
+    "SPLIT",
+    "STATES",
+    "TRANSITIONS",
+    "PairState",
+    "ReadPolicy",
+    "TransitionRefused",
+    "next_state",
+]
 
 # action -> {from state: to state}
 TRANSITIONS: dict[str, dict[str, str]] = {

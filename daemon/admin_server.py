@@ -4,11 +4,11 @@
     reply:    {"id": <same>, "result": <any>}
           or  {"id": <same>, "error": {"code": "<code>", "message": "<one line>"}}
 
-Error codes: "bad-request" (the line is not a JSON object with a string
-"method"), "unknown-method", the `code` of any controller.errors error
-("bad-input", "not-found", "conflict", ...), "no-space" when the data
-directory's filesystem is full, and "internal" for a bug, which
-is logged with its traceback while the daemon carries on.
+Error codes (all in common.errors.ErrorCode): "bad-request" (the line is not
+a JSON object with a string "method"), "unknown-method", the `code` of any
+controller.errors error ("bad-input", "not-found", "conflict", "refused", ...),
+"no-space" when the data directory's filesystem is full, and "internal" for a
+bug, which is logged with its traceback while the daemon carries on.
 
 A connection may send many requests; each is answered in order. A line
 longer than MAX_LINE is answered with a bad-request error and the connection
@@ -26,10 +26,9 @@ import logging
 import sqlite3
 import time
 
-from controller.errors import SplitdError
-from volumes.errors import NoSpace
+from common.errors import ErrorCode, SplitdError
+from common.names import quoted
 from daemon.listeners import bind_unix, unlink_owned
-from volumes.names import quoted
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
                     await _send(writer, handle_line(line, controller))
                 return
             except asyncio.LimitOverrunError:
-                await _send(writer, _error(None, "bad-request",
+                await _send(writer, _error(None, ErrorCode.BAD_REQUEST,
                                            f"request line longer than {MAX_LINE} bytes"))
                 return
             if line.strip():
@@ -94,18 +93,18 @@ def handle_line(line: bytes, controller) -> bytes:
     try:
         request = json.loads(line)
     except ValueError as e:  # includes UnicodeDecodeError
-        return _error(None, "bad-request", f"request is not JSON: {e}")
+        return _error(None, ErrorCode.BAD_REQUEST, f"request is not JSON: {e}")
     except RecursionError:
-        return _error(None, "bad-request", "request is nested too deeply")
+        return _error(None, ErrorCode.BAD_REQUEST, "request is nested too deeply")
     if not isinstance(request, dict):
-        return _error(None, "bad-request", "request must be a JSON object")
+        return _error(None, ErrorCode.BAD_REQUEST, "request must be a JSON object")
     req_id = request.get("id")
     method = request.get("method")
     params = request.get("params")
     if not isinstance(method, str):
-        return _error(req_id, "bad-request", 'request needs a "method" string')
+        return _error(req_id, ErrorCode.BAD_REQUEST, 'request needs a "method" string')
     if params is not None and not isinstance(params, dict):
-        return _error(req_id, "bad-request", '"params" must be a JSON object')
+        return _error(req_id, ErrorCode.BAD_REQUEST, '"params" must be a JSON object')
 
     try:
         reply = _encode({"id": req_id, "result": controller.call(method, params)})
@@ -117,13 +116,13 @@ def handle_line(line: bytes, controller) -> bytes:
         full = _disk_full(e)
         if full is None:
             log.exception("admin request %s failed", method)
-            reply = _error(req_id, "internal", f"internal error in {method}: {type(e).__name__}: {e}")
-            outcome = "internal"
+            reply = _error(req_id, ErrorCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
+            outcome = ErrorCode.INTERNAL
         else:
             log.warning("admin request %s failed: %s", method, full)
-            reply = _error(req_id, NoSpace.code, f"no space left in the data directory: {method} "
+            reply = _error(req_id, ErrorCode.NO_SPACE, f"no space left in the data directory: {method} "
                                                  f"was not done ({full})")
-            outcome = NoSpace.code
+            outcome = ErrorCode.NO_SPACE
     log.debug("admin %s id=%s: %s (%.1f ms)", quoted(method), quoted(req_id), outcome,
               (time.monotonic() - started) * 1000)
     return reply

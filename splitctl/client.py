@@ -26,7 +26,23 @@ import os
 import socket
 import stat
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Self
+
+from common.errors import ErrorCode
+from common.states import WAIT_TARGETS, target_reached
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "ENV_SOCKET",
+    "WAIT_TARGETS",
+    "AdminClient",
+    "AdminError",
+    "PairFailed",
+    "WaitTimeout",
+    "default_socket_path",
+    "target_reached",
+]
 
 ENV_SOCKET = "SPLITD_ADMIN_SOCKET"
 DEFAULT_SOCKET = "/run/splitd/admin.sock"
@@ -46,7 +62,7 @@ class PairFailed(AdminError):
     def __init__(self, pair: dict):
         # The message is printed as one line, whatever the reason holds.
         reason = " ".join(str(pair.get("reason") or "no reason given").split())
-        super().__init__("pair-error", f"pair {pair.get('name')!r} went to state error: {reason}")
+        super().__init__(ErrorCode.PAIR_ERROR, f"pair {pair.get('name')!r} went to state error: {reason}")
         self.pair = pair
 
 
@@ -54,27 +70,11 @@ class WaitTimeout(AdminError):
     """The pair did not get where it was waited for in time. `pair` is its last pair.show."""
 
     def __init__(self, pair: dict, until: str, timeout: float):
-        super().__init__("timeout", f"timed out after {timeout:g}s waiting for pair "
+        super().__init__(ErrorCode.TIMEOUT, f"timed out after {timeout:g}s waiting for pair "
                                     f"{pair.get('name')!r} to be {until}: state "
                                     f"{pair.get('state')}, {pair.get('remaining')} regions "
                                     "still to copy")
         self.pair = pair
-
-
-# What `wait_pair` can wait for, and when a pair.show says it is there.
-#   synced  S mirrors P (state `pair`): the initial copy, a resync or a
-#           restore is done.
-#   copied  nothing left to copy (remaining 0) in split or pair: a split
-#           secondary holds its whole image without reading through to P.
-WAIT_TARGETS = ("synced", "copied")
-
-
-def target_reached(pair: dict, until: str) -> bool:
-    if until == "synced":
-        return pair["state"] == "pair"
-    if until == "copied":
-        return pair["remaining"] == 0 and pair["state"] in ("split", "pair")
-    raise ValueError(f"unknown wait target {until!r} (one of {', '.join(WAIT_TARGETS)})")
 
 
 def default_socket_path() -> str:
@@ -92,7 +92,7 @@ class AdminClient:
         self._buffer = b""
         self._ids = itertools.count(1)
 
-    def __enter__(self) -> "AdminClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,17 +117,17 @@ class AdminClient:
             self.close()
             if isinstance(e, AdminError):
                 raise
-            raise AdminError("protocol", f"lost the connection to splitd at "
+            raise AdminError(ErrorCode.PROTOCOL, f"lost the connection to splitd at "
                                          f"{self.socket_path}: {_reason(e)}") from None
         try:
             reply = json.loads(line)
         except ValueError:
             self.close()
-            raise AdminError("protocol", f"splitd at {self.socket_path} sent a reply "
+            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} sent a reply "
                                          "that is not JSON") from None
         if not isinstance(reply, dict) or reply.get("id") != req_id:
             self.close()
-            raise AdminError("protocol", f"splitd at {self.socket_path} answered another request")
+            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} answered another request")
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
             raise AdminError(str(error.get("code", "error")), str(error.get("message", reply)))
@@ -160,7 +160,7 @@ class AdminClient:
                 raise PairFailed(pair)
             now = clock()
             if deadline is not None and now >= deadline:
-                raise WaitTimeout(pair, until, timeout)
+                raise WaitTimeout(pair, until, timeout or 0.0)
             sleep(interval if deadline is None else min(interval, deadline - now))
 
     def _connect(self) -> socket.socket:
@@ -171,7 +171,7 @@ class AdminClient:
                 sock.connect(self.socket_path)
             except OSError as e:
                 sock.close()
-                raise AdminError("unreachable", f"cannot reach splitd at {self.socket_path}: "
+                raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach splitd at {self.socket_path}: "
                                                 f"{_reason(e, self.socket_path)}") from None
             self._sock = sock
         return self._sock
@@ -179,11 +179,11 @@ class AdminClient:
     def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_REPLY:
-                raise AdminError("protocol", f"reply from splitd at {self.socket_path} "
+                raise AdminError(ErrorCode.PROTOCOL, f"reply from splitd at {self.socket_path} "
                                              "is too long")
             chunk = sock.recv(1 << 16)
             if not chunk:
-                raise AdminError("protocol", f"splitd at {self.socket_path} closed the "
+                raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} closed the "
                                              "connection without answering")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")

@@ -16,10 +16,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
-from volumes.errors import SplitdError
+from volumes.errors import ErrorCode, SplitdError
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: volumes.
@@ -65,7 +66,7 @@ class VolumeRecord(NamedTuple):
 class SchemaTooNew(SplitdError):
     """The database was written by a newer splitd; we must not touch it."""
 
-    code = "schema-too-new"
+    code = ErrorCode.SCHEMA_TOO_NEW
 
 
 class MetadataStore:
@@ -160,12 +161,12 @@ class MetadataStore:
 
     # -- pairs --------------------------------------------------------------
 
-    def add_pair(self, rec: "PairRecord") -> None:
+    def add_pair(self, rec: PairRecord) -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO pairs (secondary, primary_vol, state, read_policy, rate, grp, "
                        "generation, reason, created, split_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rec)
 
-    def list_pairs(self) -> list["PairRecord"]:
+    def list_pairs(self) -> list[PairRecord]:
         with self._lock:
             rows = self._db.execute("SELECT secondary, primary_vol, state, read_policy, rate, grp, "
                                     "generation, reason, created, split_at FROM pairs "

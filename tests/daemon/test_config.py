@@ -19,7 +19,7 @@ def run_splitd(tmp_path, *args: str, config: str | None = None) -> subprocess.Co
                            "--data-dir", str(tmp_path / "data"),
                            "--admin-socket", str(tmp_path / "a.sock"),
                            "--listen", f"unix:{tmp_path}/n.sock", *args],
-                          capture_output=True, text=True, timeout=20)
+                          capture_output=True, text=True, timeout=20, check=False)
 
 
 def refused(cp: subprocess.CompletedProcess) -> str:
@@ -134,3 +134,27 @@ def test_ensure_volume_never_resizes_and_says_so(make_daemon):
     vols = d.call("volume.list")["volumes"]
     assert [(v["name"], v["size"]) for v in vols] == [("x", 8 << 20)]
     assert "ensure-volume x:4 MiB: volume x exists with 8 MiB; left as it is" in d.log()
+
+
+# -- the Config object itself (no process) -------------------------------------------------
+
+def test_config_is_frozen_and_normalised(tmp_path):
+    import dataclasses
+
+    from daemon.config import DEFAULTS, build_parser, load_config
+
+    (tmp_path / "splitd.toml").write_text(
+        f'listen = "unix:{tmp_path}/n.sock"\nensure_volume = "demo"\nshutdown_grace = 3\n'
+        'copy_rate = "1M"\n')
+    args = build_parser().parse_args([
+        "--config", str(tmp_path / "splitd.toml"), "--data-dir", str(tmp_path / "data"),
+        "--admin-socket", str(tmp_path / "a.sock"), "--shutdown-grace", "5"])
+    cfg = load_config(args)
+    # The file overrides the defaults, flags override the file.
+    assert cfg.listen == (f"unix:{tmp_path}/n.sock",)
+    assert cfg.shutdown_grace == 5.0 and isinstance(cfg.shutdown_grace, float)
+    assert cfg.ensure_volume == (("demo", 1 << 30),)
+    assert cfg.copy_rate == 1 << 20
+    assert cfg.max_connections == DEFAULTS.max_connections
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tls = "on"  # type: ignore[misc]

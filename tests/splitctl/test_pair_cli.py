@@ -18,7 +18,14 @@ import time
 import pytest
 
 from splitctl import cli
-from splitctl.client import AdminClient, AdminError, PairFailed, WaitTimeout, target_reached
+from splitctl.client import (
+    AdminClient,
+    AdminError,
+    PairFailed,
+    WaitTimeout,
+    target_reached,
+)
+from splitctl.commands import pair as pair_commands
 from tests.conftest import BIN
 from tests.splitctl.test_cli import one_line_error, run_splitctl
 
@@ -459,7 +466,7 @@ def test_wait_errors_on_a_terminal_come_below_the_bar(daemon):
 
 def test_wait_without_a_terminal_prints_a_line_now_and_then(daemon, monkeypatch, capsys):
     slow_pair(daemon, "1M", data=2 * MiB)
-    monkeypatch.setattr(cli, "QUIET_REPORT_EVERY", 0.3)
+    monkeypatch.setattr(pair_commands, "QUIET_REPORT_EVERY", 0.3)
     rc = cli.main(["--socket", str(daemon.admin_socket), "pair", "wait", "snap", "--until",
                    "synced", "--interval", "0.1"])
     out, err = capsys.readouterr()
