@@ -56,9 +56,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -286,7 +286,7 @@ class Admin:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Admin":
+    def __enter__(self) -> Admin:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -335,7 +335,7 @@ class Splitd:
     def uri(self, export: str) -> str:
         return f"nbd+unix:///{export}?socket={self.nbd_sock}"
 
-    def start(self, timeout: float = 30.0) -> "Splitd":
+    def start(self, timeout: float = 30.0) -> Splitd:
         for p in (self.nbd_sock, self.admin_sock):
             p.unlink(missing_ok=True)
         self.proc = self.ctx.spawn("splitd", [
@@ -360,7 +360,7 @@ class Splitd:
                 print(f"  note: splitd exited with status {rc}", file=sys.stderr)
             self.proc = None
 
-    def restart(self) -> "Splitd":
+    def restart(self) -> Splitd:
         self.stop()
         return self.start()
 
@@ -570,7 +570,8 @@ def nbd_sha256(uri: str, timeout: float) -> str:
     return h.hexdigest()
 
 
-def run_referee(ctx: Context, uri: str, image: Path, workdir: Path, watch_pid: int) -> tuple[list[str], CpuWatch]:
+def run_referee(ctx: Context, uri: str, image: Path, workdir: Path,
+                watch_pid: int) -> tuple[list[str], CpuWatch]:
     """Run ../shared/bench/compare.sh URI IMAGE; returns its lines and the CPU watch."""
     env = dict(os.environ, RT=str(ctx.rt))
     started = time.monotonic()
@@ -608,7 +609,8 @@ def run_referee(ctx: Context, uri: str, image: Path, workdir: Path, watch_pid: i
     return lines, watch
 
 
-def run_builtin(ctx: Context, uri: str, image: Path, workdir: Path, watch_pid: int) -> tuple[list[str], CpuWatch]:
+def run_builtin(ctx: Context, uri: str, image: Path, workdir: Path,
+                watch_pid: int) -> tuple[list[str], CpuWatch]:
     """The referee's logic, for when compare.sh is not there."""
     qemu_img = workdir / "qemu.img"
     subprocess.run(["cp", "--sparse=always", image, qemu_img], check=True)
@@ -989,7 +991,7 @@ def split_round_trips(ctx: Context, parent: str, hold_engine: bool = False) -> d
     d.stop()
     # The split's time minus the time the daemon's main thread and this client
     # sat runnable but not running (another process had the CPU).
-    own_ms = [max(0.0, t - w) for t, w in zip(split_ms, wait_ms)]
+    own_ms = [max(0.0, t - w) for t, w in zip(split_ms, wait_ms, strict=True)]
     return {"data_dir": str(work / "data"), "engine_held": hold_engine, "regions": regions,
             "pending_min": min(pending), "pending_max": max(pending),
             "engine_copied_regions": copied,
@@ -1167,7 +1169,7 @@ def paired_writes_run(ctx: Context, parent: str, image: Path, on_disk: bool) -> 
 
 def print_paired_writes(r: dict, where: str) -> bool:
     runs, med = r["runs"], r["median_iops"]
-    for vol, kind, label in PAIRED_WRITES_CASES:
+    for vol, _kind, label in PAIRED_WRITES_CASES:
         rr = runs[vol]
         each = ", ".join(f"{x['iops']:.0f}" for x in rr)
         p50 = statistics.median(x["clat_p50_us"] for x in rr)
@@ -1182,7 +1184,7 @@ def print_paired_writes(r: dict, where: str) -> bool:
     rb, rc = runs["b"], runs["c"]
     print(f"  (b) per run: the engine copied {', '.join(str(x['engine_copied_regions']) for x in rb)}"
           f" regions during the run; diff at the end {', '.join(str(x['diff_after']) for x in rb)}"
-          f" of 16384; caught up in {', '.join('%.2f' % x['catch_up_s'] for x in rb)} s")
+          f" of 16384; caught up in {', '.join(format(x['catch_up_s'], '.2f') for x in rb)} s")
     if any(x["diff_after_catch_up"] for x in rb):
         print(f"  note: the mirror did not catch up within 30 s: diff still "
               f"{', '.join(str(x['diff_after_catch_up']) for x in rb)}")
@@ -1219,7 +1221,7 @@ def section_paired_writes(ctx: Context) -> dict:
                   f"takes {r['seek_hole_ms']:.1f} ms here (tmpfs walks its pages to the first "
                   "hole)")
         else:
-            print(f"  sync before each run took {', '.join('%.2f' % x for x in r['sync_before_runs_s'])} s"
+            print(f"  sync before each run took {', '.join(f'{x:.2f}' for x in r['sync_before_runs_s'])} s"
                   " (not timed in the runs)")
     image.unlink()
     # The section's figures and targets are tmpfs's, as before (also under "tmpfs");

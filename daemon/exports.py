@@ -8,7 +8,7 @@ not in the request path.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from controller.states import SECONDARY_SERVED
 from volumes.volume import Volume

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import nbdwire as c
 from nbdwire import MAX_PAYLOAD
 
-from .exports import Export, ExportUnavailable, ExportUnknown
+from .exports import Export, ExportUnavailable, ExportUnknown, VolumeExports
 
 log = logging.getLogger("splitd.nbd")
 
@@ -36,7 +36,7 @@ class Step:
 
 @dataclass
 class Negotiation:
-    exports: object                 # daemon.exports.VolumeExports (lookup, names)
+    exports: VolumeExports
     tls_available: bool = False
     tls_required: bool = False
     tls_active: bool = False

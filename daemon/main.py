@@ -87,7 +87,7 @@ class Daemon:
     def _make_runtime_dir(self) -> None:
         """Make RUNTIME_DIR if a socket goes there (started by hand with the
         defaults; under systemd, RuntimeDirectory= has made it already)."""
-        paths = [l.path for l in self.listeners if l.kind == "unix"]
+        paths = [lst.path for lst in self.listeners if lst.kind == "unix"]
         paths.append(os.path.abspath(self.cfg.admin_socket))
         if any(os.path.dirname(p) == RUNTIME_DIR for p in paths):
             try:
@@ -100,7 +100,7 @@ class Daemon:
         return {"version": __version__, "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started, 3),
                 "data_dir": os.path.abspath(self.cfg.data_dir),
-                "listeners": [l.as_dict() for l in self.listeners]}
+                "listeners": [lst.as_dict() for lst in self.listeners]}
 
     async def run(self) -> int:
         from controller.pairs import PairManager
@@ -118,8 +118,8 @@ class Daemon:
             assert cfg.tls_cert is not None and cfg.tls_key is not None
             tls_context = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca,
                                          cfg.tls_verify_peer)
-        for l in self.listeners:
-            l.tls_required = cfg.tls == "require" and l.kind == "tcp"
+        for lst in self.listeners:
+            lst.tls_required = cfg.tls == "require" and lst.kind == "tcp"
 
         try:
             manager = VolumeManager(cfg.data_dir)
@@ -147,10 +147,10 @@ class Daemon:
                                handshake_timeout=cfg.handshake_timeout)
             controller = Controller(manager, registry, self.info, pairs)
             self._make_runtime_dir()
-            for l in self.listeners:
-                await bind(l, server.protocol_factory(l))
-                log.info("listening on %s (%s)%s", l.name, ", ".join(l.bound),
-                         " TLS required" if l.tls_required else "")
+            for lst in self.listeners:
+                await bind(lst, server.protocol_factory(lst))
+                log.info("listening on %s (%s)%s", lst.name, ", ".join(lst.bound),
+                         " TLS required" if lst.tls_required else "")
             admin, admin_owned = await start_admin_server(cfg.admin_socket, controller)
         except BaseException:
             # Only what this process bound goes: never a socket of a daemon

@@ -204,7 +204,7 @@ class VolumeModel:
                 out[b] |= toks
         return out
 
-    def after_power_cut(self) -> "VolumeModel":
+    def after_power_cut(self) -> VolumeModel:
         """The model to go on with after the restart: each block holds one of
         its power candidates, all of them durable now."""
         cands = self.power_candidates()

@@ -40,7 +40,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths))]
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         print(" " * indent + "  ".join(cells).rstrip())
 
 

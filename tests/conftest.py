@@ -77,7 +77,7 @@ class Daemon:
             a += ["--listen", f"tcp://127.0.0.1:{self.tcp_port}"]
         return a + self.extra_args
 
-    def start(self, timeout: float = 15.0) -> "Daemon":
+    def start(self, timeout: float = 15.0) -> Daemon:
         for p in (self.nbd_socket, self.admin_socket):
             if p.exists():
                 p.unlink()
@@ -115,7 +115,7 @@ class Daemon:
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def restart(self) -> "Daemon":
+    def restart(self) -> Daemon:
         self.stop()
         return self.start()
 

@@ -22,8 +22,7 @@ import logging
 import os
 
 from volumes.errors import BadInput, Conflict, NotFound
-from volumes.names import (DEFAULT_REGION_SIZE, format_size, parse_region_size,
-                           parse_size, validate_name)
+from volumes.names import DEFAULT_REGION_SIZE, format_size, parse_region_size, parse_size, validate_name
 from volumes.store import MetadataStore
 from volumes.volume import Volume
 
@@ -45,16 +44,23 @@ class VolumeManager:
         # Volumes recorded in the store whose file could not be opened at start:
         # name -> reason. Not served; `delete` still removes their row.
         self.unavailable: dict[str, str] = {}
-        self.store: MetadataStore | None = None
+        self._store: MetadataStore | None = None
         try:
-            self.store = MetadataStore(os.path.join(self.data_dir, DB_NAME))
-            for rec in self.store.list_volumes():
+            self._store = MetadataStore(os.path.join(self.data_dir, DB_NAME))
+            for rec in self._store.list_volumes():
                 self._load(rec.name, rec.size, rec.region_size, rec.read_only)
         except BaseException:
             self.close()
             raise
 
-    def __enter__(self) -> "VolumeManager":
+    @property
+    def store(self) -> MetadataStore:
+        """The metadata store (until close())."""
+        if self._store is None:
+            raise RuntimeError("the volume manager is closed")
+        return self._store
+
+    def __enter__(self) -> VolumeManager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -64,9 +70,9 @@ class VolumeManager:
         for vol in self._volumes.values():
             vol.close()
         self._volumes.clear()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1

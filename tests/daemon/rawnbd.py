@@ -159,21 +159,21 @@ class RawClient:
         self.tflags = None
 
     @classmethod
-    def unix(cls, path, timeout: float = 10.0) -> "RawClient":
+    def unix(cls, path, timeout: float = 10.0) -> RawClient:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
         s.connect(str(path))
         return cls(s, timeout)
 
     @classmethod
-    def tcp(cls, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> "RawClient":
+    def tcp(cls, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> RawClient:
         s = socket.create_connection((host, port), timeout=timeout)
         return cls(s, timeout)
 
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "RawClient":
+    def __enter__(self) -> RawClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -214,7 +214,7 @@ class RawClient:
                     return time.monotonic() - start
             except _GONE:
                 return time.monotonic() - start
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as e:
                 if e.errno in (errno.ECONNRESET, errno.EPIPE):
@@ -274,7 +274,7 @@ class RawClient:
         self.structured = True
 
     def open(self, name: str, structured: bool = False,
-             meta: tuple[str, ...] = ()) -> "RawClient":
+             meta: tuple[str, ...] = ()) -> RawClient:
         """Handshake all the way into transmission on export `name`."""
         self.start()
         if structured:

@@ -16,8 +16,8 @@ import pytest
 
 nbd = pytest.importorskip("nbd")
 
-from tests.daemon import rawnbd as r
-from tests.daemon.rawnbd import RawClient
+from tests.daemon import rawnbd as r  # noqa: E402  (after importorskip)
+from tests.daemon.rawnbd import RawClient  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 4 * MiB

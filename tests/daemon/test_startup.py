@@ -61,7 +61,7 @@ def test_config_file_is_read_and_flags_win(tmp_path):
     try:
         st = d.call("status")
         assert st["data_dir"] == str(data_dir)
-        assert [l["kind"] for l in st["listeners"]] == ["unix"]
+        assert [x["kind"] for x in st["listeners"]] == ["unix"]
         vols = d.call("volume.list")["volumes"]
         assert [v["name"] for v in vols] == ["cfgvol"]
         assert (data_dir / "volumes" / "cfgvol.img").exists()
@@ -84,7 +84,7 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, args, words):
                          "--listen", f"unix:{tmp_path}/n.sock", *args],
                         capture_output=True, text=True, timeout=30)
     assert cp.returncode == 2, cp.stderr
-    lines = [l for l in cp.stderr.splitlines() if l.strip()]
+    lines = [x for x in cp.stderr.splitlines() if x.strip()]
     assert lines and words in lines[-1]
     assert "Traceback" not in cp.stderr
 
@@ -103,7 +103,7 @@ def test_listener_on_interface_by_name(tmp_path):
     port = free_tcp_port()
     d = Daemon(tmp_path, extra_args=["--listen", f"lo=tcp://%lo:{port}"], tcp=False).start()
     try:
-        lst = [l for l in d.call("status")["listeners"] if l["name"] == "lo"]
+        lst = [x for x in d.call("status")["listeners"] if x["name"] == "lo"]
         assert lst and f"127.0.0.1:{port}" in lst[0]["bound"]
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             assert s.recv(8) == b"NBDMAGIC"
@@ -145,7 +145,7 @@ LOG_LINE = re.compile(r"(\S+ \S+ )?(DEBUG|INFO|WARNING|ERROR) splitd")
 
 def one_line(cp: subprocess.CompletedProcess) -> str:
     """The error: one line, after any log lines of what went well before it."""
-    lines = [l for l in cp.stderr.splitlines() if not LOG_LINE.match(l)]
+    lines = [x for x in cp.stderr.splitlines() if not LOG_LINE.match(x)]
     assert len(lines) == 1 and "Traceback" not in cp.stderr, cp.stderr
     assert lines[0].startswith("splitd: error: "), cp.stderr
     assert cp.stderr.splitlines()[-1] == lines[0], cp.stderr
@@ -267,4 +267,4 @@ def test_help_documents_the_exit_status():
     assert cp.returncode == 0
     section = cp.stdout.split("exit status:", 1)[1]
     for code in ("0", "1", "2"):
-        assert any(l.split()[:1] == [code] for l in section.splitlines()), section
+        assert any(x.split()[:1] == [code] for x in section.splitlines()), section

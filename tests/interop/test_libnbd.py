@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from tests.interop.clients import MiB, KiB, first_difference
+from tests.interop.clients import KiB, MiB, first_difference
 
 nbd = pytest.importorskip("nbd")
 

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tests.conftest import need
-from tests.interop.clients import MiB, KiB, files_equal, run, uri, write_sparse_image
+from tests.interop.clients import KiB, MiB, files_equal, run, uri, write_sparse_image
 
 
 @pytest.fixture(autouse=True)

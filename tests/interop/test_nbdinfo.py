@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.conftest import need
-from tests.interop.clients import MiB, KiB, run, uri
+from tests.interop.clients import KiB, MiB, run, uri
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from tests.conftest import need
-from tests.interop.clients import MiB, KiB, files_equal, run, write_sparse_image
+from tests.interop.clients import KiB, MiB, files_equal, run, write_sparse_image
 
 SIZE = 16 * MiB
 # Data islands of the source image; everything else is a hole.

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from tests.conftest import need
-from tests.interop.clients import MiB, KiB, run
+from tests.interop.clients import KiB, MiB, run
 
 SIZE = 8 * MiB
 

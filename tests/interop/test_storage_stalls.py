@@ -67,7 +67,6 @@ def stalled_disk(tmp_path):
     disk.root.mkdir()
     pidfile = tmp_path / "nbdfuse.pid"
     stack = Stack()
-    paused = False
     try:
         log = open(tmp_path / "nbdfuse.log", "wb")
         stack.procs.append(subprocess.Popen(

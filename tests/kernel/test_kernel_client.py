@@ -123,7 +123,8 @@ class Run:
 
     def timings(self) -> str:
         """Each step's duration in the guest (the last one's is unknown)."""
-        out = [f"{name} {nxt - t:.0f}s" for (name, t), (_, nxt) in zip(self.steps, self.steps[1:])]
+        pairs = zip(self.steps, self.steps[1:], strict=False)
+        out = [f"{name} {nxt - t:.0f}s" for (name, t), (_, nxt) in pairs]
         return ", ".join(out + [name for name, _ in self.steps[-1:]])
 
 
@@ -260,7 +261,7 @@ def test_kernel_nbd_client(meta, qemu, make_daemon, tmp_path):
     # Every connection carried I/O (-C 2 spreads requests over both).
     opened = re.findall(r"client (127\.0\.0\.1:\d+) on \S+ opened export (\S+)", d.log())
     per_export: dict[str, int] = {}
-    for peer, export in opened:
+    for _peer, export in opened:
         per_export[export] = per_export.get(export, 0) + 1
     assert per_export.get("raw") == 2 * CONNECTIONS and per_export.get("fs") == CONNECTIONS, \
         f"connections opened per export: {per_export}{context()}"
@@ -283,7 +284,7 @@ def test_kernel_nbd_client(meta, qemu, make_daemon, tmp_path):
     h.connect_uri(d.uri("raw"))
     try:
         bad = []
-        for export, off, length, want in run.sums:
+        for _export, off, length, want in run.sums:
             got = hashlib.sha256(h.pread(length, off)).hexdigest()
             if got != want:
                 bad.append(f"{off}+{length}")

@@ -479,7 +479,7 @@ class CutDisk:
     def uri(self) -> str:
         return f"nbd+unix:///?socket={self.socket}"
 
-    def start(self, timeout: float = 15.0) -> "CutDisk":
+    def start(self, timeout: float = 15.0) -> CutDisk:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         for p in (self.socket, self.control_socket):
             if p.exists():

@@ -91,7 +91,7 @@ class PowerDisk:
 
     # -- up ---------------------------------------------------------------------------
 
-    def create(self) -> "PowerDisk":
+    def create(self) -> PowerDisk:
         with open(self.image, "wb") as f:
             f.truncate(self.size)
         self.up(mkfs=True)

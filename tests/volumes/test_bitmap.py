@@ -98,7 +98,7 @@ def test_bitmap_matches_a_list_and_its_file(tmp_path_factory, script, probes):
                 other = Bitmap(nbits)
                 other.replace_with(to_bytes(op[1]))
                 bm.union_update(other)
-                model = [a or b for a, b in zip(model, op[1])]
+                model = [a or b for a, b in zip(model, op[1], strict=True)]
             else:
                 bm.clear_all()
                 model = [False] * nbits
@@ -243,7 +243,8 @@ def test_write_intent_against_a_model(tmp_path_factory, script):
                     durable, dirty = list(file), set()
             assert [bm[i] for i in range(nbits)] == mem
             assert bm.count() == sum(mem)
-            assert all(f or not m for f, m in zip(file, mem)), "a bit in memory is not in the file"
+            assert all(f or not m for f, m in zip(file, mem, strict=True)), \
+                "a bit in memory is not in the file"
             with open(path, "rb") as f:
                 assert f.read() == to_bytes(file) == bm.file_bits()
     finally:

@@ -4,11 +4,19 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from volumes.errors import BadInput
-from volumes.names import (DEFAULT_REGION_SIZE, MAX_SIZE, NAME_PATTERN, format_size,
-                           parse_region_size, parse_size, validate_name)
+from volumes.names import (
+    DEFAULT_REGION_SIZE,
+    MAX_SIZE,
+    NAME_PATTERN,
+    format_size,
+    parse_region_size,
+    parse_size,
+    validate_name,
+)
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 aligned_sizes = st.integers(1, MAX_SIZE // 4096).map(lambda n: n * 4096)
