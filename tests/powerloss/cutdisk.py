@@ -38,9 +38,10 @@ The control socket takes one line per connection and answers one line:
     cut [keep=FRACTION] [seed=N]  ->  ok dropped=BLOCKS kept=BLOCKS flushes=N
     stats                         ->  {"writes": ..., "flushes": ..., ...}  (JSON)
 
-The protocol numbers below are written out from the NBD protocol document
-(NetworkBlockDevice/nbd doc/proto.md), section names in the comments; they do
-not come from splitd's codec, so the two cannot share a mistake.
+The protocol numbers come from nbdwire, the one place splitd writes them down
+(from NetworkBlockDevice/nbd doc/proto.md); that they match what others mean
+by them is checked by clients written elsewhere (libnbd, qemu, nbdfuse, the
+kernel's client), which this server itself talks to.
 """
 from __future__ import annotations
 
@@ -60,53 +61,42 @@ import threading
 import time
 from pathlib import Path
 
-# "Newstyle negotiation"
-NBDMAGIC = 0x4E42444D41474943            # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054            # "IHAVEOPT"
-REPLY_MAGIC = 0x0003E889045565A9         # "Fixed newstyle negotiation": option replies
-# "Handshake flags", "Client flags"
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-C_FIXED_NEWSTYLE = 1 << 0
-C_NO_ZEROES = 1 << 1
-# "Option types"
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_INFO = 6
-OPT_GO = 7
-# "Option reply types"
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_INVALID = (1 << 31) + 3
-# "NBD_REP_INFO" types
-INFO_EXPORT = 0
-# "Transmission flags"
-TF_HAS_FLAGS = 1 << 0
-TF_SEND_FLUSH = 1 << 2
-TF_SEND_FUA = 1 << 3
-TF_SEND_TRIM = 1 << 5
-TF_SEND_WRITE_ZEROES = 1 << 6
-# "Request message", "Simple reply message"
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-# "Request types"
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-# "Command flags"
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-# "Error values"
-EIO = 5
-EINVAL = 22
-ENOSPC = 28
-ENOTSUP = 95
+from nbdwire.constants import (  # the spec's values, one definition
+    CLIENT_FIXED_NEWSTYLE as C_FIXED_NEWSTYLE,
+    CLIENT_NO_ZEROES as C_NO_ZEROES,
+    CMD_DISC,
+    CMD_FLAG_FUA,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    EINVAL,
+    ENOSPC,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    INFO_EXPORT,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPTION_REPLY_MAGIC as REPLY_MAGIC,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_SERVER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    TF_HAS_FLAGS,
+    TF_SEND_FLUSH,
+    TF_SEND_FUA,
+    TF_SEND_TRIM,
+    TF_SEND_WRITE_ZEROES,
+)
 
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
