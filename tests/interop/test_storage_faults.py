@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import Closed, RawClient
-from tests.interop.clients import MiB, random_bytes, run
-from tests.interop.test_filesystem import Stack, attach_loop, mount
+from tests.interop.clients import MiB, random_bytes
+from tests.interop.fusedisk import ext4_over_nbdkit
 
 pytestmark = pytest.mark.root
 
@@ -41,42 +38,14 @@ class FaultyDisk:
 
 @pytest.fixture
 def faulty_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices, mount, drop_caches)")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing")
-    need("nbdkit", "nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount")
-    if subprocess.run(["nbdkit", "--filter=error", "null", "--dump-plugin"],
-                      capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("nbdkit's error filter is missing")
     triggers = tmp_path / "triggers"
     triggers.mkdir()
-    disk = FaultyDisk(tmp_path / "mnt", triggers)
-    fuse_dir = tmp_path / "fuse"
-    fuse_dir.mkdir()
-    disk.root.mkdir()
-    pidfile = tmp_path / "nbdfuse.pid"
-    stack = Stack()
-    try:
-        log = open(tmp_path / "nbdfuse.log", "wb")
-        stack.procs.append(subprocess.Popen(
-            ["nbdfuse", "-P", str(pidfile), str(fuse_dir), "--command",
-             "nbdkit", "-s", "--filter=error", "memory", DISK, "error=EIO",
-             "error-pread-rate=100%", f"error-pread-file={disk.read_fault}",
-             "error-pwrite-rate=100%", f"error-pwrite-file={disk.write_fault}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        log.close()
-        stack.push("fuse", ["fusermount3", "-u", str(fuse_dir)])
-        deadline = time.monotonic() + 15
-        while not pidfile.exists():
-            assert time.monotonic() < deadline, (tmp_path / "nbdfuse.log").read_text()
-            time.sleep(0.05)
-        dev = attach_loop(stack, fuse_dir / "nbd")
-        run(["mkfs.ext4", "-q", dev])
-        mount(stack, dev, disk.root)
-        yield disk
-    finally:
-        stack.close()
+    read_fault, write_fault = triggers / "read-fault", triggers / "write-fault"
+    with ext4_over_nbdkit(tmp_path, "error", [
+            "memory", DISK, "error=EIO",
+            "error-pread-rate=100%", f"error-pread-file={read_fault}",
+            "error-pwrite-rate=100%", f"error-pwrite-file={write_fault}"]) as root:
+        yield FaultyDisk(root, triggers)
 
 
 def start(make_daemon, disk: FaultyDisk):

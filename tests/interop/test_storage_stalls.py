@@ -9,20 +9,18 @@ for it.
 """
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import grown, memory, need
+from tests.conftest import grown, memory
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import Closed, RawClient
 from tests.interop.clients import MiB, random_bytes
-from tests.interop.test_filesystem import Stack, attach_loop, mount
+from tests.interop.fusedisk import ext4_over_nbdkit
 
 pytestmark = pytest.mark.root
 
@@ -53,42 +51,17 @@ class StalledDisk:
 
 @pytest.fixture
 def stalled_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices, mount)")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing")
-    need("nbdkit", "nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount")
-    if subprocess.run(["nbdkit", "--filter=pause", "null", "--dump-plugin"],
-                      capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("nbdkit's pause filter is missing")
-    fuse_dir = tmp_path / "fuse"
-    fuse_dir.mkdir()
-    disk = StalledDisk(tmp_path / "mnt", tmp_path / "pause.sock")
-    disk.root.mkdir()
-    pidfile = tmp_path / "nbdfuse.pid"
-    stack = Stack()
-    try:
-        log = open(tmp_path / "nbdfuse.log", "wb")
-        stack.procs.append(subprocess.Popen(
-            ["nbdfuse", "-P", str(pidfile), str(fuse_dir), "--command",
-             "nbdkit", "-s", "--filter=pause", "memory", DISK, f"pause-control={disk.control}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        log.close()
-        stack.push("fuse", ["fusermount3", "-u", str(fuse_dir)])
-        deadline = time.monotonic() + 15
-        while not pidfile.exists() or not disk.control.exists():
-            assert time.monotonic() < deadline, (tmp_path / "nbdfuse.log").read_text()
-            time.sleep(0.05)
-        dev = attach_loop(stack, fuse_dir / "nbd")
-        subprocess.run(["mkfs.ext4", "-q", dev], check=True, capture_output=True, timeout=60)
-        mount(stack, dev, disk.root)
-        yield disk
-    finally:
+    control = tmp_path / "pause.sock"
+    with ext4_over_nbdkit(tmp_path, "pause", ["memory", DISK, f"pause-control={control}"],
+                          ready=control) as root:
+        disk = StalledDisk(root, control)
         try:
-            disk.resume()        # never leave the kernel waiting on a paused disk
-        except (OSError, AssertionError):
-            pass
-        stack.close()
+            yield disk
+        finally:
+            try:
+                disk.resume()        # never leave the kernel waiting on a paused disk
+            except (OSError, AssertionError):
+                pass
 
 
 def test_bytes_after_disc_are_not_read_while_a_flush_waits(stalled_disk, make_daemon):
