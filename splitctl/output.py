@@ -35,8 +35,13 @@ __all__ = [
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                right: Collection[int] = frozenset(), indent: int = 0) -> None:
-    """Columns padded to their widest cell; columns in `right` aligned right."""
+                right: Collection[int] = frozenset(), indent: int = 0,
+                empty: str | None = None) -> None:
+    """Columns padded to their widest cell; columns in `right` aligned right.
+    With no rows and `empty` given, that line instead of a bare header."""
+    if not rows and empty is not None:
+        print(empty)
+        return
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w)

@@ -29,10 +29,7 @@ def run_group_list(client: AdminClient, args: Namespace) -> Any:
 
 def show_group_list(result: dict[str, Any], args: Namespace) -> None:
     groups = result["groups"]
-    if not groups:
-        print("no groups")
-        return
-    print_table(["GROUP", "PAIRS"], [[g["name"], ", ".join(g["pairs"])] for g in groups])
+    print_table(["GROUP", "PAIRS"], [[g["name"], ", ".join(g["pairs"])] for g in groups], empty="no groups")
 
 
 def add_commands(commands: Commands) -> None:

@@ -49,14 +49,11 @@ def run_pair_list(client: AdminClient, args: Namespace) -> Any:
 
 def show_pair_list(result: dict[str, Any], args: Namespace) -> None:
     pairs = result["pairs"]
-    if not pairs:
-        print("no pairs")
-        return
     rows = [[p["name"], p["primary"], p["secondary"], p["state"],
              regions_text(p["remaining"], p["region_size"], short=True),
              rate_text(p["rate"]), p.get("group") or "-"] for p in pairs]
     print_table(["NAME", "PRIMARY", "SECONDARY", "STATE", "REMAINING", "RATE", "GROUP"], rows,
-                right={4})
+                right={4}, empty="no pairs")
 
 
 def run_pair_show(client: AdminClient, args: Namespace) -> Any:
@@ -121,11 +118,14 @@ def run_pair_resync(client: AdminClient, args: Namespace) -> Any:
     return client.call("pair.resync", name=args.name)
 
 
-def show_pair_resync(result: dict[str, Any], args: Namespace) -> None:
+def _show_copy_started(result: dict[str, Any], doing: str, source: str, target: str) -> None:
     todo = regions_text(result["remaining"], result["region_size"])
-    print(f"resyncing pair {result['name']}: {todo} to copy "
-          f"{result['primary']} -> {result['secondary']} "
+    print(f"{doing} pair {result['name']}: {todo} to copy {result[source]} -> {result[target]} "
           f"(splitctl pair wait {result['name']} --until synced)")
+
+
+def show_pair_resync(result: dict[str, Any], args: Namespace) -> None:
+    _show_copy_started(result, "resyncing", "primary", "secondary")
 
 
 def run_pair_restore(client: AdminClient, args: Namespace) -> Any:
@@ -133,10 +133,7 @@ def run_pair_restore(client: AdminClient, args: Namespace) -> Any:
 
 
 def show_pair_restore(result: dict[str, Any], args: Namespace) -> None:
-    todo = regions_text(result["remaining"], result["region_size"])
-    print(f"restoring pair {result['name']}: {todo} to copy "
-          f"{result['secondary']} -> {result['primary']} "
-          f"(splitctl pair wait {result['name']} --until synced)")
+    _show_copy_started(result, "restoring", "secondary", "primary")
 
 
 def run_pair_delete(client: AdminClient, args: Namespace) -> Any:

@@ -31,14 +31,11 @@ def run_volume_list(client: AdminClient, args: Namespace) -> Any:
 
 def show_volume_list(result: dict[str, Any], args: Namespace) -> None:
     volumes = result["volumes"]
-    if not volumes:
-        print("no volumes")
-        return
     rows = [[v["name"], format_size(v["size"]), format_size(v["allocated"]),
              format_size(v["region_size"]), "ro" if v["read_only"] else "rw",
              str(v["connections"])] for v in volumes]
     print_table(["NAME", "SIZE", "ALLOCATED", "REGION", "MODE", "CONNS"], rows,
-                right={1, 2, 3, 5})
+                right={1, 2, 3, 5}, empty="no volumes")
 
 
 def run_volume_show(client: AdminClient, args: Namespace) -> Any:
