@@ -22,7 +22,7 @@ moment, restart, and check:
   * the daemon logged no traceback.
 
 --power: the kill is a power cut. The data directory is on ext4 on a disk
-that loses what was not flushed (tests/powerloss: cutdisk, an NBD server with
+that loses what was not flushed (harness/powerloss: cutdisk, an NBD server with
 a volatile overlay, under nbdfuse and a loop device); the round tells the
 disk to cut, then kills the daemon, takes the stack apart, brings it back
 (ext4 replays its journal, e2fsck -fn must find it clean) and restarts the
@@ -64,14 +64,11 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import nbd  # python3-libnbd
 
-import nbd  # noqa: E402  (python3-libnbd)
-
-from tests.conftest import AdminCallError, Daemon  # noqa: E402
-from tests.powerloss.stack import PowerDisk, missing_requirements  # noqa: E402
+from harness.powerloss.stack import PowerDisk, missing_requirements
+from harness.splitd import Splitd
+from splitctl.client import AdminError
 
 MiB = 1 << 20
 BLOCK = 4096
@@ -447,7 +444,7 @@ def compare_images(a_name: str, a: bytes, b_name: str, b: bytes, limit: int = 5,
     return errors
 
 
-def wait_for(d: Daemon, what: str, cond, timeout: float = 60.0) -> dict:
+def wait_for(d: Splitd, what: str, cond, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     info = d.call("pair.show", name="s")
     while not cond(info):
@@ -485,7 +482,7 @@ class Round:
         self.dir = base / f"round{number:03d}-{phase}"
         self.dir.mkdir(parents=True)
         self.verbose = verbose
-        self.d = Daemon(self.dir)
+        self.d = Splitd(self.dir)
         self.p = VolumeModel()
         self.s: VolumeModel | None = None     # S's image while split
         self.workers: list[Worker] = []
@@ -568,7 +565,7 @@ class Round:
 
     def _before_kill(self) -> None:
         d, rng = self.d, self.rng
-        d.create_volume("p", SIZE, region_size=REGION)
+        d.call("volume.create", name="p", size=SIZE, region_size=REGION)
         prefill(d.uri("p"), self.p, rng)
         hot = _window(rng, 512)
         # During a split or a restore every P write to a region copies it at
@@ -663,7 +660,7 @@ class Round:
         def call() -> None:
             try:
                 answer.append(self.d.call(method, name="s"))
-            except (OSError, ValueError, AdminCallError) as e:
+            except AdminError as e:
                 answer.append(e)
 
         t = threading.Thread(target=call, daemon=True)
@@ -780,7 +777,7 @@ class Round:
 
 class PowerRound(Round):
     """A round whose kill is a power cut: the daemon's data directory is on
-    ext4 on a cutdisk (tests/powerloss), and the kill is "cut, then kill -9":
+    ext4 on a cutdisk (harness/powerloss), and the kill is "cut, then kill -9":
     every write the disk did not have flushed is lost (or, with `keep`, a
     random part of them survives, as from a disk that wrote back part of its
     cache before the power went), and the kernel's page cache with it.

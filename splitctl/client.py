@@ -27,7 +27,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import Self
+from typing import Any, Self
 
 from common.errors import ErrorCode
 from common.states import WAIT_TARGETS, target_reached
@@ -50,10 +50,13 @@ MAX_REPLY = 64 << 20
 
 
 class AdminError(Exception):
-    def __init__(self, code: str, message: str):
+    """`method` is the request that failed, when one was sent (else None)."""
+
+    def __init__(self, code: str, message: str, method: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.method = method
 
 
 class PairFailed(AdminError):
@@ -106,32 +109,42 @@ class AdminClient:
 
     def call(self, method: str, **params):
         """Send one request and return its result, or raise AdminError."""
+        return self.call_timed(method, **params)[0]
+
+    def call_timed(self, method: str, **params) -> tuple[Any, float]:
+        """call(), and the seconds from just before the send to the reply's
+        last byte (the round trip a benchmark reports)."""
         req_id = next(self._ids)
         request = json.dumps({"id": req_id, "method": method, "params": params}).encode()
-        sock = self._connect()
         try:
+            sock = self._connect()
+            started = time.perf_counter()
             sock.sendall(request + b"\n")
             line = self._read_line(sock)
+            elapsed = time.perf_counter() - started
         except (OSError, AdminError) as e:
             # The connection is in an unknown state: drop it, connect anew next time.
             self.close()
             if isinstance(e, AdminError):
+                e.method = method
                 raise
             raise AdminError(ErrorCode.PROTOCOL, f"lost the connection to splitd at "
-                                         f"{self.socket_path}: {_reason(e)}") from None
+                                         f"{self.socket_path}: {_reason(e)}", method) from None
         try:
             reply = json.loads(line)
         except ValueError:
             self.close()
             raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} sent a reply "
-                                         "that is not JSON") from None
+                                         "that is not JSON", method) from None
         if not isinstance(reply, dict) or reply.get("id") != req_id:
             self.close()
-            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} answered another request")
+            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} answered another "
+                                         "request", method)
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
-            raise AdminError(str(error.get("code", "error")), str(error.get("message", reply)))
-        return reply.get("result")
+            raise AdminError(str(error.get("code", "error")), str(error.get("message", reply)),
+                             method)
+        return reply.get("result"), elapsed
 
     def wait_pair(self, name: str, until: str, timeout: float | None = None,
                   interval: float = 1.0, on_poll: Callable[[dict], None] | None = None,

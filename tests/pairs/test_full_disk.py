@@ -14,7 +14,8 @@ import signal
 
 import pytest
 
-from tests.conftest import AdminCallError, Daemon
+from splitctl.client import AdminError
+from tests.conftest import Daemon
 from tests.daemon.test_enospc import small_fs  # noqa: F401  (the fixture)
 from tests.pairs.helpers import first_mismatch, image_digests, show, wait_until
 
@@ -126,7 +127,7 @@ def test_a_changed_bit_is_never_lost_on_a_full_disk(d):
 
 def test_admin_calls_say_the_disk_is_full(d):
     fill(d.fs)
-    with pytest.raises(AdminCallError) as e:
+    with pytest.raises(AdminError) as e:
         d.create_volume("x", "16M")
     assert e.value.code == "no-space", e.value
     assert e.value.message.startswith("no space left in the data directory"), e.value

@@ -1,4 +1,4 @@
-"""The cut-able disk itself (tests/powerloss/cutdisk.py), through libnbd:
+"""The cut-able disk itself (harness/powerloss/cutdisk.py), through libnbd:
 what survives a cut is exactly what a FLUSH or a FUA request made durable.
 No root needed: these talk NBD to the server directly.
 """
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.powerloss.cutdisk import CutDisk
+from harness.powerloss.cutdisk import CutDisk
 
 nbd = pytest.importorskip("nbd")
 

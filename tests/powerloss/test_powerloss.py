@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.powerloss.stack import PowerDisk, missing_requirements
 from tests.conftest import Daemon
-from tests.powerloss.stack import PowerDisk, missing_requirements
 
 nbd = pytest.importorskip("nbd")
 

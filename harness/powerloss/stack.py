@@ -15,7 +15,7 @@ The chain keeps the kernel's ordering promises end to end: ext4 (default
 mount options: barriers on, data=ordered) sends REQ_PREFLUSH / REQ_FUA to the
 loop device; loop (direct-io off) turns a flush into fsync() of nbdfuse's
 file; nbdfuse turns fsync into NBD_CMD_FLUSH. The detection test in
-test_powerloss.py shows that the chain loses an unflushed write and keeps a
+tests/powerloss/test_powerloss.py shows that the chain loses an unflushed write and keeps a
 flushed one.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.powerloss.cutdisk import CutDisk
+from harness.powerloss.cutdisk import CutDisk
 
 MiB = 1 << 20
 TOOLS = ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount",

@@ -1,6 +1,6 @@
 """cutdisk: an NBD server whose unflushed writes can be lost, as in a power cut.
 
-    python -m tests.powerloss.cutdisk --image FILE --socket SOCK --control CTL
+    python -m harness.powerloss.cutdisk --image FILE --socket SOCK --control CTL
 
 The export is the file FILE (the *durable* image: what survives a power cut).
 Writes go to an *overlay* in memory (4 KiB blocks) until something makes them
@@ -476,7 +476,7 @@ class CutDisk:
                 p.unlink()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.powerloss.cutdisk", "--image", str(self.image),
+                [sys.executable, "-m", "harness.powerloss.cutdisk", "--image", str(self.image),
                  "--socket", str(self.socket), "--control", str(self.control_socket)],
                 cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
