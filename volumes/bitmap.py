@@ -58,7 +58,7 @@ class Bitmap:
     # -- files ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, nbits: int, path: str) -> "Bitmap":
+    def create(cls, nbits: int, path: str) -> Bitmap:
         """A new all-clear bitmap file (sparse: O(1) whatever the size)."""
         bm = cls(nbits, path)
         bm.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -75,7 +75,7 @@ class Bitmap:
         return bm
 
     @classmethod
-    def load(cls, nbits: int, path: str) -> "Bitmap":
+    def load(cls, nbits: int, path: str) -> Bitmap:
         bm = cls(nbits, path)
         bm.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -444,7 +444,7 @@ class Bitmap:
 
     # -- whole-bitmap operations ---------------------------------------------------------
 
-    def replace_with(self, other: "Bitmap | bytes | bytearray") -> None:
+    def replace_with(self, other: Bitmap | bytes | bytearray) -> None:
         src = other.bits if isinstance(other, Bitmap) else other
         self.bits[:] = src
         self.lazy.clear()
@@ -452,7 +452,7 @@ class Bitmap:
         if self.bits:
             self._write(0, len(self.bits) - 1)
 
-    def union_update(self, *others: "Bitmap") -> None:
+    def union_update(self, *others: Bitmap) -> None:
         acc = int.from_bytes(self.bits, "little")
         for o in others:
             acc |= int.from_bytes(o.bits, "little")

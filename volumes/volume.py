@@ -77,7 +77,7 @@ class Volume:
         finally:
             os.close(fd)
 
-    def open(self) -> "Volume":
+    def open(self) -> Volume:
         if self.fd < 0:
             flags = os.O_RDONLY if self.read_only else os.O_RDWR
             self.fd = os.open(self.path, flags | os.O_CLOEXEC)

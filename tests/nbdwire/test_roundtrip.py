@@ -3,8 +3,7 @@ memory; and transmission messages across the two codecs."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 import nbdwire as c
 

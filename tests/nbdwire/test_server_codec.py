@@ -16,8 +16,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import nbdwire as c
 

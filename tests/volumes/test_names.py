@@ -4,8 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from volumes.errors import BadInput
 from volumes.names import (
