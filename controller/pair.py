@@ -36,6 +36,8 @@ import os
 import time
 
 from volumes.bitmap import Bitmap
+from volumes.copy import copy_range
+from volumes.files import write_all
 
 from . import states as st
 
@@ -53,82 +55,6 @@ INLINE_FILL = 32
 class NotReady(Exception):
     """A restore copy into P must wait: another pair of P first needs the
     bits that describe that change of P durable."""
-
-
-def copy_range(src, dst, offset: int, length: int, grain: int = 65536) -> int:
-    """Copy [offset, offset+length) of src to dst; a hole in the source stays a
-    hole in the target, at `grain` (region) granularity. Returns data bytes
-    copied. Uses copy_file_range(2) where the files allow it.
-
-    Only SEEK_DATA is used, never SEEK_HOLE: on tmpfs SEEK_HOLE walks every
-    page up to the next hole (10-20 ms in a full 1 GiB file), while SEEK_DATA
-    answers at once when there is data at the offset. A grain that starts with
-    data is copied whole, so a hole inside it becomes zeroes in the target
-    (DESIGN.md allows a hole or zeroes, never other data).
-    """
-    end = offset + length
-    pos = offset
-    copied = 0
-    fd = src.fd
-    while pos < end:
-        data = _next_data(fd, pos, end)
-        if data > pos:
-            dst.zero(pos, data - pos, punch=True)
-            pos = data
-            continue
-        # Data at pos: extend over following grains that start with data.
-        stop = min(end, (pos // grain + 1) * grain)
-        while stop < end and _next_data(fd, stop, end) == stop:
-            stop = min(end, stop + grain)
-        _copy_data(fd, dst.fd, pos, stop - pos)
-        copied += stop - pos
-        pos = stop
-    return copied
-
-
-def _next_data(fd: int, pos: int, end: int) -> int:
-    """The first offset >= pos holding data, or `end` if none before it."""
-    try:
-        return min(os.lseek(fd, pos, os.SEEK_DATA), end)
-    except OSError as e:
-        if e.errno != errno.ENXIO:  # ENXIO: no data from pos to the end of file
-            raise
-        return end
-
-
-_copy_file_range_ok = hasattr(os, "copy_file_range")
-
-
-def _copy_data(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    global _copy_file_range_ok
-    end = offset + length
-    while offset < end:
-        if _copy_file_range_ok:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, end - offset, offset, offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                _copy_file_range_ok = False
-                continue
-            if n == 0:
-                # Source shorter than expected: the rest reads as zeroes.
-                _write_all(dst_fd, bytes(end - offset), offset)
-                return
-        else:
-            data = os.pread(src_fd, min(end - offset, 4 << 20), offset)
-            if not data:
-                data = bytes(min(end - offset, 4 << 20))
-            n = _write_all(dst_fd, data, offset)
-        offset += n
-
-
-def _write_all(fd: int, data, offset: int) -> int:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done
 
 
 class Pair:
@@ -225,7 +151,7 @@ class Pair:
             if buf is not None:
                 self.staged_bytes -= len(buf)
                 off, _ = self.span(r, r)
-                _write_all(dst.fd, buf, off)
+                write_all(dst.fd, buf, off)
                 copied += len(buf)
                 r += 1
                 continue
