@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 
 from volumes.bitmap import Bitmap
 from volumes.copy import copy_range
@@ -90,7 +91,8 @@ class Pair:
         self.mirrored = 0               # writes mirrored to S (counted, for durability)
         self.mirrored_seen = 0          # ... as the last durability round saw it
         self.mirrored_at = 0.0          # ... and when that round saw it change
-        self.siblings = lambda: ()      # set by PairManager: other pairs of the same primary
+        # set by PairManager: other pairs of the same primary
+        self.siblings: Callable[[], Iterable[Pair]] = lambda: ()
         self.on_fault = lambda reason: None  # set by PairManager: suspend the pair (error)
         # Counters (since the daemon started) and progress of the current drain.
         self.cow_count = 0
@@ -127,6 +129,22 @@ class Pair:
             return self.diff
         return None
 
+    def start_drain(self) -> None:
+        """Progress counts afresh: from 0 to what this state has to copy."""
+        work = self.work_bitmap()
+        self.drain_total = work.count() if work is not None else 0
+        self.drain_done = 0
+
+    def use_generation(self, generation: int, bitmaps: dict[str, Bitmap]) -> None:
+        """Take a new generation of bitmaps (PairManager._transition). Staged
+        buffers and urgent regions were the old bitmaps' work."""
+        self.bm = bitmaps
+        self.generation = generation
+        self.staged.clear()
+        self.staged_bytes = 0
+        self.urgent.clear()
+        self.cursor = 0
+
     def copy_source_target(self):
         return (self.secondary, self.primary) if self.state == st.RESTORE else (self.primary, self.secondary)
 
@@ -136,14 +154,13 @@ class Pair:
         """Copy regions first..last in this state's direction and clear their
         bits in `bitmap`. Staged buffers are written instead of re-reading P."""
         src, dst = self.copy_source_target()
-        if dst is self.primary:
-            # A restore copy changes P: to the primary's other pairs it is a
-            # P write (copy-on-write of their pending regions, dirty tracking),
-            # issued only once they are ready for it. (Every pair of P has
-            # P's region size: the same regions.)
-            if not self._siblings_ready(first, last):
-                if not self.settle() or not self._siblings_ready(first, last):
-                    raise NotReady
+        # A restore copy changes P: to the primary's other pairs it is a P
+        # write (copy-on-write of their pending regions, dirty tracking),
+        # issued only once they are ready for it. (Every pair of P has P's
+        # region size: the same regions.)
+        if (dst is self.primary and not self._siblings_ready(first, last)
+                and (not self.settle() or not self._siblings_ready(first, last))):
+            raise NotReady
         copied = 0
         r = first
         while r <= last:
