@@ -41,13 +41,13 @@ from volumes.copy import copy_range
 from volumes.files import write_all
 
 from . import states as st
+from .reads import ReadStrategy, Waiter, policy_named
 
 log = logging.getLogger("splitd.pair")
 _MIRRORING = st.MIRRORING
 
 READ_POLICIES = st.READ_POLICIES
 BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
-STAGING_LIMIT = 64 * 1024 * 1024   # bytes of staged regions held at once, per pair
 # Pending regions a change copies on the spot (copy-on-write, fills); a change
 # over more of them has the engine copy them first, in slices, and waits.
 INLINE_FILL = 32
@@ -66,7 +66,7 @@ class Pair:
         self.primary = primary          # volumes.volume.Volume
         self.secondary = secondary      # volumes.volume.Volume
         self.state = state
-        self.read_policy = read_policy
+        self.reads: ReadStrategy = policy_named(read_policy)
         self.rate = rate                # bytes/s for the copy engine; 0 = unlimited
         self.group = group
         self.generation = generation
@@ -80,7 +80,7 @@ class Pair:
         self.bm = bitmaps
         self.staged: dict[int, bytes] = {}
         self.staged_bytes = 0
-        self.waiters: list[tuple[int, int, asyncio.Future]] = []
+        self.waiters: list[Waiter] = []   # reads held by policy `wait`
         self.urgent: list[int] = []     # regions readers wait for: copy these first
         self.cursor = 0                 # where the engine scans next
         self.kick = lambda: None        # set by the engine: there is work
@@ -105,6 +105,15 @@ class Pair:
         self.rate_ewma = 0.0
         self.tokens = 0.0
         self.last_refill = time.monotonic()
+
+    @property
+    def read_policy(self) -> str:
+        """The read policy's name, as stored and shown (controller/reads.py)."""
+        return self.reads.name
+
+    @read_policy.setter
+    def read_policy(self, name: str) -> None:
+        self.reads = policy_named(name)
 
     # -- shape ----------------------------------------------------------------
 
@@ -186,7 +195,7 @@ class Pair:
         self.copied_bytes += copied
         self.drain_done += n
         if self.waiters:
-            self._wake_waiters()
+            self.wake_waiters()
         self.poke()
         return copied
 
@@ -196,7 +205,7 @@ class Pair:
             ready = other.primary_change_ready(first, last) and ready
         return ready
 
-    def _fill_pending(self, first: int, last: int) -> int:
+    def fill_pending(self, first: int, last: int) -> int:
         """Copy every pending region in first..last P->S now (copy-on-write,
         copy-on-read, or filling before an S write). Returns regions filled."""
         pending = self.diff
@@ -388,10 +397,10 @@ class Pair:
                 self.copy_regions(a, b, restore)
                 self.cor_count += b - a + 1
         except NotReady:
-            return self._overlay(offset, length, restore, self.primary, self.secondary)
+            return self.overlay(offset, length, restore, self.primary, self.secondary)
         return None
 
-    def _overlay(self, offset: int, length: int, bitmap: Bitmap, base, top) -> bytes:
+    def overlay(self, offset: int, length: int, bitmap: Bitmap, base, top) -> bytes:
         """Bytes of `base` over [offset, offset+length), with those of `top`
         where the region's bit in `bitmap` is set."""
         first, last = self.regions(offset, length)
@@ -429,88 +438,37 @@ class Pair:
             self.want_round()
         return ready
 
-    def secondary_read(self, offset: int, length: int):
+    def secondary_read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes]:
         """Bytes of S's image, or a Future of them (read policy `wait`)."""
         self.check_secondary_served()
         first, last = self.regions(offset, length)
-        pending = self.diff
-        if not pending.any_in(first, last):
+        if not self.diff.any_in(first, last):
             return self.secondary.read(offset, length)
-        policy = self.read_policy
-        if policy == "copy-on-read":
-            try:
-                self.cor_count += self._fill_pending(first, last)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                # S's disk is full but P still holds the image: serve it from
-                # there; the regions stay pending.
-                return self._overlay(offset, length, pending, self.secondary, self.primary)
-            return self.secondary.read(offset, length)
-        if policy == "staging":
-            return self._staged_read(offset, length, first, last)
-        # wait: the engine copies these regions first; reply when it has.
-        fut = asyncio.get_running_loop().create_future()
-        fut.read_args = (offset, length)  # type: ignore[attr-defined]
-        self.waiters.append((first, last, fut))
-        self.urgent.extend(r for a, b in pending.runs(first, last) for r in range(a, b + 1))
-        self.kick()
-        return fut
+        return self.reads.read(self, offset, length, first, last)
 
-    def _staged_read(self, offset: int, length: int, first: int, last: int) -> bytes:
-        pending = self.diff
-        out = bytearray(self.secondary.read(offset, length))
-        for a, b in list(pending.runs(first, last)):
-            for r in range(a, b + 1):
-                buf = self.staged.get(r)
-                roff, rlen = self.span(r, r)
-                if buf is None:
-                    if self.staged_bytes + rlen > STAGING_LIMIT:
-                        # Memory bound reached: this one is copied on read
-                        # instead (or, S's disk full, read from P unstaged).
-                        try:
-                            self.copy_regions(r, r, pending)
-                            self.cor_count += 1
-                            buf = self.secondary.read(roff, rlen)
-                        except OSError as e:
-                            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                                raise
-                            buf = self.primary.read(roff, rlen)
-                    else:
-                        buf = self.primary.read(roff, rlen)
-                        self.staged[r] = buf
-                        self.staged_bytes += rlen
-                        self.staged_count += 1
-                        self.urgent.append(r)
-                # Overlay the part of region r that the request covers.
-                lo = max(offset, roff)
-                hi = min(offset + length, roff + rlen)
-                out[lo - offset:hi - offset] = buf[lo - roff:hi - roff]
-        self.kick()
-        return bytes(out)
-
-    def _wake_waiters(self) -> None:
+    def wake_waiters(self) -> None:
+        """Reply to the held reads (policy `wait`) whose regions are copied."""
         pending = self.diff
         still = []
-        for first, last, fut in self.waiters:
+        for w in self.waiters:
+            fut = w.future
             if fut.done():
                 continue
             if self.state != st.SPLIT:
                 fut.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
-            elif pending.any_in(first, last):
-                still.append((first, last, fut))
+            elif pending.any_in(w.first, w.last):
+                still.append(w)
             else:
-                off, length = fut.read_args  # type: ignore[attr-defined]
                 try:
-                    fut.set_result(self.secondary.read(off, length))
+                    fut.set_result(self.secondary.read(w.offset, w.length))
                 except OSError as e:
                     fut.set_exception(e)
         self.waiters = still
 
     def fail_waiters(self) -> None:
-        for _, _, fut in self.waiters:
-            if not fut.done():
-                fut.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
+        for w in self.waiters:
+            if not w.future.done():
+                w.future.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
         self.waiters = []
 
     # -- meta contexts ------------------------------------------------------------------------
