@@ -1,6 +1,10 @@
 """Every pair of the daemon: creating them, moving them between states,
 persisting them, and wiring them into the volumes' layers.
 
+The state machine: controller/states.py has the table; the "transitions"
+section below acts on it, and PairManager._transition is the only code that
+changes a pair's state (check, one SQLite transaction, then memory).
+
 Crash safety (DESIGN.md "Crash safety"):
 - Bitmaps write through to their files (volumes/bitmap.py), so after a
   kill -9 each file is exactly the bitmap the daemon had.
@@ -8,8 +12,10 @@ Crash safety (DESIGN.md "Crash safety"):
   SQLite transaction; the split moment is that commit, between two requests.
 - A transition that rewrites bitmaps (create, resync, restore) writes the
   new set as generation N+1 files first, then commits the row naming N+1, then
-  removes generation N. A crash in between leaves the old row and old files,
-  or the new ones: never a state with the wrong bitmaps.
+  removes generation N (volumes/pairfiles.py). A crash in between leaves the
+  old row and old files, or the new ones: never a state with the wrong bitmaps.
+- A fault is written to the pair's fault file before its row: a full disk
+  that refuses the commit still leaves the reason where a restart finds it.
 - A pair whose bitmap files are missing or unreadable at start goes to
   `error` with the reason; only a full resync leaves it.
 """
@@ -115,27 +121,31 @@ class PairManager:
                 log.error("pair %s not loaded: volume %s is not available", rec.secondary, missing)
                 continue
             nbits = _nregions(p_vol)
-            state, reason, generation = rec.state, rec.reason, rec.generation
+            generation = rec.generation
+            unreadable = ""
             try:
                 bitmaps = self.files.load_generation(rec.secondary, nbits, generation)
             except OSError as e:
                 # The guarantee cannot be checked without the bitmaps: error,
                 # never silently wrong. Fresh files; a full resync rebuilds S.
-                reason = f"bitmaps of generation {generation} unreadable at start: {e}"
-                log.error("pair %s: %s; state error", rec.secondary, reason)
-                state, generation = st.ERROR, generation + 1
+                unreadable = f"bitmaps of generation {generation} unreadable at start: {e}"
+                log.error("pair %s: %s; state error", rec.secondary, unreadable)
+                generation += 1
                 bitmaps = self.files.write_generation(rec.secondary, nbits, generation, {})
-                self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason,
-                                                          "generation": generation})])
+            # The pair as its row says; the bitmaps may already be the fresh ones.
+            pair = Pair(rec.secondary, p_vol, s_vol, rec.state, rec.read_policy, rec.rate,
+                        rec.grp, rec.generation, bitmaps, rec.reason, rec.created, rec.split_at)
+            if unreadable:
+                self._transition([pair], "fail", reason=unreadable,
+                                 generation=(generation, bitmaps))
             self.files.keep_only_generation(rec.secondary, generation)
             fault = self.files.read_fault(rec.secondary)
-            if fault and state != st.ERROR:
+            if fault and pair.state != st.ERROR:
                 # The fault was recorded, its row not (a full disk, say).
                 log.error("pair %s: %s (recorded before the stop); state error",
                           rec.secondary, fault)
-                state, reason = st.ERROR, fault
                 try:
-                    self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason})])
+                    self._transition([pair], "fail", reason=fault, force=True)
                 except Exception as e:  # noqa: BLE001 -- the fault file keeps it meanwhile
                     log.error("pair %s: could not record its error in the database: %s",
                               rec.secondary, e)
@@ -144,13 +154,11 @@ class PairManager:
                     self.files.make_fault_file(rec.secondary)  # a pair made by an older splitd
                 except OSError as e:
                     log.warning("pair %s: cannot make its fault record: %s", rec.secondary, e)
-            pair = Pair(rec.secondary, p_vol, s_vol, state, rec.read_policy, rec.rate, rec.grp,
-                        generation, bitmaps, reason, rec.created, rec.split_at)
             pair.start_drain()
             self.pairs[pair.name] = pair
             self._wire(pair)
             log.info("pair %s (%s -> %s): %s, %d regions to copy", pair.name, p_vol.name,
-                     s_vol.name, state, pair.drain_total)
+                     s_vol.name, pair.state, pair.drain_total)
 
     # -- create / delete -------------------------------------------------------------------
 
