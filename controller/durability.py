@@ -38,7 +38,7 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from volumes.bitmap import next_copy_seq
 
@@ -133,7 +133,7 @@ class Durability:
             self._wake.set()
             try:
                 await asyncio.wait_for(self._task, 10)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
         await self.round(everything=True)
         for h in self.held:
@@ -148,7 +148,7 @@ class Durability:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), IDLE_ROUND)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 if self.stopping:
                     return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from . import states as st
 from .layers import ClientOps
@@ -65,7 +65,7 @@ class CopyEngine:
             self.kick()
             try:
                 await asyncio.wait_for(self._task, 5)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
 
     # -- one step (sync) ------------------------------------------------------------
@@ -183,7 +183,7 @@ class CopyEngine:
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # -- rate limits ----------------------------------------------------------------------

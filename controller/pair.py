@@ -34,17 +34,20 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 
 from volumes.bitmap import Bitmap
+from volumes.copy import copy_range
+from volumes.files import write_all
 
 from . import states as st
+from .reads import ReadStrategy, Waiter, policy_named
 
 log = logging.getLogger("splitd.pair")
 _MIRRORING = st.MIRRORING
 
 READ_POLICIES = st.READ_POLICIES
 BITMAPS = ("diff", "changed_p", "changed_s", "delta", "restore")
-STAGING_LIMIT = 64 * 1024 * 1024   # bytes of staged regions held at once, per pair
 # Pending regions a change copies on the spot (copy-on-write, fills); a change
 # over more of them has the engine copy them first, in slices, and waits.
 INLINE_FILL = 32
@@ -55,82 +58,6 @@ class NotReady(Exception):
     bits that describe that change of P durable."""
 
 
-def copy_range(src, dst, offset: int, length: int, grain: int = 65536) -> int:
-    """Copy [offset, offset+length) of src to dst; a hole in the source stays a
-    hole in the target, at `grain` (region) granularity. Returns data bytes
-    copied. Uses copy_file_range(2) where the files allow it.
-
-    Only SEEK_DATA is used, never SEEK_HOLE: on tmpfs SEEK_HOLE walks every
-    page up to the next hole (10-20 ms in a full 1 GiB file), while SEEK_DATA
-    answers at once when there is data at the offset. A grain that starts with
-    data is copied whole, so a hole inside it becomes zeroes in the target
-    (DESIGN.md allows a hole or zeroes, never other data).
-    """
-    end = offset + length
-    pos = offset
-    copied = 0
-    fd = src.fd
-    while pos < end:
-        data = _next_data(fd, pos, end)
-        if data > pos:
-            dst.zero(pos, data - pos, punch=True)
-            pos = data
-            continue
-        # Data at pos: extend over following grains that start with data.
-        stop = min(end, (pos // grain + 1) * grain)
-        while stop < end and _next_data(fd, stop, end) == stop:
-            stop = min(end, stop + grain)
-        _copy_data(fd, dst.fd, pos, stop - pos)
-        copied += stop - pos
-        pos = stop
-    return copied
-
-
-def _next_data(fd: int, pos: int, end: int) -> int:
-    """The first offset >= pos holding data, or `end` if none before it."""
-    try:
-        return min(os.lseek(fd, pos, os.SEEK_DATA), end)
-    except OSError as e:
-        if e.errno != errno.ENXIO:  # ENXIO: no data from pos to the end of file
-            raise
-        return end
-
-
-_copy_file_range_ok = hasattr(os, "copy_file_range")
-
-
-def _copy_data(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    global _copy_file_range_ok
-    end = offset + length
-    while offset < end:
-        if _copy_file_range_ok:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, end - offset, offset, offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                _copy_file_range_ok = False
-                continue
-            if n == 0:
-                # Source shorter than expected: the rest reads as zeroes.
-                _write_all(dst_fd, bytes(end - offset), offset)
-                return
-        else:
-            data = os.pread(src_fd, min(end - offset, 4 << 20), offset)
-            if not data:
-                data = bytes(min(end - offset, 4 << 20))
-            n = _write_all(dst_fd, data, offset)
-        offset += n
-
-
-def _write_all(fd: int, data, offset: int) -> int:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done
-
-
 class Pair:
     def __init__(self, name: str, primary, secondary, state: str, read_policy: str,
                  rate: int, group: str | None, generation: int, bitmaps: dict[str, Bitmap],
@@ -139,7 +66,7 @@ class Pair:
         self.primary = primary          # volumes.volume.Volume
         self.secondary = secondary      # volumes.volume.Volume
         self.state = state
-        self.read_policy = read_policy
+        self.reads: ReadStrategy = policy_named(read_policy)
         self.rate = rate                # bytes/s for the copy engine; 0 = unlimited
         self.group = group
         self.generation = generation
@@ -153,7 +80,7 @@ class Pair:
         self.bm = bitmaps
         self.staged: dict[int, bytes] = {}
         self.staged_bytes = 0
-        self.waiters: list[tuple[int, int, asyncio.Future]] = []
+        self.waiters: list[Waiter] = []   # reads held by policy `wait`
         self.urgent: list[int] = []     # regions readers wait for: copy these first
         self.cursor = 0                 # where the engine scans next
         self.kick = lambda: None        # set by the engine: there is work
@@ -164,7 +91,8 @@ class Pair:
         self.mirrored = 0               # writes mirrored to S (counted, for durability)
         self.mirrored_seen = 0          # ... as the last durability round saw it
         self.mirrored_at = 0.0          # ... and when that round saw it change
-        self.siblings = lambda: ()      # set by PairManager: other pairs of the same primary
+        # set by PairManager: other pairs of the same primary
+        self.siblings: Callable[[], Iterable[Pair]] = lambda: ()
         self.on_fault = lambda reason: None  # set by PairManager: suspend the pair (error)
         # Counters (since the daemon started) and progress of the current drain.
         self.cow_count = 0
@@ -177,6 +105,15 @@ class Pair:
         self.rate_ewma = 0.0
         self.tokens = 0.0
         self.last_refill = time.monotonic()
+
+    @property
+    def read_policy(self) -> str:
+        """The read policy's name, as stored and shown (controller/reads.py)."""
+        return self.reads.name
+
+    @read_policy.setter
+    def read_policy(self, name: str) -> None:
+        self.reads = policy_named(name)
 
     # -- shape ----------------------------------------------------------------
 
@@ -201,6 +138,22 @@ class Pair:
             return self.diff
         return None
 
+    def start_drain(self) -> None:
+        """Progress counts afresh: from 0 to what this state has to copy."""
+        work = self.work_bitmap()
+        self.drain_total = work.count() if work is not None else 0
+        self.drain_done = 0
+
+    def use_generation(self, generation: int, bitmaps: dict[str, Bitmap]) -> None:
+        """Take a new generation of bitmaps (PairManager._transition). Staged
+        buffers and urgent regions were the old bitmaps' work."""
+        self.bm = bitmaps
+        self.generation = generation
+        self.staged.clear()
+        self.staged_bytes = 0
+        self.urgent.clear()
+        self.cursor = 0
+
     def copy_source_target(self):
         return (self.secondary, self.primary) if self.state == st.RESTORE else (self.primary, self.secondary)
 
@@ -210,14 +163,13 @@ class Pair:
         """Copy regions first..last in this state's direction and clear their
         bits in `bitmap`. Staged buffers are written instead of re-reading P."""
         src, dst = self.copy_source_target()
-        if dst is self.primary:
-            # A restore copy changes P: to the primary's other pairs it is a
-            # P write (copy-on-write of their pending regions, dirty tracking),
-            # issued only once they are ready for it. (Every pair of P has
-            # P's region size: the same regions.)
-            if not self._siblings_ready(first, last):
-                if not self.settle() or not self._siblings_ready(first, last):
-                    raise NotReady
+        # A restore copy changes P: to the primary's other pairs it is a P
+        # write (copy-on-write of their pending regions, dirty tracking),
+        # issued only once they are ready for it. (Every pair of P has P's
+        # region size: the same regions.)
+        if (dst is self.primary and not self._siblings_ready(first, last)
+                and (not self.settle() or not self._siblings_ready(first, last))):
+            raise NotReady
         copied = 0
         r = first
         while r <= last:
@@ -225,7 +177,7 @@ class Pair:
             if buf is not None:
                 self.staged_bytes -= len(buf)
                 off, _ = self.span(r, r)
-                _write_all(dst.fd, buf, off)
+                write_all(dst.fd, buf, off)
                 copied += len(buf)
                 r += 1
                 continue
@@ -243,7 +195,7 @@ class Pair:
         self.copied_bytes += copied
         self.drain_done += n
         if self.waiters:
-            self._wake_waiters()
+            self.wake_waiters()
         self.poke()
         return copied
 
@@ -253,7 +205,7 @@ class Pair:
             ready = other.primary_change_ready(first, last) and ready
         return ready
 
-    def _fill_pending(self, first: int, last: int) -> int:
+    def fill_pending(self, first: int, last: int) -> int:
         """Copy every pending region in first..last P->S now (copy-on-write,
         copy-on-read, or filling before an S write). Returns regions filled."""
         pending = self.diff
@@ -445,10 +397,10 @@ class Pair:
                 self.copy_regions(a, b, restore)
                 self.cor_count += b - a + 1
         except NotReady:
-            return self._overlay(offset, length, restore, self.primary, self.secondary)
+            return self.overlay(offset, length, restore, self.primary, self.secondary)
         return None
 
-    def _overlay(self, offset: int, length: int, bitmap: Bitmap, base, top) -> bytes:
+    def overlay(self, offset: int, length: int, bitmap: Bitmap, base, top) -> bytes:
         """Bytes of `base` over [offset, offset+length), with those of `top`
         where the region's bit in `bitmap` is set."""
         first, last = self.regions(offset, length)
@@ -486,88 +438,37 @@ class Pair:
             self.want_round()
         return ready
 
-    def secondary_read(self, offset: int, length: int):
+    def secondary_read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes]:
         """Bytes of S's image, or a Future of them (read policy `wait`)."""
         self.check_secondary_served()
         first, last = self.regions(offset, length)
-        pending = self.diff
-        if not pending.any_in(first, last):
+        if not self.diff.any_in(first, last):
             return self.secondary.read(offset, length)
-        policy = self.read_policy
-        if policy == "copy-on-read":
-            try:
-                self.cor_count += self._fill_pending(first, last)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                # S's disk is full but P still holds the image: serve it from
-                # there; the regions stay pending.
-                return self._overlay(offset, length, pending, self.secondary, self.primary)
-            return self.secondary.read(offset, length)
-        if policy == "staging":
-            return self._staged_read(offset, length, first, last)
-        # wait: the engine copies these regions first; reply when it has.
-        fut = asyncio.get_running_loop().create_future()
-        fut.read_args = (offset, length)  # type: ignore[attr-defined]
-        self.waiters.append((first, last, fut))
-        self.urgent.extend(r for a, b in pending.runs(first, last) for r in range(a, b + 1))
-        self.kick()
-        return fut
+        return self.reads.read(self, offset, length, first, last)
 
-    def _staged_read(self, offset: int, length: int, first: int, last: int) -> bytes:
-        pending = self.diff
-        out = bytearray(self.secondary.read(offset, length))
-        for a, b in list(pending.runs(first, last)):
-            for r in range(a, b + 1):
-                buf = self.staged.get(r)
-                roff, rlen = self.span(r, r)
-                if buf is None:
-                    if self.staged_bytes + rlen > STAGING_LIMIT:
-                        # Memory bound reached: this one is copied on read
-                        # instead (or, S's disk full, read from P unstaged).
-                        try:
-                            self.copy_regions(r, r, pending)
-                            self.cor_count += 1
-                            buf = self.secondary.read(roff, rlen)
-                        except OSError as e:
-                            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                                raise
-                            buf = self.primary.read(roff, rlen)
-                    else:
-                        buf = self.primary.read(roff, rlen)
-                        self.staged[r] = buf
-                        self.staged_bytes += rlen
-                        self.staged_count += 1
-                        self.urgent.append(r)
-                # Overlay the part of region r that the request covers.
-                lo = max(offset, roff)
-                hi = min(offset + length, roff + rlen)
-                out[lo - offset:hi - offset] = buf[lo - roff:hi - roff]
-        self.kick()
-        return bytes(out)
-
-    def _wake_waiters(self) -> None:
+    def wake_waiters(self) -> None:
+        """Reply to the held reads (policy `wait`) whose regions are copied."""
         pending = self.diff
         still = []
-        for first, last, fut in self.waiters:
+        for w in self.waiters:
+            fut = w.future
             if fut.done():
                 continue
             if self.state != st.SPLIT:
                 fut.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
-            elif pending.any_in(first, last):
-                still.append((first, last, fut))
+            elif pending.any_in(w.first, w.last):
+                still.append(w)
             else:
-                off, length = fut.read_args  # type: ignore[attr-defined]
                 try:
-                    fut.set_result(self.secondary.read(off, length))
+                    fut.set_result(self.secondary.read(w.offset, w.length))
                 except OSError as e:
                     fut.set_exception(e)
         self.waiters = still
 
     def fail_waiters(self) -> None:
-        for _, _, fut in self.waiters:
-            if not fut.done():
-                fut.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
+        for w in self.waiters:
+            if not w.future.done():
+                w.future.set_exception(OSError(errno.EIO, f"pair {self.name} left split"))
         self.waiters = []
 
     # -- meta contexts ------------------------------------------------------------------------

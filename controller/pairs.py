@@ -1,6 +1,10 @@
 """Every pair of the daemon: creating them, moving them between states,
 persisting them, and wiring them into the volumes' layers.
 
+The state machine: controller/states.py has the table; the "transitions"
+section below acts on it, and PairManager._transition is the only code that
+changes a pair's state (check, one SQLite transaction, then memory).
+
 Crash safety (DESIGN.md "Crash safety"):
 - Bitmaps write through to their files (volumes/bitmap.py), so after a
   kill -9 each file is exactly the bitmap the daemon had.
@@ -8,8 +12,10 @@ Crash safety (DESIGN.md "Crash safety"):
   SQLite transaction; the split moment is that commit, between two requests.
 - A transition that rewrites bitmaps (create, resync, restore) writes the
   new set as generation N+1 files first, then commits the row naming N+1, then
-  removes generation N. A crash in between leaves the old row and old files,
-  or the new ones: never a state with the wrong bitmaps.
+  removes generation N (volumes/pairfiles.py). A crash in between leaves the
+  old row and old files, or the new ones: never a state with the wrong bitmaps.
+- A fault is written to the pair's fault file before its row: a full disk
+  that refuses the commit still leaves the reason where a restart finds it.
 - A pair whose bitmap files are missing or unreadable at start goes to
   `error` with the reason; only a full resync leaves it.
 """
@@ -17,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
+from collections.abc import Mapping, Sequence
 
 from volumes.bitmap import Bitmap
 from volumes.errors import BadInput, Conflict, NotFound, SplitdError
 from volumes.names import format_size, parse_rate, quoted, validate_name
+from volumes.pairfiles import PairFiles
 from volumes.store import PairRecord
 
 from . import states as st
@@ -32,8 +39,6 @@ from .layers import ClientOps, ManagedVolume
 from .pair import BITMAPS, INLINE_FILL, READ_POLICIES, Pair
 
 log = logging.getLogger("splitd.pairs")
-
-FAULT_SIZE = 4096   # bytes of a pair's fault record (its reason, NUL-padded)
 
 
 class Refused(SplitdError):
@@ -48,7 +53,7 @@ class PairManager:
         self.store = volumes.store
         self.registry = registry        # daemon.connections.ConnectionRegistry
         self.dir = os.path.join(volumes.data_dir, "pairs")
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        self.files = PairFiles(self.dir, BITMAPS)   # bitmap generations, fault records
         self.layers: dict[str, ManagedVolume] = {}
         self.pairs: dict[str, Pair] = {}
         self.unavailable: dict[str, str] = {}
@@ -104,80 +109,6 @@ class PairManager:
         if s_layer is not None and s_layer.secondary_of is pair:
             s_layer.secondary_of = None
 
-    # -- bitmap files ---------------------------------------------------------------
-
-    def _path(self, pair_name: str, kind: str, generation: int) -> str:
-        return os.path.join(self.dir, pair_name, f"{kind}.{generation}.bm")
-
-    def _write_generation(self, pair_name: str, nbits: int, generation: int,
-                          contents: dict[str, bytes | None]) -> dict[str, Bitmap]:
-        os.makedirs(os.path.join(self.dir, pair_name), mode=0o750, exist_ok=True)
-        out = {}
-        try:
-            for kind in BITMAPS:
-                bm = Bitmap.create(nbits, self._path(pair_name, kind, generation))
-                out[kind] = bm
-                data = contents.get(kind)
-                if data is not None:
-                    bm.replace_with(data)
-                bm.sync()
-            _fsync_dir(os.path.join(self.dir, pair_name))  # the new names are durable too
-        except BaseException:
-            for bm in out.values():
-                bm.close()
-            self._remove_generation(pair_name, generation)
-            raise
-        return out
-
-    def _remove_generation(self, pair_name: str, generation: int) -> None:
-        for kind in BITMAPS:
-            try:
-                os.unlink(self._path(pair_name, kind, generation))
-            except FileNotFoundError:
-                pass
-
-    def _keep_only_generation(self, pair_name: str, generation: int) -> None:
-        folder = os.path.join(self.dir, pair_name)
-        for entry in os.listdir(folder):
-            if entry.endswith(".bm") and not entry.endswith(f".{generation}.bm"):
-                os.unlink(os.path.join(folder, entry))
-
-    # -- the fault record ---------------------------------------------------------------
-
-    # A pair's error is recorded in SQLite and, first, in pairs/<name>/fault: a
-    # file allocated when the pair is made, so that recording a fault needs no
-    # new space. On a full disk the SQLite commit fails; the fault file still
-    # takes the reason, and a restart finds the pair in error.
-
-    def _fault_path(self, pair_name: str) -> str:
-        return os.path.join(self.dir, pair_name, "fault")
-
-    def _make_fault_file(self, pair_name: str) -> None:
-        fd = os.open(self._fault_path(pair_name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, FAULT_SIZE)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-
-    def _write_fault(self, pair_name: str, reason: str) -> None:
-        """Record (or, with reason "", forget) a pair's fault durably."""
-        data = reason.encode("utf-8", "replace")[:FAULT_SIZE - 1]
-        fd = os.open(self._fault_path(pair_name), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.pwrite(fd, data + bytes(FAULT_SIZE - len(data)), 0)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-
-    def _read_fault(self, pair_name: str) -> str:
-        try:
-            with open(self._fault_path(pair_name), "rb") as f:
-                data = f.read(FAULT_SIZE)
-        except FileNotFoundError:
-            return ""
-        return data.split(b"\0", 1)[0].decode("utf-8", "replace")
-
     # -- start -------------------------------------------------------------------------
 
     def _load(self) -> None:
@@ -190,47 +121,44 @@ class PairManager:
                 log.error("pair %s not loaded: volume %s is not available", rec.secondary, missing)
                 continue
             nbits = _nregions(p_vol)
-            state, reason, generation = rec.state, rec.reason, rec.generation
-            bitmaps = {}
+            generation = rec.generation
+            unreadable = ""
             try:
-                for k in BITMAPS:
-                    bitmaps[k] = Bitmap.load(nbits, self._path(rec.secondary, k, generation))
+                bitmaps = self.files.load_generation(rec.secondary, nbits, generation)
             except OSError as e:
-                for bm in bitmaps.values():
-                    bm.close()    # those that did load: no fd left behind
                 # The guarantee cannot be checked without the bitmaps: error,
                 # never silently wrong. Fresh files; a full resync rebuilds S.
-                reason = f"bitmaps of generation {generation} unreadable at start: {e}"
-                log.error("pair %s: %s; state error", rec.secondary, reason)
-                state, generation = st.ERROR, generation + 1
-                bitmaps = self._write_generation(rec.secondary, nbits, generation, {})
-                self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason,
-                                                          "generation": generation})])
-            self._keep_only_generation(rec.secondary, generation)
-            fault = self._read_fault(rec.secondary)
-            if fault and state != st.ERROR:
+                unreadable = f"bitmaps of generation {generation} unreadable at start: {e}"
+                log.error("pair %s: %s; state error", rec.secondary, unreadable)
+                generation += 1
+                bitmaps = self.files.write_generation(rec.secondary, nbits, generation, {})
+            # The pair as its row says; the bitmaps may already be the fresh ones.
+            pair = Pair(rec.secondary, p_vol, s_vol, rec.state, rec.read_policy, rec.rate,
+                        rec.grp, rec.generation, bitmaps, rec.reason, rec.created, rec.split_at)
+            if unreadable:
+                self._transition([pair], "fail", reason=unreadable,
+                                 generation=(generation, bitmaps))
+            self.files.keep_only_generation(rec.secondary, generation)
+            fault = self.files.read_fault(rec.secondary)
+            if fault and pair.state != st.ERROR:
                 # The fault was recorded, its row not (a full disk, say).
                 log.error("pair %s: %s (recorded before the stop); state error",
                           rec.secondary, fault)
-                state, reason = st.ERROR, fault
                 try:
-                    self.store.update_pairs([(rec.secondary, {"state": state, "reason": reason})])
+                    self._transition([pair], "fail", reason=fault, force=True)
                 except Exception as e:  # noqa: BLE001 -- the fault file keeps it meanwhile
                     log.error("pair %s: could not record its error in the database: %s",
                               rec.secondary, e)
-            if not os.path.exists(self._fault_path(rec.secondary)):
+            if not self.files.has_fault_file(rec.secondary):
                 try:
-                    self._make_fault_file(rec.secondary)  # a pair made by an older splitd
+                    self.files.make_fault_file(rec.secondary)  # a pair made by an older splitd
                 except OSError as e:
                     log.warning("pair %s: cannot make its fault record: %s", rec.secondary, e)
-            pair = Pair(rec.secondary, p_vol, s_vol, state, rec.read_policy, rec.rate, rec.grp,
-                        generation, bitmaps, reason, rec.created, rec.split_at)
-            work = pair.work_bitmap()
-            pair.drain_total = work.count() if work is not None else 0
+            pair.start_drain()
             self.pairs[pair.name] = pair
             self._wire(pair)
             log.info("pair %s (%s -> %s): %s, %d regions to copy", pair.name, p_vol.name,
-                     s_vol.name, state, pair.drain_total)
+                     s_vol.name, pair.state, pair.drain_total)
 
     # -- create / delete -------------------------------------------------------------------
 
@@ -299,23 +227,23 @@ class PairManager:
         diff = _allocated_bits(p_vol, nbits) if created else _all_bits(nbits)
         generation = 1
         try:
-            self._remove_generation(secondary, generation)
-            os.makedirs(os.path.join(self.dir, secondary), mode=0o750, exist_ok=True)
-            self._make_fault_file(secondary)
-            bitmaps = self._write_generation(secondary, nbits, generation,
+            self.files.remove_generation(secondary, generation)
+            self.files.make_folder(secondary)
+            self.files.make_fault_file(secondary)
+            bitmaps = self.files.write_generation(secondary, nbits, generation,
                                              {"diff": diff, "delta": _all_bits(nbits)})
             now = time.time()
             rec = PairRecord(secondary, primary, st.COPY, read_policy, rate, group, generation,
                              "", now, None)
             self.store.add_pair(rec)
         except BaseException:
-            shutil.rmtree(os.path.join(self.dir, secondary), ignore_errors=True)
+            self.files.remove_all(secondary)
             if created:
                 self.volumes.delete(secondary)
             raise
         pair = Pair(secondary, p_vol, s_vol, st.COPY, read_policy, rate, group, generation,
                     bitmaps, "", now, None)
-        pair.drain_total = pair.diff.count()
+        pair.start_drain()
         self.pairs[secondary] = pair
         self._wire(pair)
         pair.kick()
@@ -329,7 +257,7 @@ class PairManager:
             # Not loaded: nothing serves it or copies for it; forget its row
             # and files so its volumes can be deleted or paired again.
             self.store.remove_pair(name)
-            shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+            self.files.remove_all(name)
             del self.unavailable[name]
             log.info("unavailable pair %s deleted", name)
             return {"name": name, "deleted": True, "state_was": "unavailable"}
@@ -348,7 +276,7 @@ class PairManager:
         del self.pairs[name]
         for bm in pair.bm.values():
             bm.close()
-        shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        self.files.remove_all(name)
         log.info("pair %s deleted (was %s)", name, pair.state)
         return {"name": name, "deleted": True, "state_was": pair.state}
 
@@ -360,24 +288,32 @@ class PairManager:
 
     def set(self, name: str, rate: int | None = None, read_policy: str | None = None) -> Pair:
         pair = self.get(name)
-        changes = {}
+        changes: dict[str, int | str] = {}
+        new_rate = pair.rate if rate is None else parse_rate(rate, f"rate of pair {name!r}")
         if rate is not None:
-            changes["rate"] = parse_rate(rate, f"rate of pair {name!r}")
+            changes["rate"] = new_rate
         if read_policy is not None:
             _check_read_policy(read_policy, name)
             changes["read_policy"] = read_policy
         if not changes:
             raise BadInput("nothing to set: give a rate or a read policy")
         self.store.update_pairs([(name, changes)])
-        pair.rate = changes.get("rate", pair.rate)
-        pair.read_policy = changes.get("read_policy", pair.read_policy)
+        pair.rate = new_rate
+        if read_policy is not None:
+            pair.read_policy = read_policy
         pair.tokens = 0.0
         pair.kick()
         return pair
 
     # -- transitions ------------------------------------------------------------------------
+    #
+    # The pair state machine: the table is controller/states.py, and this
+    # section is everything that acts on it. Only _transition changes a pair's
+    # state; the actions around it (split, resync, restore, drained, fail) say
+    # what must be durable before and what is cleaned up after.
 
-    def _next(self, pair: Pair, action: str) -> str:
+    def _check(self, pair: Pair, action: str) -> str:
+        """The state `action` takes the pair to; Refused if it may not."""
         try:
             new = st.next_state(pair.name, pair.state, action)
         except st.TransitionRefused as e:
@@ -395,20 +331,63 @@ class PairManager:
                                   "that restore is done")
         return new
 
+    def _transition(self, pairs: Sequence[Pair], action: str, *, split_at: float | None = None,
+                    reason: str | None = None,
+                    generation: tuple[int, dict[str, Bitmap]] | None = None,
+                    force: bool = False) -> None:
+        """Move `pairs` by `action`, the one place where a pair's state changes:
+
+        1. check every pair against the table before anything changes (a
+           refused member of a group changes no pair of it);
+        2. record one SQLite transaction holding every pair's new row: the
+           state, and split_at, reason and generation when given. A group
+           split is one commit: its pairs split at one instant;
+        3. apply it in memory: state, those fields, the new bitmap
+           `generation` (number, bitmaps; the caller closes and removes the
+           old one once this returns). A state with something to copy starts
+           a new drain (progress from 0) and wakes the engine; in error
+           nothing is copied and the progress of the drain it stopped stays.
+
+        An error of the commit is raised at once, nothing changed; with
+        `force` (a fault: the pair stops whether or not that can be
+        recorded, see fail()) step 3 is done anyway and the error raised
+        after it.
+        """
+        news = [self._check(pair, action) for pair in pairs]
+        columns: dict[str, object] = {}
+        if split_at is not None:
+            columns["split_at"] = split_at
+        if reason is not None:
+            columns["reason"] = reason
+        if generation is not None:
+            columns["generation"] = generation[0]
+        unrecorded: Exception | None = None
+        try:
+            self.store.update_pairs([(pair.name, {"state": new, **columns})
+                                     for pair, new in zip(pairs, news)])
+        except Exception as e:
+            if not force:
+                raise
+            unrecorded = e
+        for pair, new in zip(pairs, news):
+            pair.state = new
+            if split_at is not None:
+                pair.split_at = split_at
+            if reason is not None:
+                pair.reason = reason
+            if generation is not None:
+                pair.use_generation(*generation)
+            if new != st.ERROR:
+                pair.start_drain()
+                pair.kick()
+        if unrecorded is not None:
+            raise unrecorded
+
     def split(self, names: list[str]) -> list[Pair]:
         """Split pairs at one single point: one transaction, one loop tick, so
         no P write of any of them lands between the first and the last."""
         pairs = [self.get(n) for n in names]
-        for pair in pairs:
-            self._next(pair, "split")
-        now = time.time()
-        self.store.update_pairs([(p.name, {"state": st.SPLIT, "split_at": now}) for p in pairs])
-        for pair in pairs:
-            pair.state = st.SPLIT
-            pair.split_at = now
-            pair.drain_total = pair.diff.count()
-            pair.drain_done = 0
-            pair.kick()
+        self._transition(pairs, "split", split_at=time.time())
         log.info("split %s: %s", "group" if len(pairs) > 1 else "pair",
                  ", ".join(f"{p.name} ({p.diff.count()} pending)" for p in pairs))
         return pairs
@@ -421,7 +400,7 @@ class PairManager:
 
     def resync(self, name: str) -> Pair:
         pair = self.get(name)
-        self._next(pair, "resync")
+        self._check(pair, "resync")
         nbits = pair.nregions
         if pair.state == st.ERROR:
             full = _all_bits(nbits)
@@ -431,12 +410,12 @@ class PairManager:
             # The diff as the file has it: a region copied but not yet durably
             # is copied again.
             contents = {"diff": _or(pair.diff.file_bits(), changed), "delta": changed}
-        self._rewrite(pair, st.RESYNC, contents, "resync")
+        self._rewrite(pair, "resync", contents)
         return pair
 
     def restore(self, name: str) -> Pair:
         pair = self.get(name)
-        self._next(pair, "restore")
+        self._check(pair, "restore")
         if pair.primary.read_only:
             # Its file is open read-only: every restore copy would fail (EIO to
             # P's readers, then error). Refuse before anything changes.
@@ -448,47 +427,41 @@ class PairManager:
         # writes from now on). Keeping the old delta (the previous split to
         # this one) lost S's writes from incremental backups.
         contents = {"diff": pair.diff.file_bits(), "delta": changed, "restore": changed}
-        self._rewrite(pair, st.RESTORE, contents, "restore")
+        self._rewrite(pair, "restore", contents)
         return pair
 
-    def _rewrite(self, pair: Pair, state: str, contents: dict, why: str) -> None:
+    def _rewrite(self, pair: Pair, action: str, contents: Mapping[str, bytes | None]) -> None:
+        """A transition with a new bitmap generation (resync, restore): the
+        new files and their directory entry durable, then the row naming
+        them committed, then the old files removed. A crash in between
+        leaves the old row and files, or the new ones."""
         generation = pair.generation + 1
-        bitmaps = self._write_generation(pair.name, pair.nregions, generation, contents)
+        bitmaps = self.files.write_generation(pair.name, pair.nregions, generation, contents)
+        leaving_error = pair.state == st.ERROR
+        old = pair.bm
         try:
-            self.store.update_pairs([(pair.name, {"state": state, "generation": generation,
-                                                  "reason": ""})])
+            self._transition([pair], action, reason="", generation=(generation, bitmaps))
         except BaseException:
-            for bm in bitmaps.values():
-                bm.close()
-            self._remove_generation(pair.name, generation)
+            if pair.generation != generation:   # not committed: the old one stays
+                for bm in bitmaps.values():
+                    bm.close()
+                self.files.remove_generation(pair.name, generation)
             raise
-        if pair.state == st.ERROR:
+        if leaving_error:
             # Leaving error (a full resync): the row says so now; forget the fault.
             try:
-                self._write_fault(pair.name, "")
+                self.files.write_fault(pair.name, "")
             except OSError as e:
                 log.warning("pair %s: could not clear its fault record: %s", pair.name, e)
-        self._close_secondary(pair, f"pair {why}")
-        old = pair.bm
-        pair.bm = bitmaps
-        pair.generation = generation
-        pair.state = state
-        pair.reason = ""
-        pair.staged.clear()
-        pair.staged_bytes = 0
-        pair.urgent.clear()
-        pair.cursor = 0
-        work = pair.work_bitmap()
-        pair.drain_total = work.count() if work is not None else 0
-        pair.drain_done = 0
+        self._close_secondary(pair, f"pair {action}")
         for bm in old.values():
             bm.close()
-        self._remove_generation(pair.name, generation - 1)
+        self.files.remove_generation(pair.name, generation - 1)
         release_heap()
-        pair.kick()
-        log.info("pair %s: %s, %d regions to copy", pair.name, state, pair.drain_total)
+        log.info("pair %s: %s, %d regions to copy", pair.name, pair.state, pair.drain_total)
 
     def _drained(self, pair: Pair) -> None:
+        """The copy engine has nothing left to copy (copy, resync, restore)."""
         if pair.state == st.RESTORE:
             # P holds S's image only once the restore copies are durable (in
             # `pair` the restore bitmap is no longer looked at). A copy or
@@ -500,13 +473,9 @@ class PairManager:
                     self.durability.want_round()
                     return
                 self.durability.round_now(everything=True)
-        new = st.next_state(pair.name, pair.state, "drained")
-        self.store.update_pairs([(pair.name, {"state": new})])
-        log.info("pair %s: %s done, now %s", pair.name, pair.state, new)
-        pair.state = new
-        pair.drain_total = pair.diff.count()
-        pair.drain_done = 0
-        pair.kick()
+        was = pair.state
+        self._transition([pair], "drained")
+        log.info("pair %s: %s done, now %s", pair.name, was, pair.state)
         # The copies are done: make them durable now, not at the next idle round.
         self.durability.want_round()
 
@@ -517,19 +486,19 @@ class PairManager:
         if pair.state != st.ERROR:
             log.error("pair %s: %s; state error (only a full resync leaves it)", pair.name, reason)
         recorded = False
+        # The fault file first: it was allocated with the pair, so this
+        # write needs no new space when the SQLite commit fails for want of it.
         try:
-            self._write_fault(pair.name, reason)
+            self.files.write_fault(pair.name, reason)
             recorded = True
         except OSError as e:
             log.error("pair %s: could not write its fault record: %s", pair.name, e)
         try:
-            self.store.update_pairs([(pair.name, {"state": st.ERROR, "reason": reason})])
+            self._transition([pair], "fail", reason=reason, force=True)
             recorded = True
         except Exception as e:  # noqa: BLE001 -- the fault file may hold it
             log.error("pair %s: could not record its error in the database: %s", pair.name, e)
         pair.unrecorded = not recorded
-        pair.state = st.ERROR
-        pair.reason = reason
         self._close_secondary(pair, reason)
 
     def _close_secondary(self, pair: Pair, reason: str) -> None:
@@ -562,14 +531,6 @@ def _check_read_policy(policy, pair_name: str) -> None:
     if not isinstance(policy, str) or policy not in READ_POLICIES:
         raise BadInput(f"read policy {quoted(policy)} for pair {pair_name!r} is not one of "
                        f"{', '.join(READ_POLICIES)}")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def release_heap() -> None:
@@ -614,7 +575,7 @@ def _allocated_bits(vol, nbits: int) -> bytes:
     return bm.copy_bits()
 
 
-def _or(*maps: "Bitmap | bytes") -> bytes:
+def _or(*maps: Bitmap | bytes) -> bytes:
     """The union of bitmaps (or their bytes), as bytes."""
     raw = [m.bits if isinstance(m, Bitmap) else m for m in maps]
     acc = 0

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from controller.errors import BadInput, Conflict, UnknownMethod
 from volumes.names import parse_region_size, parse_size, quoted, validate_name

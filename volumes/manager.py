@@ -22,6 +22,7 @@ import logging
 import os
 
 from volumes.errors import BadInput, Conflict, NotFound
+from volumes.files import fsync_dir
 from volumes.names import DEFAULT_REGION_SIZE, format_size, parse_region_size, parse_size, validate_name
 from volumes.store import MetadataStore
 from volumes.volume import Volume
@@ -149,7 +150,7 @@ class VolumeManager:
         vol = Volume(name, path, size, region_size, read_only)
         try:
             vol.open()
-            _fsync_dir(self.volumes_dir)  # the new file's name survives a crash
+            fsync_dir(self.volumes_dir)  # the new file's name survives a crash
             self.store.add_volume(name, size, region_size, read_only)
         except BaseException:
             vol.close()
@@ -206,7 +207,7 @@ class VolumeManager:
             path = None  # a row splitd did not write: never turn its name into a path
         if path is not None:
             _remove_file(path)
-            _fsync_dir(self.volumes_dir)
+            fsync_dir(self.volumes_dir)
         log.info("deleted volume %s", name)
 
 
@@ -243,14 +244,6 @@ def _lock_data_dir(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_file(path: str) -> None:

@@ -10,8 +10,7 @@ import random
 
 import pytest
 
-from controller import pair as pair_mod
-from controller import states as S
+from controller import pair as pair_mod, states as S
 
 from .env import Env
 
@@ -69,7 +68,7 @@ def test_crash_before_the_new_generation_is_committed(env, monkeypatch, action):
     # Killed after the new bitmap files are written, before the row names them
     # (and so before any clean-up of them).
     monkeypatch.setattr(env.pairs.store, "update_pairs", kill)
-    monkeypatch.setattr(env.pairs, "_remove_generation", lambda *a: None)
+    monkeypatch.setattr(env.pairs.files, "remove_generation", lambda *a: None)
     with pytest.raises(Killed):
         getattr(env.pairs, action)("s")
     assert folder_generations(env) == {generation, generation + 1}
@@ -91,7 +90,7 @@ def test_crash_before_the_new_generation_is_committed(env, monkeypatch, action):
 def test_crash_after_the_commit(env, monkeypatch, action):
     _, s_image = split_with_writes(env)
     generation = env.pairs.get("s").generation
-    monkeypatch.setattr(env.pairs, "_remove_generation", kill)
+    monkeypatch.setattr(env.pairs.files, "remove_generation", kill)
     with pytest.raises(Killed):
         getattr(env.pairs, action)("s")
     env.crash()
@@ -197,7 +196,7 @@ def test_damaged_bitmap_goes_to_error(env, damage, kind):
     split_with_writes(env)
     pair = env.pairs.get("s")
     env.pairs.resync("s")   # something to copy
-    path = env.pairs._path("s", kind, pair.generation)
+    path = env.pairs.files.path("s", kind, pair.generation)
     env.crash()     # SQLite keeps one fd of a closed connection around for reuse
     if damage == "missing":
         os.unlink(path)
@@ -224,7 +223,7 @@ def test_damaged_bitmap_goes_to_error(env, damage, kind):
 
 def test_crash_during_a_restore_with_a_sibling(env):
     """P restored from s while s2 (split earlier) must keep its image."""
-    at_split, s_image = split_with_writes(env)
+    _, s_image = split_with_writes(env)
     s2 = env.pairs.create("p", "s2", create_secondary=True)
     env.engine.drain(s2)
     env.pairs.split(["s2"])

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from controller import durability
-from controller import states as S
+from controller import durability, states as S
 
 from .env import Env
 

@@ -46,13 +46,10 @@ import shutil
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from controller import pair as pair_mod
-from controller import states as S
+from controller import reads as reads_mod, states as S
 from controller.pair import READ_POLICIES
 from controller.pairs import Refused
 
@@ -111,8 +108,8 @@ class PairMachine(RuleBasedStateMachine):
         self.env = Env(os.path.join(self.tmp, "data"))
         self.loop = asyncio.new_event_loop()
         # A small staging budget, so the "limit reached: copy on read" path runs too.
-        self.saved_staging_limit = pair_mod.STAGING_LIMIT
-        pair_mod.STAGING_LIMIT = 3 * P1_REGION
+        self.saved_staging_limit = reads_mod.STAGING_LIMIT
+        reads_mod.STAGING_LIMIT = 3 * P1_REGION
         vols = self.env.volumes
         vols.create("p1", P1_SIZE, P1_REGION)
         vols.create("p2", P2_SIZE, P2_REGION)
@@ -135,7 +132,7 @@ class PairMachine(RuleBasedStateMachine):
 
     def teardown(self):
         if hasattr(self, "env"):
-            pair_mod.STAGING_LIMIT = self.saved_staging_limit
+            reads_mod.STAGING_LIMIT = self.saved_staging_limit
             self.env.close()
             self.loop.close()
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -108,7 +108,7 @@ def test_copy_on_write_failure_suspends_the_pair_not_the_primary(env, monkeypatc
     it (disk full), the P write failed, and so did every later one there."""
     import errno
 
-    from controller import pair as pair_mod
+    from volumes import copy as copy_mod
 
     env.layer("p").write(0, b"d" * SIZE)
     pm = env.pairs
@@ -125,7 +125,7 @@ def test_copy_on_write_failure_suspends_the_pair_not_the_primary(env, monkeypatc
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pair_mod, "_copy_data", full)
+    monkeypatch.setattr(copy_mod, "_copy_data", full)
     env.layer("p").write(RS, b"new" * 100)       # no exception: P goes on
     monkeypatch.undo()
     assert env.layer("p").read(RS, 300) == b"new" * 100

@@ -135,7 +135,7 @@ class BackgroundFio:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "BackgroundFio":
+    def start(self) -> BackgroundFio:
         self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return self

@@ -18,7 +18,6 @@ import time
 import pytest
 
 from tests.conftest import memory
-
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import RawClient
 from tests.pairs.helpers import MiB, log_tail, show, wait_mirrored

@@ -17,8 +17,17 @@ import time
 import pytest
 
 from tests.conftest import need
-from tests.pairs.helpers import (MiB, first_mismatch, image_digests, log_tail, pending_map,
-                                 show, wait_drained, wait_mirrored, wait_until)
+from tests.pairs.helpers import (
+    MiB,
+    first_mismatch,
+    image_digests,
+    log_tail,
+    pending_map,
+    show,
+    wait_drained,
+    wait_mirrored,
+    wait_until,
+)
 
 nbd = pytest.importorskip("nbd")
 

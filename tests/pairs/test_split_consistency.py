@@ -18,8 +18,17 @@ import time
 import pytest
 
 from tests.conftest import need
-from tests.pairs.helpers import (BackgroundFio, MiB, first_mismatch, image_digests, log_tail,
-                                 pending_map, pending_regions, show, wait_drained)
+from tests.pairs.helpers import (
+    BackgroundFio,
+    MiB,
+    first_mismatch,
+    image_digests,
+    log_tail,
+    pending_map,
+    pending_regions,
+    show,
+    wait_drained,
+)
 
 nbd = pytest.importorskip("nbd")
 
