@@ -129,7 +129,7 @@ class Durability:
         """Stop the task, then make everything durable: every lazy clear is
         applied and every bitmap synced (a clean stop)."""
         self.stopping = True
-        if self._task is not None:
+        if self._task is not None and self._wake is not None:
             self._wake.set()
             try:
                 await asyncio.wait_for(self._task, 10)
@@ -143,11 +143,13 @@ class Durability:
 
     async def run(self) -> None:
         # Background task: handles its own errors; one bad pair must not stop rounds.
+        wake = self._wake
+        assert wake is not None, "start() makes the event first"
         while not self.stopping:
             if not self.urgent:
-                self._wake.clear()
+                wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), IDLE_ROUND)
+                    await asyncio.wait_for(wake.wait(), IDLE_ROUND)
                 except TimeoutError:
                     pass
                 if self.stopping:

@@ -180,9 +180,11 @@ class CopyEngine:
                 await self._sleep(min(max(delay, 0.001), 1.0))
 
     async def _sleep(self, timeout: float | None) -> None:
-        self._wake.clear()
+        wake = self._wake
+        assert wake is not None, "start() makes the event first"
+        wake.clear()
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await asyncio.wait_for(wake.wait(), timeout)
         except TimeoutError:
             pass
 

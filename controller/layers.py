@@ -18,9 +18,22 @@ created is tracked from the pair's first moment on.
 """
 from __future__ import annotations
 
+import asyncio
+import errno
+from typing import TYPE_CHECKING, Any
+
 from volumes.volume import Volume
 
 from . import states as st
+
+if TYPE_CHECKING:
+    from daemon.exports import Buffer
+
+    from .durability import Durability
+    from .pair import Pair
+
+# A change held until its pairs are ready (controller/durability.py).
+Held = asyncio.Future[Any]
 
 
 class ClientOps:
@@ -37,12 +50,12 @@ class ClientOps:
 class ManagedVolume:
     __slots__ = ("vol", "name", "primary_of", "secondary_of", "durability", "ops")
 
-    def __init__(self, vol: Volume, durability, ops: ClientOps):
+    def __init__(self, vol: Volume, durability: Durability, ops: ClientOps):
         self.vol = vol
         self.name = vol.name
-        self.primary_of: list = []      # pairs where this volume is P
-        self.secondary_of = None        # the pair where this volume is S, if any
-        self.durability = durability    # controller.durability.Durability
+        self.primary_of: list[Pair] = []        # pairs where this volume is P
+        self.secondary_of: Pair | None = None   # the pair where this volume is S, if any
+        self.durability = durability
         self.ops = ops
 
     @property
@@ -63,7 +76,7 @@ class ManagedVolume:
 
     # -- reads ---------------------------------------------------------------
 
-    def read(self, offset: int, length: int):
+    def read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes]:
         self.ops.count += 1
         if self.secondary_of is not None:
             return self.secondary_of.secondary_read(offset, length)
@@ -73,7 +86,7 @@ class ManagedVolume:
                 return data
         return self.vol.read(offset, length)
 
-    def read_fd(self, offset: int, length: int):
+    def read_fd(self, offset: int, length: int) -> tuple[int, int] | None:
         # sendfile straight from the file only where the file holds the image,
         # and never from a secondary. sendfile queues references to the
         # file's page-cache pages, not their bytes: a READ of S still in the
@@ -89,7 +102,7 @@ class ManagedVolume:
                 return None
         return self.vol.read_fd(offset, length)
 
-    def extents(self, offset: int, length: int, limit: int = 0):
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
         if self.secondary_of is not None:
             return self.secondary_of.secondary_extents(offset, length, limit)
         for pair in self.primary_of:
@@ -128,7 +141,7 @@ class ManagedVolume:
             return run()
         return self.durability.hold(lambda: self._ready(offset, length), run)
 
-    def write(self, offset: int, data):
+    def write(self, offset: int, data: Buffer) -> Held | None:
         """None once written; a Future if the write is held (see the module)."""
         self.ops.count += 1
         pairs = self.primary_of
@@ -145,7 +158,7 @@ class ManagedVolume:
         self.vol.write(offset, data)
         return None
 
-    def _write(self, offset: int, data) -> None:
+    def _write(self, offset: int, data: Buffer) -> None:
         """A WRITE of P, its pairs ready for it: to P's file, then to the
         secondary of every pair that mirrors (Pair.mirror_write)."""
         mirrors = [p for p in self.primary_of if p.mirrors_writes]
@@ -163,7 +176,8 @@ class ManagedVolume:
         for pair in mirrors:
             pair.mirror_write(offset, data)
 
-    def zero(self, offset: int, length: int, punch: bool = True, fast_only: bool = False):
+    def zero(self, offset: int, length: int, punch: bool = True,
+             fast_only: bool = False) -> Held | None:
         self.ops.count += 1
         if fast_only:
             # Refused before copy-on-write or dirty bits, when already known.
@@ -174,7 +188,7 @@ class ManagedVolume:
         self.vol.zero(offset, length, punch, fast_only)
         return None
 
-    def trim(self, offset: int, length: int):
+    def trim(self, offset: int, length: int) -> Held | None:
         self.ops.count += 1
         if self.primary_of or self.secondary_of is not None:
             return self._change(offset, length, lambda: self.vol.trim(offset, length))
@@ -188,8 +202,16 @@ class ManagedVolume:
 
     # -- meta contexts ------------------------------------------------------------
 
-    def pending_extents(self, offset: int, length: int, limit: int = 0):
-        return self.secondary_of.bitmap_extents("diff", offset, length, limit)
+    # Offered only on a secondary's export (daemon/exports.py).
 
-    def delta_extents(self, offset: int, length: int, limit: int = 0):
-        return self.secondary_of.bitmap_extents("delta", offset, length, limit)
+    def pending_extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
+        return self._pair_of_secondary().bitmap_extents("diff", offset, length, limit)
+
+    def delta_extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
+        return self._pair_of_secondary().bitmap_extents("delta", offset, length, limit)
+
+    def _pair_of_secondary(self) -> Pair:
+        pair = self.secondary_of
+        if pair is None:
+            raise OSError(errno.EINVAL, f"volume {self.name!r} is no longer a secondary")
+        return pair

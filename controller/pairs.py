@@ -364,12 +364,12 @@ class PairManager:
         unrecorded: Exception | None = None
         try:
             self.store.update_pairs([(pair.name, {"state": new, **columns})
-                                     for pair, new in zip(pairs, news)])
+                                     for pair, new in zip(pairs, news, strict=True)])
         except Exception as e:
             if not force:
                 raise
             unrecorded = e
-        for pair, new in zip(pairs, news):
+        for pair, new in zip(pairs, news, strict=True):
             pair.state = new
             if split_at is not None:
                 pair.split_at = split_at

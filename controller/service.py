@@ -13,14 +13,26 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.errors import BadInput, Conflict, UnknownMethod
 from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
+if TYPE_CHECKING:
+    from controller.pairs import PairManager
+    from daemon.connections import ConnectionRegistry
+    from volumes.manager import VolumeManager
+
+# A request's parameter as it arrives, decoded from JSON and not yet checked:
+# every method checks its own (validate_name, parse_size, _flag, ...).
+Param = Any
+# A reply: a JSON-able dict.
+Reply = dict[str, Any]
+
 
 class Controller:
-    def __init__(self, manager, registry, info: Callable[[], dict], pairs=None):
+    def __init__(self, manager: VolumeManager, registry: ConnectionRegistry,
+                 info: Callable[[], dict[str, Any]], pairs: PairManager | None = None):
         self.manager = manager      # volumes.manager.VolumeManager
         self.registry = registry    # daemon.connections.ConnectionRegistry
         self.info = info            # daemon facts: version, pid, uptime_s, listeners
@@ -37,7 +49,7 @@ class Controller:
 
     # -- daemon -----------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self) -> Reply:
         result = dict(self.info())
         result["volumes"] = len(self.manager.list())
         result["unavailable_volumes"] = dict(self.manager.unavailable)
@@ -49,18 +61,19 @@ class Controller:
 
     # -- volumes ----------------------------------------------------------
 
-    def volume_create(self, name, size, region_size=None, read_only=False) -> dict:
+    def volume_create(self, name: Param, size: Param, region_size: Param = None,
+                      read_only: Param = False) -> Reply:
         vol = self.manager.create(validate_name(name), parse_size(size),
                                   parse_region_size(region_size), _flag(read_only, "read_only"))
         return self._describe(vol)
 
-    def volume_list(self) -> dict:
+    def volume_list(self) -> Reply:
         return {"volumes": [self._describe(v) for v in self.manager.list()]}
 
-    def volume_show(self, name) -> dict:
+    def volume_show(self, name: Param) -> Reply:
         return self._describe(self.manager.get(validate_name(name)))
 
-    def volume_resize(self, name, size) -> dict:
+    def volume_resize(self, name: Param, size: Param) -> Reply:
         name = validate_name(name)
         self._refuse_if_paired(name, "resize")
         return self._describe(self.manager.resize(name, parse_size(size)))
@@ -72,7 +85,7 @@ class Controller:
                            f"{', '.join(repr(r) for r in roles)}: delete the pair first "
                            f"(splitctl pair delete), then {action} the volume")
 
-    def volume_delete(self, name, force=False) -> dict:
+    def volume_delete(self, name: Param, force: Param = False) -> Reply:
         name = validate_name(name)
         force = _flag(force, "force")
         self._refuse_if_paired(name, "delete")
@@ -87,42 +100,49 @@ class Controller:
 
     # -- pairs ------------------------------------------------------------
 
-    def pair_create(self, primary, secondary, create_secondary=False, read_policy="copy-on-read",
-                    rate=0, group=None) -> dict:
-        return self.pairs.create(primary, secondary, _flag(create_secondary, "create_secondary"),
+    def pair_create(self, primary: Param, secondary: Param, create_secondary: Param = False,
+                    read_policy: Param = "copy-on-read", rate: Param = 0,
+                    group: Param = None) -> Reply:
+        return self._pair_manager.create(primary, secondary, _flag(create_secondary, "create_secondary"),
                                  read_policy, rate, group).describe()
 
-    def pair_list(self) -> dict:
-        return {"pairs": [p.describe() for p in self.pairs.pairs.values()]}
+    def pair_list(self) -> Reply:
+        return {"pairs": [p.describe() for p in self._pair_manager.pairs.values()]}
 
-    def pair_show(self, name) -> dict:
-        return self.pairs.get(name).describe()
+    def pair_show(self, name: Param) -> Reply:
+        return self._pair_manager.get(name).describe()
 
-    def pair_split(self, name) -> dict:
-        return self.pairs.split([name])[0].describe()
+    def pair_split(self, name: Param) -> Reply:
+        return self._pair_manager.split([name])[0].describe()
 
-    def pair_resync(self, name) -> dict:
-        return self.pairs.resync(name).describe()
+    def pair_resync(self, name: Param) -> Reply:
+        return self._pair_manager.resync(name).describe()
 
-    def pair_restore(self, name) -> dict:
-        return self.pairs.restore(name).describe()
+    def pair_restore(self, name: Param) -> Reply:
+        return self._pair_manager.restore(name).describe()
 
-    def pair_delete(self, name, force=False) -> dict:
-        return self.pairs.delete(name, _flag(force, "force"))
+    def pair_delete(self, name: Param, force: Param = False) -> Reply:
+        return self._pair_manager.delete(name, _flag(force, "force"))
 
-    def pair_set(self, name, rate=None, read_policy=None) -> dict:
-        return self.pairs.set(name, rate, read_policy).describe()
+    def pair_set(self, name: Param, rate: Param = None, read_policy: Param = None) -> Reply:
+        return self._pair_manager.set(name, rate, read_policy).describe()
 
-    def group_split(self, name) -> dict:
-        members = self.pairs.group_members(validate_name(name))
-        return {"group": name, "pairs": [p.describe() for p in self.pairs.split(members)]}
+    def group_split(self, name: Param) -> Reply:
+        members = self._pair_manager.group_members(validate_name(name))
+        return {"group": name, "pairs": [p.describe() for p in self._pair_manager.split(members)]}
 
-    def group_list(self) -> dict:
+    def group_list(self) -> Reply:
         groups: dict[str, list[str]] = {}
-        for p in self.pairs.pairs.values():
+        for p in self._pair_manager.pairs.values():
             if p.group:
                 groups.setdefault(p.group, []).append(p.name)
         return {"groups": [{"name": g, "pairs": sorted(m)} for g, m in sorted(groups.items())]}
+
+    @property
+    def _pair_manager(self) -> PairManager:
+        if self.pairs is None:
+            raise UnknownMethod("this splitd has no pairs (no pair manager)")
+        return self.pairs
 
     def _describe(self, vol) -> dict:
         return {

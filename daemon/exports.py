@@ -8,10 +8,43 @@ not in the request path.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from controller.states import SECONDARY_SERVED
 from volumes.volume import Volume
+
+# What a WRITE's payload arrives as (a slice of the receive buffer, or a copy).
+Buffer = bytes | bytearray | memoryview
+
+
+class Backend(Protocol):
+    """What the NBD server asks of an export's storage: a plain volume
+    (volumes.volume.Volume) or, in the daemon, the volume's layer
+    (controller.layers.ManagedVolume). A change (write, zero, trim) returns
+    None once done, or a Future the server waits on before it replies (a
+    pair holds the change until its write-intent bits are durable); a read
+    returns the bytes, or a Future of them (read policy `wait`)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def streams_writes(self) -> bool:
+        """May a WRITE reach the storage piece by piece as its payload arrives?"""
+        ...
+    def read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes]: ...
+    def read_fd(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset) to sendfile the range from, or None: read() it."""
+        ...
+    def write(self, offset: int, data: Buffer) -> asyncio.Future[None] | None: ...
+    def zero(self, offset: int, length: int, punch: bool = True,
+             fast_only: bool = False) -> asyncio.Future[None] | None: ...
+    def trim(self, offset: int, length: int) -> asyncio.Future[None] | None: ...
+    def flush(self) -> None: ...
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]: ...
 
 # A meta context answers BLOCK_STATUS: (offset, length, limit) -> [(length,
 # flags)], at most `limit` of them (0: no limit) from the start of the range.
@@ -35,7 +68,7 @@ class ExportUnavailable(Exception):
 class Export:
     __slots__ = ("name", "backend", "size", "read_only", "description", "contexts")
 
-    def __init__(self, name: str, backend, size: int, read_only: bool,
+    def __init__(self, name: str, backend: Backend, size: int, read_only: bool,
                  description: str = "", contexts: dict[str, ContextFn] | None = None):
         self.name = name
         self.backend = backend

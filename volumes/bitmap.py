@@ -356,6 +356,12 @@ class Bitmap:
             lo += 1
         while before[hi] == bits[b0 + hi]:
             hi -= 1
+        # Bytes in between that the write rewrites with what the file held
+        # already stay as durable as they were: a write they cover need not
+        # wait for this one's sync.
+        u = self.unsynced
+        same = [] if -1 in u or hi - lo > 4096 else [
+            b0 + k for k in range(lo + 1, hi) if before[k] == bits[b0 + k] and b0 + k not in u]
         try:
             self._write(b0 + lo, b0 + hi)
         except OSError:
@@ -364,6 +370,8 @@ class Bitmap:
                 self.bits[b0:b1 + 1] = before
                 self._count = None
             raise
+        for b in same:
+            self.unsynced.discard(b)
         return True
 
     def _set_bits(self, first: int, last: int, value: bool) -> bytes | None:

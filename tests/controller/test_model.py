@@ -458,7 +458,7 @@ class PairMachine(RuleBasedStateMachine):
                 bits[kind] = got
             pair.describe()
 
-            def reg(buf, r):
+            def reg(buf, r, rs=rs):
                 return buf[r * rs:(r + 1) * rs]
 
             p_file, s_file = files[primary], files[name]

@@ -3,6 +3,7 @@ volume or pair at fault, and leaves nothing behind (no bitmap files, no rows,
 no volume, no change to the pairs that exist)."""
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 
@@ -48,8 +49,8 @@ def snapshot(env: Env) -> dict:
     memory = {n: (p.state, p.read_policy, p.rate, p.group, p.generation)
               for n, p in env.pairs.pairs.items()}
     return {"files": sorted(files, key=lambda f: f[0]), "pairs": pairs, "volumes": vols,
-            "memory": memory, "layers": {n: (len(l.primary_of), l.secondary_of is not None)
-                                         for n, l in env.pairs.layers.items()}}
+            "memory": memory, "layers": {n: (len(layer.primary_of), layer.secondary_of is not None)
+                                         for n, layer in env.pairs.layers.items()}}
 
 
 def refused(env: Env, exc: type, fn, *must_name: str, words: tuple[str, ...] = ()) -> str:
@@ -208,7 +209,7 @@ def test_admin_api_pair_create_refusals(env):
 def test_transition_refusals_name_the_pair(env):
     env.pairs.create("p", "s")
     for action in (env.pairs.resync, env.pairs.restore):
-        msg = refused(env, Refused, lambda: action("s"), "s", "copy")
+        msg = refused(env, Refused, functools.partial(action, "s"), "s", "copy")
         assert "split" in msg  # what would be allowed
     refused(env, NotFound, lambda: env.pairs.split(["nope"]), "nope")
     refused(env, NotFound, lambda: env.pairs.group_members("nogroup"), "nogroup")

@@ -51,7 +51,7 @@ def first_mismatch(expected: list[bytes], got: list[bytes]) -> str | None:
     """None if equal; else which MiB differ (the first few and how many)."""
     if len(expected) != len(got):
         return f"sizes differ: {len(expected)} MiB expected, {len(got)} MiB read"
-    bad = [i for i, (a, b) in enumerate(zip(expected, got)) if a != b]
+    bad = [i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if a != b]
     if not bad:
         return None
     return f"{len(bad)} MiB differ, first at MiB {bad[:8]}"
