@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Self
 
+from harness.procs import stop_process
 from splitctl.client import AdminClient, AdminError
 
 # The interpreter's own bin directory: the virtualenv's splitd and splitctl.
@@ -113,13 +114,7 @@ class Splitd:
         (negative: the signal that ended it)."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout, sig)
         if self.new_session:
             # Whatever it left behind in its group goes too (pgid == pid).
             try:

@@ -61,6 +61,7 @@ import threading
 import time
 from pathlib import Path
 
+from harness.procs import recv_line, stop_process
 from nbdwire.constants import (  # the spec's values, one definition
     CLIENT_FIXED_NEWSTYLE as C_FIXED_NEWSTYLE,
     CLIENT_NO_ZEROES as C_NO_ZEROES,
@@ -399,12 +400,7 @@ def serve(sock: socket.socket, disk: Disk) -> None:
 
 def control(conn: socket.socket, disk: Disk) -> None:
     try:
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            line += chunk
+        line = recv_line(conn)
         words = line.decode().split()
         if words and words[0] == "cut":
             args = dict(w.split("=", 1) for w in words[1:])
@@ -499,13 +495,7 @@ class CutDisk:
             s.settimeout(30)
             s.connect(str(self.control_socket))
             s.sendall(line.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        answer = buf.decode().strip()
+            answer = recv_line(s).decode().strip()
         if not answer or answer.startswith("error"):
             raise RuntimeError(f"cutdisk {line!r}: {answer or 'no answer'}")
         return answer
@@ -524,13 +514,7 @@ class CutDisk:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self.proc = None
 
     def log(self) -> str:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from harness.powerloss.cutdisk import CutDisk
+from harness.procs import stop_process
 
 MiB = 1 << 20
 TOOLS = ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount",
@@ -203,11 +204,7 @@ class PowerDisk:
                 time.sleep(0.5)
                 if not _quietly(["fusermount3", "-u", self.fuse_dir]):
                     _quietly(["fusermount3", "-u", "-z", self.fuse_dir])
-            try:
-                self.nbdfuse.wait(10)
-            except subprocess.TimeoutExpired:
-                self.nbdfuse.kill()
-                self.nbdfuse.wait()
+            stop_process(self.nbdfuse, 10, sig=None)   # fusermount3 -u ended it
             self.nbdfuse = None
         self.cutdisk.stop()
 

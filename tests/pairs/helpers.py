@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.procs import stop_process
+
 MiB = 1 << 20
 CHUNK = MiB
 
@@ -156,13 +158,8 @@ class BackgroundFio:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGCONT)    # a stopped process cannot take SIGTERM
+        stop_process(self.proc, 15)
 
     def stderr(self) -> str:
         if self.proc is None or self.proc.poll() is None:
