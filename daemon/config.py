@@ -71,7 +71,8 @@ configuration:
       tls_key = "/etc/splitd/server-key.pem"
 
   A single listen or ensure_volume entry may be a string instead of a list;
-  listen may also be a table of port names, in order:
+  listen may also be a table of port names, in order (last in the file: in
+  TOML, the keys after a table header belong to that table):
       [listen]
       local = "unix:/run/splitd/nbd.sock"
       backup = "tcp://%eth1:10809"

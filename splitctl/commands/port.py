@@ -106,6 +106,9 @@ def add_commands(commands: Commands) -> None:
                     "is printed (link-local IPv6 last), every one is under 'also' and\n"
                     "in the JSON 'uris'. A port bound to a wildcard address\n"
                     "(tcp://0.0.0.0:PORT) has no one address to give and is refused.\n\n"
+                    "With --json: uri, uris (every address), port, tls, pair, primary,\n"
+                    "secondary, state, generation (as 'splitctl pair show' gives it) and\n"
+                    "split_at (seconds since the epoch, or null).\n\n"
                     + PORTS,
         examples="  splitctl locate db-snap --port backup\n"
                  "  splitctl locate db --port backup --json\n"
