@@ -15,10 +15,12 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from controller.errors import BadInput, Conflict, UnknownMethod
+from controller import ports
+from controller.errors import BadInput, Conflict, NotFound, UnknownMethod
 from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
 if TYPE_CHECKING:
+    from controller.pair import Pair
     from controller.pairs import PairManager
     from daemon.connections import ConnectionRegistry
     from volumes.manager import VolumeManager
@@ -138,6 +140,47 @@ class Controller:
                 groups.setdefault(p.group, []).append(p.name)
         return {"groups": [{"name": g, "pairs": sorted(m)} for g, m in sorted(groups.items())]}
 
+    # -- ports ------------------------------------------------------------
+
+    def port_list(self) -> Reply:
+        return {"ports": ports.port_list(self.info()["listeners"])}
+
+    def locate(self, name: Param, port: Param) -> Reply:
+        """The NBD URI of a pair's secondary through one port. `name` is a
+        pair (or its secondary), or a primary volume that is in one pair."""
+        if not isinstance(port, str):
+            raise BadInput(f"port must be a port name, not {quoted(port)}")
+        listener = ports.find_port(self.info()["listeners"], port)
+        pair = self._pair_to_locate(validate_name(name))
+        uris = ports.export_uris(listener, pair.secondary.name)
+        return {"uri": uris[0], "uris": uris, "port": listener["name"],
+                "tls": listener.get("tls", "off"), "pair": pair.name,
+                "primary": pair.primary.name, "secondary": pair.secondary.name,
+                "state": pair.state, "generation": pair.generation, "split_at": pair.split_at}
+
+    def _pair_to_locate(self, name: str) -> Pair:
+        pm = self._pair_manager
+        pair = pm.pairs.get(name)
+        if pair is not None:
+            return pair
+        if name in pm.unavailable:
+            raise Conflict(f"pair {name!r} is unavailable: {pm.unavailable[name]}")
+        if self.manager.find(name) is None:
+            raise NotFound(f"no volume or pair named {name!r}")
+        primary_of = sorted(p.name for p in pm.pairs.values() if p.primary.name == name)
+        if len(primary_of) == 1:
+            return pm.pairs[primary_of[0]]
+        if primary_of:
+            raise BadInput(f"volume {name!r} is the primary of {len(primary_of)} pairs "
+                           f"({', '.join(repr(n) for n in primary_of)}): name the pair to "
+                           "locate (a pair is named by its secondary)")
+        unavailable = [n for n in pm.roles(name) if n in pm.unavailable]
+        if unavailable:
+            raise Conflict(f"volume {name!r} is only in unavailable pairs: "
+                           + "; ".join(f"{n!r}: {pm.unavailable[n]}" for n in unavailable))
+        raise NotFound(f"volume {name!r} is in no pair: only a pair's secondary can be "
+                       f"located (splitctl pair create {name} SECONDARY)")
+
     @property
     def _pair_manager(self) -> PairManager:
         if self.pairs is None:
@@ -174,6 +217,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "pair.set": Controller.pair_set,
     "group.split": Controller.group_split,
     "group.list": Controller.group_list,
+    "port.list": Controller.port_list,
+    "locate": Controller.locate,
 }
 
 

@@ -21,7 +21,7 @@ from common.errors import BadInput
 from common.names import parse_rate, parse_size, quoted, validate_name
 
 from . import __version__
-from .listeners import ListenSpecError, os_reason, parse_listen
+from .listeners import ListenSpecError, os_reason, parse_listeners
 
 DEFAULT_CONFIG = "/etc/splitd/splitd.toml"
 
@@ -70,7 +70,12 @@ configuration:
       tls_cert = "/etc/splitd/server-cert.pem"
       tls_key = "/etc/splitd/server-key.pem"
 
-  A single listen or ensure_volume entry may be a string instead of a list.
+  A single listen or ensure_volume entry may be a string instead of a list;
+  listen may also be a table of port names, in order (last in the file: in
+  TOML, the keys after a table header belong to that table):
+      [listen]
+      local = "unix:/run/splitd/nbd.sock"
+      backup = "tcp://%eth1:10809"
   Values are checked as strictly as the flags (booleans are true/false).
 
 listen URIs:
@@ -78,7 +83,13 @@ listen URIs:
                           unless it is the data directory or /run/splitd
   tcp://ADDR:PORT         TCP on an address (IPv6: tcp://[::1]:10809)
   tcp://%IFACE:PORT       TCP on every address of a network interface
-  NAME=URI                the same, with a name the host agent can ask for
+  NAME=URI                the same, named: the name is a *port*, which
+                          'splitctl port list' shows and 'splitctl locate
+                          PAIR --port NAME' gives a secondary's NBD URI
+                          through. Names follow the volume name rules and
+                          are unique. A listener without one is named after
+                          its kind, counting the unnamed ones: unix, unix-2,
+                          ... and tcp, tcp-2, ...
 
 signals:
   SIGTERM, SIGINT   stop: finish in-flight requests, flush, exit 0
@@ -121,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"where volumes and metadata live (default {DEFAULTS.data_dir})")
     p.add_argument("--listen", metavar="[NAME=]URI", action="append",
-                   help="NBD listen address; repeat for several (default: "
+                   help="NBD listen address, named NAME (a port; default: unix, tcp, "
+                        "tcp-2, ... by kind); repeat for several (default: "
                         + ", ".join(DEFAULTS.listen) + ")")
     p.add_argument("--admin-socket", metavar="PATH",
                    help=f"admin Unix socket for splitctl (default {DEFAULTS.admin_socket})")
@@ -227,11 +239,17 @@ def _strings(value: object) -> list[str]:
 
 
 def _listen(value: object) -> tuple[str, ...]:
-    specs = _strings(value)
+    """[NAME=]URI specs; in the file also a table of NAME = URI. Names are
+    checked (and the unnamed ones named) as the daemon will name them."""
+    if isinstance(value, dict):
+        if not all(isinstance(v, str) for v in value.values()):
+            raise _Bad(f"a table of listeners maps port names to URI strings (got {_got(value)})")
+        specs = [f"{name}={uri}" for name, uri in value.items()]
+    else:
+        specs = _strings(value)
     if not specs:
         raise _Bad("must list at least one listen URI")
-    for spec in specs:
-        parse_listen(spec)
+    parse_listeners(specs)
     return tuple(specs)
 
 
@@ -332,8 +350,7 @@ def load_config(args: argparse.Namespace) -> Config:
         raise ConfigError(f"{where['tls']}: {cfg.tls!r} needs tls_cert and tls_key "
                           "(or --tls-cert and --tls-key)")
     data_dir = os.path.abspath(cfg.data_dir)
-    for spec in cfg.listen:
-        listener = parse_listen(spec)
+    for spec, listener in zip(cfg.listen, parse_listeners(cfg.listen), strict=True):
         if listener.kind == "unix":
             _check_socket_dir(listener.path, data_dir, f"{where['listen']}: {spec}")
     _check_socket_dir(os.path.abspath(cfg.admin_socket), data_dir,

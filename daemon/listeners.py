@@ -4,8 +4,13 @@ A listen spec is `[NAME=]URI` where URI is one of
     unix:/path/to/socket
     tcp://ADDRESS:PORT        (IPv6 as tcp://[::1]:PORT)
     tcp://%IFACE:PORT         (every address of a network interface, via pyroute2)
-NAME lets the host agent ask for an export "as reached through" that port;
-it defaults to the URI itself.
+
+Every listener has a name, and that name is a *port*: the host agent asks for
+an export "as reached through" a port (`locate`, controller/ports.py). NAME
+follows the volume name rules. A listener given without one is named after
+its kind, counting only the unnamed ones: the first unix listener is `unix`,
+the second `unix-2`, the first TCP one `tcp`, and so on; so adding a named
+listener never renames another. Names are unique (parse_listeners).
 """
 from __future__ import annotations
 
@@ -13,9 +18,13 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from common.names import NAME_PATTERN
 
 log = logging.getLogger("splitd.listen")
 
@@ -37,19 +46,50 @@ class Listener:
     host: str = ""                  # tcp: address, or "%iface"
     port: int = 0
     tls_required: bool = False
+    tls: str = "off"                # what this port does: off, on (STARTTLS offered), require
     bound: list[str] = field(default_factory=list)   # what we actually bound
     servers: list = field(default_factory=list)
     owned: list = field(default_factory=list)        # unix: (path, dev, ino) we bound
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "uri": self.uri, "kind": self.kind,
+        return {"name": self.name, "uri": self.uri, "kind": self.kind, "tls": self.tls,
                 "tls_required": self.tls_required, "bound": list(self.bound)}
 
 
+_PORT_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def parse_listeners(specs: Sequence[str]) -> list[Listener]:
+    """Every listener of a configuration, each named (explicitly, or after its
+    kind: see the module docstring). Two listeners with one name are refused."""
+    listeners = [parse_listen(spec) for spec in specs]
+    explicit = {lst.name for lst in listeners if lst.name}
+    counts: dict[str, int] = {}
+    by_name: dict[str, str] = {}
+    for spec, lst in zip(specs, listeners, strict=True):
+        if not lst.name:
+            counts[lst.kind] = n = counts.get(lst.kind, 0) + 1
+            lst.name = lst.kind if n == 1 else f"{lst.kind}-{n}"
+            if lst.name in explicit:
+                raise ListenSpecError(
+                    f"port name {lst.name!r} is given twice: {spec!r} has it by default and "
+                    f"another listener by name; give {spec!r} a name of its own (NAME=URI)")
+        if lst.name in by_name:
+            raise ListenSpecError(f"port name {lst.name!r} is given twice ({by_name[lst.name]!r} "
+                                  f"and {spec!r}): every listener needs a name of its own")
+        by_name[lst.name] = spec
+    return listeners
+
+
 def parse_listen(spec: str) -> Listener:
+    """One `[NAME=]URI` spec, checked. An unnamed listener's name is "" here:
+    parse_listeners() names it."""
     name, sep, uri = spec.partition("=")
     if not sep or "://" in name or name.startswith("unix:"):
         name, uri = "", spec
+    elif not _PORT_NAME_RE.fullmatch(name):
+        raise ListenSpecError(f"invalid port name {name!r} in {spec!r}: use 1 to 64 letters, "
+                              "digits, '.', '_' or '-', starting with a letter or digit")
     if uri.startswith("unix:"):
         path = uri[len("unix:"):]
         if path.startswith("//"):
@@ -57,7 +97,7 @@ def parse_listen(spec: str) -> Listener:
         if not path:
             raise ListenSpecError(f"{spec!r}: unix listener needs a path (unix:/run/splitd/nbd.sock)")
         path = os.path.abspath(path)
-        return Listener(name or f"unix:{path}", f"unix:{path}", "unix", path=path)
+        return Listener(name, f"unix:{path}", "unix", path=path)
     if uri.startswith("tcp://"):
         rest = uri[len("tcp://"):].rstrip("/")
         host, colon, port_text = rest.rpartition(":")
@@ -80,7 +120,7 @@ def parse_listen(spec: str) -> Listener:
                 if host != "localhost":
                     raise ListenSpecError(f"{spec!r}: {host!r} is not an IP address "
                                           "(use %NAME for a network interface)") from None
-        return Listener(name or uri, uri, "tcp", host=host, port=port)
+        return Listener(name, uri, "tcp", host=host, port=port)
     raise ListenSpecError(f"{spec!r}: a listen URI is unix:/path, tcp://ADDR:PORT or tcp://%IFACE:PORT")
 
 

@@ -33,7 +33,7 @@ from .listeners import (
     bind,
     close_all,
     os_reason,
-    parse_listen,
+    parse_listeners,
     unlink_owned,
 )
 from .notify import sd_notify
@@ -81,7 +81,7 @@ class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.started = time.time()
-        self.listeners = [parse_listen(s) for s in cfg.listen]
+        self.listeners = parse_listeners(cfg.listen)
         self.stop_event: asyncio.Event | None = None
 
     def _make_runtime_dir(self) -> None:
@@ -120,6 +120,8 @@ class Daemon:
                                          cfg.tls_verify_peer)
         for lst in self.listeners:
             lst.tls_required = cfg.tls == "require" and lst.kind == "tcp"
+            # A Unix socket with --tls require still offers STARTTLS.
+            lst.tls = "require" if lst.tls_required else "on" if cfg.tls != "off" else "off"
 
         try:
             manager = VolumeManager(cfg.data_dir)
@@ -149,7 +151,7 @@ class Daemon:
             self._make_runtime_dir()
             for lst in self.listeners:
                 await bind(lst, server.protocol_factory(lst))
-                log.info("listening on %s (%s)%s", lst.name, ", ".join(lst.bound),
+                log.info("port %s: listening on %s%s", lst.name, ", ".join(lst.bound),
                          " TLS required" if lst.tls_required else "")
             admin, admin_owned = await start_admin_server(cfg.admin_socket, controller)
         except BaseException:

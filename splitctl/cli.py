@@ -52,7 +52,7 @@ from splitctl.client import (
     AdminError,
     WaitTimeout,
 )
-from splitctl.commands import group, pair, status, volume
+from splitctl.commands import group, pair, port, status, volume
 from splitctl.output import fail, print_json, stdout_gone
 
 __all__ = ["build_parser", "main", "parse_duration"]
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"else {DEFAULT_SOCKET})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = Commands(parser, "commands")
-    for module in (status, volume, pair, group):
+    for module in (status, volume, pair, group, port):
         module.add_commands(commands)
     return parser
 

@@ -158,8 +158,8 @@ def progress_bar(pair: Mapping[str, Any], width: int) -> str:
 
 
 def listener_text(listener: object) -> str:
-    # "backup=tcp://%eth1:10809 on 10.0.0.1:10809, TLS required": the name
-    # only when it says more than the URI, the bound addresses only when
+    # "backup=tcp://%eth1:10809 on 10.0.0.1:10809, TLS required": the port
+    # name (when it says more than the URI), the bound addresses only when
     # the URI did not already spell them out.
     if not isinstance(listener, dict):
         return str(listener)

@@ -71,7 +71,7 @@ def test_bad_command_lines_exit_2_in_one_line(args, reason, tmp_path):
 def test_status(daemon):
     cp = daemon.splitctl("status")
     assert cp.stdout.startswith("splitd ") and "volumes:     0" in cp.stdout
-    assert f"  unix:{daemon.nbd_socket}\n" in cp.stdout
+    assert f"  unix=unix:{daemon.nbd_socket}\n" in cp.stdout
     status = json.loads(daemon.splitctl("status", "--json").stdout)
     assert status["pid"] == daemon.proc.pid
     assert status["volumes"] == 0 and status["connections"] == []
