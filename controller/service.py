@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from controller.errors import BadInput, Conflict, UnknownMethod
+from controller.tokens import Tokens, describe as describe_token
 from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
 if TYPE_CHECKING:
@@ -138,6 +139,22 @@ class Controller:
                 groups.setdefault(p.group, []).append(p.name)
         return {"groups": [{"name": g, "pairs": sorted(m)} for g, m in sorted(groups.items())]}
 
+    # -- remote admin tokens (only over the Unix socket or with an admin token) --
+
+    @functools.cached_property
+    def tokens(self) -> Tokens:
+        return Tokens(self.manager.store)
+
+    def token_create(self, name: Param, scope: Param, volumes: Param = None) -> Reply:
+        record, secret = self.tokens.create(name, scope, volumes)
+        return dict(describe_token(record), token=secret)
+
+    def token_list(self) -> Reply:
+        return {"tokens": [describe_token(t) for t in self.tokens.list()]}
+
+    def token_revoke(self, name: Param) -> Reply:
+        return dict(describe_token(self.tokens.revoke(name)), revoked=True)
+
     @property
     def _pair_manager(self) -> PairManager:
         if self.pairs is None:
@@ -174,6 +191,9 @@ METHODS: dict[str, Callable[..., Any]] = {
     "pair.set": Controller.pair_set,
     "group.split": Controller.group_split,
     "group.list": Controller.group_list,
+    "token.create": Controller.token_create,
+    "token.list": Controller.token_list,
+    "token.revoke": Controller.token_revoke,
 }
 
 
