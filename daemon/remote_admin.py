@@ -1,0 +1,293 @@
+"""The remote admin API: the admin server's JSON lines on TCP, only over TLS,
+only with a bearer token (DESIGN.md "Listeners and ports").
+
+A connection, in order (Phase):
+
+    TLS      the TLS handshake; a client that speaks plaintext, or does not
+             finish in time, is logged and closed
+    AUTH     the first line must be
+                 {"id": 1, "method": "auth", "params": {"token": "<secret>"}}
+             answered {"id": 1, "result": {"token": NAME, "scope": ..., "volumes": ...}}
+             or with error "unauthorized", after which the connection is closed
+    SERVING  requests and replies exactly as on the Unix socket
+             (daemon/admin_server.py), each first checked against the token:
+             revoked since -> "unauthorized" and closed; outside its scope
+             or volumes (controller/access.py) -> "forbidden"
+
+What a client without a token can make the daemon hold is bounded: at most
+MAX_UNAUTHENTICATED connections between accept and a good token (more are
+closed at once), the handshake timeout (--handshake-timeout) for TLS and the
+token line together, and AUTH_LINE bytes for that line. An authenticated
+connection's lines are limited to MAX_REMOTE_LINE (admin requests are small).
+
+Rule of this module: everything here runs on the event loop, in the
+protocol's callbacks or in the one TLS task, which handles its own errors.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ErrorCode, Forbidden, Unauthorized
+from controller.access import authorize
+from daemon.admin_server import _encode, _error, handle_line
+from daemon.listeners import Listener, bind, close_all, parse_listen
+
+if TYPE_CHECKING:
+    from controller.service import Controller
+    from volumes.store import TokenRecord
+
+log = logging.getLogger("splitd.remote_admin")
+
+MAX_UNAUTHENTICATED = 16
+MAX_CONNECTIONS = 64
+AUTH_LINE = 4096
+MAX_REMOTE_LINE = 64 * 1024
+
+NEEDS_TOKEN = ("unauthorized: this admin port needs a token first: the first request must be "
+               '{"method": "auth", "params": {"token": SECRET}} (splitctl --token-file FILE)')
+BAD_TOKEN = ("unauthorized: the token is not valid (unknown, revoked or mistyped); "
+             "make one with 'splitctl token create' on the daemon's host")
+
+
+class Phase(enum.Enum):
+    TLS = "TLS handshake"
+    AUTH = "waiting for the token"
+    SERVING = "serving"
+    CLOSED = "closed"
+
+
+class RemoteAdmin:
+    """The TCP listener of the remote admin API and its connections."""
+
+    def __init__(self, uri: str, controller: Controller, tls_context: ssl.SSLContext,
+                 handshake_timeout: float):
+        self.listener: Listener = parse_listen(uri)
+        self.controller = controller
+        self.tls_context = tls_context
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[RemoteAdminConnection] = set()
+        self.unauthenticated = 0
+
+    async def start(self) -> None:
+        await bind(self.listener, lambda: RemoteAdminConnection(self))
+        log.info("remote admin API on %s (TLS, tokens)", ", ".join(self.listener.bound))
+
+    async def stop(self) -> None:
+        await close_all([self.listener])
+        for conn in list(self.connections):
+            conn.close(abort=True)
+
+
+class RemoteAdminConnection(asyncio.Protocol):
+    def __init__(self, server: RemoteAdmin):
+        self.server = server
+        self.phase = Phase.TLS
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.buf = bytearray()
+        self.token: TokenRecord | None = None
+        self.paused = False             # our replies are not being read: read no more
+        self.unauthenticated = False    # counted in server.unauthenticated
+        self.timer: asyncio.TimerHandle | None = None
+        self.tls_task: asyncio.Task[None] | None = None
+        self.closed_by_us = False       # timed out, refused or stopping: logged already
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        server = self.server
+        if (server.unauthenticated >= MAX_UNAUTHENTICATED
+                or len(server.connections) >= MAX_CONNECTIONS):
+            log.warning("remote admin: connection from %s refused: %d connections, %d of them "
+                        "without a token yet", self.peer, len(server.connections),
+                        server.unauthenticated)
+            self.phase = Phase.CLOSED
+            transport.abort()
+            return
+        server.connections.add(self)
+        server.unauthenticated += 1
+        self.unauthenticated = True
+        # Nothing is read until start_tls takes the transport over: a
+        # ClientHello must not land here as plaintext.
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(server.handshake_timeout, self._timed_out)
+        self.tls_task = loop.create_task(self._start_tls(transport))
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase not in (Phase.AUTH, Phase.SERVING):
+            return
+        self.buf += data
+        self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        if self.transport is not None and self.phase is Phase.SERVING:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None and self.phase is Phase.SERVING:
+            self.transport.resume_reading()
+            self._process()
+
+    # -- the phases -------------------------------------------------------------------------
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        # Background task: handles its own errors, and closes on failure.
+        loop = asyncio.get_running_loop()
+        try:
+            # The TLS layer's own timeout is a backstop: _timed_out comes first
+            # and says what happened.
+            transport = await loop.start_tls(raw, self, self.server.tls_context, server_side=True,
+                                             ssl_handshake_timeout=self.server.handshake_timeout + 5)
+        except Exception as e:  # noqa: BLE001 (any TLS failure ends the connection)
+            if not self.closed_by_us:
+                log.warning("remote admin: TLS handshake with %s failed (%s): a plaintext "
+                            "client, or one that does not trust this certificate; closed",
+                            self.peer, _tls_reason(e))
+            raw.abort()
+            self._finish()
+            return
+        if self.phase is not Phase.TLS or transport is None:
+            # Closed (timed out, daemon stopping) while the handshake ran.
+            if transport is not None:
+                transport.abort()
+            return
+        self.transport = transport
+        self.phase = Phase.AUTH
+
+    def _process(self) -> None:
+        while not self.paused and self.phase in (Phase.AUTH, Phase.SERVING):
+            limit = AUTH_LINE if self.phase is Phase.AUTH else MAX_REMOTE_LINE
+            end = self.buf.find(b"\n", 0, limit + 1)
+            if end < 0:
+                if len(self.buf) <= limit:
+                    return
+                if self.phase is Phase.AUTH:
+                    self._refuse(None, ErrorCode.UNAUTHORIZED,
+                                 f"unauthorized: the token line is longer than {limit} bytes")
+                else:
+                    self._refuse(None, ErrorCode.BAD_REQUEST,
+                                 f"request line longer than {limit} bytes")
+                return
+            line = bytes(self.buf[:end])
+            del self.buf[:end + 1]
+            if not line.strip():
+                continue
+            if self.phase is Phase.AUTH:
+                self._authenticate(line)
+            else:
+                self._request(line)
+
+    def _authenticate(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            request = None
+        req_id = request.get("id") if isinstance(request, dict) else None
+        params = request.get("params") if isinstance(request, dict) else None
+        if (not isinstance(request, dict) or request.get("method") != "auth"
+                or not isinstance(params, dict) or "token" not in params):
+            self._refuse(req_id, ErrorCode.UNAUTHORIZED, NEEDS_TOKEN)
+            return
+        tokens = self.server.controller.tokens
+        token = tokens.verify(params["token"])
+        if token is None:
+            self._refuse(req_id, ErrorCode.UNAUTHORIZED, BAD_TOKEN)
+            return
+        try:
+            tokens.used(token)
+        except Exception as e:  # noqa: BLE001 (a full disk must not lock the admin out)
+            log.warning("remote admin: cannot record the use of token %s: %s", token.name, e)
+        self.token = token
+        self.phase = Phase.SERVING
+        self._authenticated()
+        log.info("remote admin: %s authenticated with token %s (scope %s)",
+                 self.peer, token.name, token.scope)
+        self._send(_encode({"id": req_id, "result": {"token": token.name, "scope": token.scope,
+                                                     "volumes": token.volumes}}))
+
+    def _request(self, line: bytes) -> None:
+        reply = handle_line(line, self.server.controller, self._authorize)
+        self._send(reply)
+        if self.token is not None and not self.server.controller.tokens.still_valid(self.token):
+            self.close()
+
+    def _authorize(self, method: str, params: dict[str, Any] | None) -> None:
+        token = self.token
+        assert token is not None
+        if not self.server.controller.tokens.still_valid(token):
+            log.info("remote admin: %s: token %s was revoked; closing", self.peer, token.name)
+            raise Unauthorized(f"unauthorized: token {token.name!r} was revoked")
+        try:
+            authorize(token, method, params or {}, self.server.controller.pairs)
+        except Forbidden as e:
+            log.warning("remote admin: %s (token %s): %s refused: %s", self.peer, token.name,
+                        method, e)
+            raise
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.phase in (Phase.TLS, Phase.AUTH):
+            log.warning("remote admin: %s sent no token within %gs (%s); closed", self.peer,
+                        self.server.handshake_timeout, self.phase.value)
+            self.close(abort=True)
+
+    def _refuse(self, req_id: object, code: str, message: str) -> None:
+        log.warning("remote admin: %s refused: %s", self.peer, message)
+        self._send(_error(req_id, code, message))
+        self.close()
+
+    def _send(self, reply: bytes) -> None:
+        if self.phase is not Phase.CLOSED and self.transport is not None:
+            self.transport.write(reply)
+
+    def close(self, abort: bool = False) -> None:
+        """Close after what was written (or at once, with abort)."""
+        self.closed_by_us = True
+        transport = self.transport
+        self._finish()
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    def _authenticated(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.unauthenticated:
+            self.unauthenticated = False
+            self.server.unauthenticated -= 1
+
+    def _finish(self) -> None:
+        # Idempotent: reached from connection_lost, a failed handshake, close().
+        self._authenticated()
+        self.phase = Phase.CLOSED
+        self.buf = bytearray()
+        self.server.connections.discard(self)
+
+
+def _tls_reason(e: Exception) -> str:
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return e.reason.lower().replace("_", " ")
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    return str(e) or type(e).__name__
