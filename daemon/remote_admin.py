@@ -20,8 +20,9 @@ closed at once), the handshake timeout (--handshake-timeout) for TLS and the
 token line together, and AUTH_LINE bytes for that line. An authenticated
 connection's lines are limited to MAX_REMOTE_LINE (admin requests are small).
 
-Rule of this module: everything here runs on the event loop, in the
-protocol's callbacks or in the one TLS task, which handles its own errors.
+Rule of this module: everything runs in the protocol's callbacks, on the
+event loop, without a task: TLS is done here over memory buffers
+(TLSSession), the admin calls are synchronous (as on the Unix socket).
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ import enum
 import json
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from common.errors import ErrorCode, Forbidden, Unauthorized
+from common.errors import Conflict, ErrorCode, Forbidden, Unauthorized
 from controller.access import authorize
 from daemon.admin_server import _encode, _error, handle_line
 from daemon.listeners import Listener, bind, close_all, parse_listen
@@ -94,13 +95,13 @@ class RemoteAdminConnection(asyncio.Protocol):
         self.paused = False             # our replies are not being read: read no more
         self.unauthenticated = False    # counted in server.unauthenticated
         self.timer: asyncio.TimerHandle | None = None
-        self.tls_task: asyncio.Task[None] | None = None
-        self.closed_by_us = False       # timed out, refused or stopping: logged already
+        self.tls = TLSSession(server.tls_context)
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport, but are ones.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
@@ -117,18 +118,32 @@ class RemoteAdminConnection(asyncio.Protocol):
         server.connections.add(self)
         server.unauthenticated += 1
         self.unauthenticated = True
-        # Nothing is read until start_tls takes the transport over: a
-        # ClientHello must not land here as plaintext.
-        transport.pause_reading()
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(server.handshake_timeout, self._timed_out)
-        self.tls_task = loop.create_task(self._start_tls(transport))
 
     def data_received(self, data: bytes) -> None:
-        if self.phase not in (Phase.AUTH, Phase.SERVING):
+        if self.phase is Phase.CLOSED:
             return
-        self.buf += data
-        self._process()
+        try:
+            plain = self.tls.receive(data)
+        except ssl.SSLError as e:
+            if self.phase is Phase.TLS:
+                log.warning("remote admin: TLS handshake with %s failed (%s): a plaintext "
+                            "client, or one that does not trust this certificate; closed",
+                            self.peer, _tls_reason(e))
+            else:
+                log.warning("remote admin: %s: TLS error (%s); closed", self.peer, _tls_reason(e))
+            self._flush_tls()       # the alert, if OpenSSL made one
+            self.close(abort=False, notify=False)
+            return
+        self._flush_tls()
+        if self.phase is Phase.TLS and self.tls.established:
+            self.phase = Phase.AUTH
+        if plain:
+            self.buf += plain
+            self._process()
+        if self.tls.peer_closed and self.phase is not Phase.CLOSED:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish()
@@ -145,30 +160,6 @@ class RemoteAdminConnection(asyncio.Protocol):
             self._process()
 
     # -- the phases -------------------------------------------------------------------------
-
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        # Background task: handles its own errors, and closes on failure.
-        loop = asyncio.get_running_loop()
-        try:
-            # The TLS layer's own timeout is a backstop: _timed_out comes first
-            # and says what happened.
-            transport = await loop.start_tls(raw, self, self.server.tls_context, server_side=True,
-                                             ssl_handshake_timeout=self.server.handshake_timeout + 5)
-        except Exception as e:  # noqa: BLE001 (any TLS failure ends the connection)
-            if not self.closed_by_us:
-                log.warning("remote admin: TLS handshake with %s failed (%s): a plaintext "
-                            "client, or one that does not trust this certificate; closed",
-                            self.peer, _tls_reason(e))
-            raw.abort()
-            self._finish()
-            return
-        if self.phase is not Phase.TLS or transport is None:
-            # Closed (timed out, daemon stopping) while the handshake ran.
-            if transport is not None:
-                transport.abort()
-            return
-        self.transport = transport
-        self.phase = Phase.AUTH
 
     def _process(self) -> None:
         while not self.paused and self.phase in (Phase.AUTH, Phase.SERVING):
@@ -233,6 +224,9 @@ class RemoteAdminConnection(asyncio.Protocol):
         if not self.server.controller.tokens.still_valid(token):
             log.info("remote admin: %s: token %s was revoked; closing", self.peer, token.name)
             raise Unauthorized(f"unauthorized: token {token.name!r} was revoked")
+        if method == "auth":
+            raise Conflict(f"this connection is authenticated already (token {token.name!r}); "
+                           "to use another token, open another connection")
         try:
             authorize(token, method, params or {}, self.server.controller.pairs)
         except Forbidden as e:
@@ -255,13 +249,22 @@ class RemoteAdminConnection(asyncio.Protocol):
         self.close()
 
     def _send(self, reply: bytes) -> None:
-        if self.phase is not Phase.CLOSED and self.transport is not None:
-            self.transport.write(reply)
+        if self.phase is not Phase.CLOSED:
+            self.tls.send(reply)
+            self._flush_tls()
 
-    def close(self, abort: bool = False) -> None:
-        """Close after what was written (or at once, with abort)."""
-        self.closed_by_us = True
+    def _flush_tls(self) -> None:
+        out = self.tls.outgoing()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def close(self, abort: bool = False, notify: bool = True) -> None:
+        """Close after what was written (or at once, with abort); `notify`
+        ends the TLS session properly first (close_notify)."""
         transport = self.transport
+        if notify and not abort and self.phase in (Phase.AUTH, Phase.SERVING):
+            self.tls.shutdown()
+            self._flush_tls()
         self._finish()
         if transport is not None:
             if abort:
@@ -283,6 +286,58 @@ class RemoteAdminConnection(asyncio.Protocol):
         self.phase = Phase.CLOSED
         self.buf = bytearray()
         self.server.connections.discard(self)
+
+
+class TLSSession:
+    """Server-side TLS over memory buffers (ssl.MemoryBIO): bytes from the
+    network in, plaintext out; plaintext in, bytes for the network out. No
+    socket here, so nothing the client sends can arrive before TLS is ready
+    for it (loop.start_tls on a fresh connection races the first read)."""
+
+    def __init__(self, context: ssl.SSLContext):
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.established = False
+        self.peer_closed = False
+
+    def receive(self, data: bytes) -> bytes:
+        """Take bytes from the network; return the plaintext they complete.
+        Raises ssl.SSLError for a failed handshake or a broken session."""
+        self._incoming.write(data)
+        if not self.established:
+            try:
+                self._ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.established = True
+        chunks = []
+        while True:
+            try:
+                chunk = self._ssl.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_closed = True
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, plaintext: bytes) -> None:
+        self._ssl.write(plaintext)
+
+    def outgoing(self) -> bytes:
+        """What TLS has for the network (handshake, records, alerts)."""
+        return self._outgoing.read()
+
+    def shutdown(self) -> None:
+        """Start a proper close (close_notify); the peer's answer is not awaited."""
+        try:
+            self._ssl.unwrap()
+        except ssl.SSLError:
+            pass
 
 
 def _tls_reason(e: Exception) -> str:
