@@ -57,6 +57,7 @@ from splitctl.client import (
     AdminError,
     RemoteAdminClient,
     WaitTimeout,
+    parse_connect,
 )
 from splitctl.commands import group, pair, status, token, volume
 from splitctl.output import fail, print_json, stdout_gone
@@ -149,6 +150,10 @@ def _client(args: argparse.Namespace) -> AdminClient:
         return AdminClient(args.socket)
     if args.socket:
         raise BadInput("--socket and --connect: give one (the local socket or a remote daemon)")
+    try:
+        parse_connect(connect)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
     token_file = args.token_file or os.environ.get(ENV_TOKEN_FILE)
     if not token_file:
         raise BadInput(f"--connect needs a token: --token-file FILE (or ${ENV_TOKEN_FILE})")
