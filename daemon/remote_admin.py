@@ -34,7 +34,8 @@ import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 from common.errors import Conflict, ErrorCode, Forbidden, Unauthorized
-from controller.access import authorize
+from common.scopes import Scope
+from controller.access import authorize, required_scope
 from daemon.admin_server import _encode, _error, handle_line
 from daemon.listeners import Listener, bind, close_all, parse_listen
 
@@ -233,6 +234,9 @@ class RemoteAdminConnection(asyncio.Protocol):
             log.warning("remote admin: %s (token %s): %s refused: %s", self.peer, token.name,
                         method, e)
             raise
+        if required_scope(method) is not Scope.READ:
+            # Who changed what, from where: the audit trail of remote changes.
+            log.info("remote admin: %s (token %s): %s", self.peer, token.name, method)
 
     # -- ending ---------------------------------------------------------------------------------
 

@@ -174,6 +174,7 @@ def test_split_token_splits_within_its_volumes(rd, pki):
     out = remote(rd, pki, token_file, "--json", "pair", "split", "db-snap").stdout
     assert json.loads(out)["state"] == "split"
     assert rd.call("pair.show", name="db-snap")["state"] == "split"
+    assert "(token backup): pair.split" in rd.log()     # who split it, from where
 
 
 def test_admin_token_manages_tokens_remotely(rd, pki):
