@@ -12,6 +12,11 @@ theirs in `code`:
                                              in use); change that state first
      +-- NoSpace           code "no-space"   the data directory's filesystem
                                              is full; free space and retry
+     +-- Unauthorized      code "unauthorized"  remote admin API: no token, or
+                                             one unknown or revoked; get a
+                                             valid token (splitctl token create)
+     +-- Forbidden         code "forbidden"  the token is valid but its scope
+                                             (or volumes) does not cover the call
 
 The admin server turns any SplitdError into {"code": e.code, "message": str(e)};
 anything else is a bug and becomes "internal". Messages are one line and name
@@ -31,6 +36,8 @@ class ErrorCode(PlainStrEnum):
     NO_SPACE = "no-space"
     REFUSED = "refused"                 # a pair action not allowed in its state
     SCHEMA_TOO_NEW = "schema-too-new"   # metadata written by a newer splitd
+    UNAUTHORIZED = "unauthorized"       # remote admin API: no valid token
+    FORBIDDEN = "forbidden"             # remote admin API: the token's scope does not cover it
     # Given by the admin server itself.
     BAD_REQUEST = "bad-request"         # the line is not a request at all
     UNKNOWN_METHOD = "unknown-method"
@@ -40,6 +47,7 @@ class ErrorCode(PlainStrEnum):
     PROTOCOL = "protocol"               # the connection broke or the reply made no sense
     PAIR_ERROR = "pair-error"           # a waited-on pair went to state error
     TIMEOUT = "timeout"                 # a waited-on pair did not get there in time
+    TLS = "tls"                         # remote: the TLS handshake failed (nothing was sent)
 
 
 class SplitdError(Exception):
@@ -60,3 +68,11 @@ class Conflict(SplitdError):
 
 class NoSpace(SplitdError):
     code = ErrorCode.NO_SPACE
+
+
+class Unauthorized(SplitdError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class Forbidden(SplitdError):
+    code = ErrorCode.FORBIDDEN

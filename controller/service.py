@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller import ports
 from controller.errors import BadInput, Conflict, NotFound, UnknownMethod
+from controller.tokens import Tokens, describe as describe_token
 from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
 if TYPE_CHECKING:
@@ -181,6 +182,22 @@ class Controller:
         raise NotFound(f"volume {name!r} is in no pair: only a pair's secondary can be "
                        f"located (splitctl pair create {name} SECONDARY)")
 
+    # -- remote admin tokens (only over the Unix socket or with an admin token) --
+
+    @functools.cached_property
+    def tokens(self) -> Tokens:
+        return Tokens(self.manager.store)
+
+    def token_create(self, name: Param, scope: Param, volumes: Param = None) -> Reply:
+        record, secret = self.tokens.create(name, scope, volumes)
+        return dict(describe_token(record), token=secret)
+
+    def token_list(self) -> Reply:
+        return {"tokens": [describe_token(t) for t in self.tokens.list()]}
+
+    def token_revoke(self, name: Param) -> Reply:
+        return dict(describe_token(self.tokens.revoke(name)), revoked=True)
+
     @property
     def _pair_manager(self) -> PairManager:
         if self.pairs is None:
@@ -219,6 +236,9 @@ METHODS: dict[str, Callable[..., Any]] = {
     "group.list": Controller.group_list,
     "port.list": Controller.port_list,
     "locate": Controller.locate,
+    "token.create": Controller.token_create,
+    "token.list": Controller.token_list,
+    "token.revoke": Controller.token_revoke,
 }
 
 

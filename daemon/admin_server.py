@@ -8,7 +8,9 @@ Error codes (all in common.errors.ErrorCode): "bad-request" (the line is not
 a JSON object with a string "method"), "unknown-method", the `code` of any
 controller.errors error ("bad-input", "not-found", "conflict", "refused", ...),
 "no-space" when the data directory's filesystem is full, and "internal" for a
-bug, which is logged with its traceback while the daemon carries on.
+bug, which is logged with its traceback while the daemon carries on. The
+same requests on TCP (daemon/remote_admin.py) may also be refused with
+"unauthorized" (no valid token) or "forbidden" (outside the token's scope).
 
 A connection may send many requests; each is answered in order. A line
 longer than MAX_LINE is answered with a bad-request error and the connection
@@ -25,6 +27,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 
 from common.errors import ErrorCode, SplitdError
 from common.names import quoted
@@ -87,8 +90,11 @@ async def _send(writer: asyncio.StreamWriter, reply: bytes) -> None:
     await writer.drain()
 
 
-def handle_line(line: bytes, controller) -> bytes:
-    """One request line in, one reply line out (newline included). Never raises."""
+def handle_line(line: bytes, controller,
+                authorize: Callable[[str, dict | None], None] | None = None) -> bytes:
+    """One request line in, one reply line out (newline included). Never raises.
+    `authorize(method, params)`, if given, runs first and refuses by raising
+    a SplitdError (the remote admin API's token check, daemon/remote_admin.py)."""
     started = time.monotonic()
     try:
         request = json.loads(line)
@@ -107,6 +113,8 @@ def handle_line(line: bytes, controller) -> bytes:
         return _error(req_id, ErrorCode.BAD_REQUEST, '"params" must be a JSON object')
 
     try:
+        if authorize is not None:
+            authorize(method, params)
         reply = _encode({"id": req_id, "result": controller.call(method, params)})
         outcome = "ok"
     except SplitdError as e:

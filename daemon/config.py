@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -21,7 +22,7 @@ from common.errors import BadInput
 from common.names import parse_rate, parse_size, quoted, validate_name
 
 from . import __version__
-from .listeners import ListenSpecError, os_reason, parse_listeners
+from .listeners import ListenSpecError, os_reason, parse_listen, parse_listeners
 
 DEFAULT_CONFIG = "/etc/splitd/splitd.toml"
 
@@ -48,6 +49,7 @@ class Config:
     log_level: str = "info"
     ensure_volume: tuple[tuple[str, int], ...] = ()     # (name, size in bytes)
     copy_rate: int = 0                  # bytes/s for all pairs together; 0 = unlimited
+    admin_listen: str | None = None     # tcp://ADDR:PORT: the remote admin API (TLS + tokens)
 
 
 DEFAULTS = Config()
@@ -90,6 +92,12 @@ listen URIs:
                           are unique. A listener without one is named after
                           its kind, counting the unnamed ones: unix, unix-2,
                           ... and tcp, tcp-2, ...
+
+remote admin API (--admin-listen tcp://ADDR:PORT, or tcp://%IFACE:PORT):
+  The admin API on TCP, only with TLS (--tls-cert and --tls-key are needed,
+  whatever --tls says) and only with a bearer token made with
+  'splitctl token create' on the admin socket. Clients:
+  splitctl --connect tcp://HOST:PORT --token-file FILE --tls-ca CA.
 
 signals:
   SIGTERM, SIGINT   stop: finish in-flight requests, flush, exit 0
@@ -165,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(K/M/G suffixes; 0 = unlimited, the default)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="default info")
+    p.add_argument("--admin-listen", metavar="tcp://ADDR:PORT",
+                   help="also serve the admin API on TCP, with TLS and tokens only "
+                        "(needs --tls-cert and --tls-key)")
     p.add_argument("--ensure-volume", metavar="NAME:SIZE", action="append",
                    help="create this volume at start if it does not exist (e.g. demo:1G)")
     return p
@@ -284,6 +295,16 @@ def _reply_memory(value: object) -> int:
     return n
 
 
+def _admin_listen(value: object) -> str:
+    uri = _string(value)
+    listener = parse_listen(uri)
+    if listener.kind != "tcp" or "=" in uri.split("://", 1)[0]:
+        raise _Bad(f"must be tcp://ADDR:PORT or tcp://%IFACE:PORT (got {_got(value)})")
+    if not re.search(r":\d+/?$", uri):
+        raise _Bad(f"needs a port: tcp://ADDR:PORT (got {_got(value)})")
+    return uri
+
+
 SETTINGS: dict[str, Callable[[object], object]] = {
     "data_dir": _string,
     "listen": _listen,
@@ -302,6 +323,7 @@ SETTINGS: dict[str, Callable[[object], object]] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "ensure_volume": _ensure_volumes,
     "copy_rate": _copy_rate,
+    "admin_listen": _admin_listen,
 }
 assert tuple(SETTINGS) == KEYS
 
@@ -349,6 +371,9 @@ def load_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"--tls {cfg.tls} needs --tls-cert and --tls-key")
         raise ConfigError(f"{where['tls']}: {cfg.tls!r} needs tls_cert and tls_key "
                           "(or --tls-cert and --tls-key)")
+    if cfg.admin_listen and not (cfg.tls_cert and cfg.tls_key):
+        raise ConfigError(f"{where['admin_listen']}: the remote admin API is served only with "
+                          "TLS: give tls_cert and tls_key (or --tls-cert and --tls-key)")
     data_dir = os.path.abspath(cfg.data_dir)
     for spec, listener in zip(cfg.listen, parse_listeners(cfg.listen), strict=True):
         if listener.kind == "unix":

@@ -107,6 +107,7 @@ class Daemon:
         from controller.service import Controller
         from daemon.admin_server import start_admin_server
         from daemon.exports import VolumeExports
+        from daemon.remote_admin import RemoteAdmin
         from volumes.manager import VolumeManager
 
         cfg = self.cfg
@@ -122,6 +123,11 @@ class Daemon:
             lst.tls_required = cfg.tls == "require" and lst.kind == "tcp"
             # A Unix socket with --tls require still offers STARTTLS.
             lst.tls = "require" if lst.tls_required else "on" if cfg.tls != "off" else "off"
+        admin_tls = None
+        if cfg.admin_listen:
+            # load_config refuses admin_listen without both files.
+            assert cfg.tls_cert is not None and cfg.tls_key is not None
+            admin_tls = server_context(cfg.tls_cert, cfg.tls_key)
 
         try:
             manager = VolumeManager(cfg.data_dir)
@@ -129,6 +135,7 @@ class Daemon:
             raise _data_dir_error(e, cfg.data_dir) from None
         pairs = None
         admin = admin_owned = None
+        remote = None
         try:
             # Every spec was checked with the configuration: none fails half-way here.
             for name, size in cfg.ensure_volume:
@@ -153,11 +160,17 @@ class Daemon:
                 await bind(lst, server.protocol_factory(lst))
                 log.info("port %s: listening on %s%s", lst.name, ", ".join(lst.bound),
                          " TLS required" if lst.tls_required else "")
+            if cfg.admin_listen and admin_tls is not None:
+                # Before the admin socket: a daemon that answers there is fully up.
+                remote = RemoteAdmin(cfg.admin_listen, controller, admin_tls, cfg.handshake_timeout)
+                await remote.start()
             admin, admin_owned = await start_admin_server(cfg.admin_socket, controller)
         except BaseException:
             # Only what this process bound goes: never a socket of a daemon
             # already serving the path that made this start fail.
             await close_all(self.listeners)
+            if remote is not None:
+                await remote.stop()
             if admin is not None:
                 admin.close()
             if admin_owned is not None:
@@ -181,6 +194,8 @@ class Daemon:
         log.info("stopping: finishing in-flight requests")
         sd_notify("STOPPING=1")
         await close_all(self.listeners)
+        if remote is not None:
+            await remote.stop()
         await server.shutdown(cfg.shutdown_grace)
         await pairs.stop()
         admin.close()

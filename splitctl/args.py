@@ -19,7 +19,14 @@ from typing import Any, NoReturn
 
 from common.errors import BadInput
 from common.names import parse_rate, parse_region_size, parse_size, validate_name
-from splitctl.client import DEFAULT_SOCKET, ENV_SOCKET, AdminClient
+from splitctl.client import (
+    DEFAULT_SOCKET,
+    ENV_CONNECT,
+    ENV_SOCKET,
+    ENV_TLS_CA,
+    ENV_TOKEN_FILE,
+    AdminClient,
+)
 
 PROG = "splitctl"
 
@@ -32,7 +39,7 @@ exit status:
   2  the command line is wrong (nothing was sent)
   3  pair wait: the pair did not get there before --timeout
   4  splitd could not be reached (no socket, not a socket, connection
-     refused, permission denied)
+     refused, permission denied; remote: unreachable, or TLS failed)
 
 With --json, a failure prints {{"error": {{"code": ..., "message": ...}}}} on
 stdout as well as the message on stderr.
@@ -40,6 +47,9 @@ stdout as well as the message on stderr.
 environment:
   {ENV_SOCKET}  admin socket to use when --socket is not given
                        (default {DEFAULT_SOCKET})
+  {ENV_CONNECT}       a remote daemon, as --connect
+  {ENV_TOKEN_FILE}    its token, as --token-file
+  {ENV_TLS_CA}        the CA of its certificate, as --tls-ca
 """
 
 JSON_HELP = "print the daemon's reply as JSON instead of text"
@@ -150,14 +160,27 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_shared_options(parser: Parser) -> None:
-    """--json and --socket, on a command or command group: they work before or
-    after the command. These copies default to SUPPRESS so they never
-    overwrite the top-level parser's value."""
+    """--json, --socket and the remote options, on a command or command group:
+    they work before or after the command. These copies default to SUPPRESS
+    so they never overwrite the top-level parser's value."""
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help=JSON_HELP)
     parser.add_argument("--socket", metavar="PATH", type=socket_path,
                         default=argparse.SUPPRESS,
                         help="admin socket of splitd (see below for the default)")
+    add_remote_options(parser, argparse.SUPPRESS)
+
+
+def add_remote_options(parser: Parser, default: Any) -> None:
+    """--connect, --token-file, --tls-ca: a remote daemon (its --admin-listen)."""
+    parser.add_argument("--connect", metavar="tcp://HOST:PORT", default=default,
+                        help=f"a remote splitd's admin port, over TLS with a token "
+                             f"(default: ${ENV_CONNECT}; none: the admin socket)")
+    parser.add_argument("--token-file", metavar="FILE", default=default,
+                        help=f"file holding the token for --connect (default: ${ENV_TOKEN_FILE})")
+    parser.add_argument("--tls-ca", metavar="PEM", default=default,
+                        help=f"CA certificate that signed the daemon's (default: ${ENV_TLS_CA}, "
+                             "else the system's CAs)")
 
 
 class Commands:

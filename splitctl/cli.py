@@ -26,6 +26,7 @@ pair.show whatever the outcome, so there the "error" member is added to it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -41,18 +42,24 @@ from splitctl.args import (
     Commands,
     Parser,
     UsageError,
+    add_remote_options,
     parse_duration,
     rate,
     socket_path,
 )
 from splitctl.client import (
     DEFAULT_SOCKET,
+    ENV_CONNECT,
     ENV_SOCKET,
+    ENV_TLS_CA,
+    ENV_TOKEN_FILE,
     AdminClient,
     AdminError,
+    RemoteAdminClient,
     WaitTimeout,
+    parse_connect,
 )
-from splitctl.commands import group, pair, port, status, volume
+from splitctl.commands import group, pair, port, status, token, volume
 from splitctl.output import fail, print_json, stdout_gone
 
 __all__ = ["build_parser", "main", "parse_duration"]
@@ -76,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  splitctl volume create db 100G\n"
                "  splitctl volume list --json\n"
                "  splitctl --socket /run/splitd/admin.sock volume show db\n"
+               "  splitctl --connect tcp://storage:10810 --token-file backup.token \\\n"
+               "           --tls-ca ca.pem pair split db-snap\n"
                "  splitctl pair create db db-snap --create-secondary\n"
                "  splitctl pair wait db-snap --until synced && splitctl pair split db-snap\n\n"
                "run 'splitctl COMMAND --help' for each command's options.\n\n" + EXIT_STATUS)
@@ -83,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", metavar="PATH", type=socket_path, default=None,
                         help=f"admin socket of splitd (default: ${ENV_SOCKET}, "
                              f"else {DEFAULT_SOCKET})")
+    add_remote_options(parser, None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = Commands(parser, "commands")
-    for module in (status, volume, pair, group, port):
+    for module in (status, volume, pair, group, port, token):
         module.add_commands(commands)
     return parser
 
@@ -104,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_USAGE, ErrorCode.BAD_INPUT, e.message, json_errors,
                     line=f"{PROG}: error: {e.message} (see '{e.prog} --help')")
     try:
-        with AdminClient(args.socket) as client:
+        client = _client(args)
+    except BadInput as e:
+        return fail(EXIT_USAGE, ErrorCode.BAD_INPUT, str(e), json_errors,
+                    line=f"{PROG}: error: {e} (see '{PROG} --help')")
+    try:
+        with client:
             result = args.run(client, args)
         if args.json:
             print_json(result)
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except AdminError as e:
         exit_status = (EXIT_TIMEOUT if isinstance(e, WaitTimeout)
-                       else EXIT_UNREACHABLE if e.code == ErrorCode.UNREACHABLE
+                       else EXIT_UNREACHABLE if e.code in (ErrorCode.UNREACHABLE, ErrorCode.TLS)
                        else EXIT_REFUSED)
         # pair wait: with --json the last pair.show is printed in every outcome.
         return fail(exit_status, e.code, e.message, args.json, base=getattr(e, "pair", None))
@@ -123,6 +138,34 @@ def main(argv: list[str] | None = None) -> int:
         stdout_gone()
         return 1
     return 0
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    """The admin socket, or a remote daemon with --connect (or $SPLITD_CONNECT).
+    BadInput (exit 2, nothing sent) for remote options that do not fit."""
+    connect = args.connect or os.environ.get(ENV_CONNECT)
+    if not connect:
+        if args.token_file or args.tls_ca:
+            raise BadInput("--token-file and --tls-ca go with --connect")
+        return AdminClient(args.socket)
+    if args.socket:
+        raise BadInput("--socket and --connect: give one (the local socket or a remote daemon)")
+    try:
+        parse_connect(connect)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    token_file = args.token_file or os.environ.get(ENV_TOKEN_FILE)
+    if not token_file:
+        raise BadInput(f"--connect needs a token: --token-file FILE (or ${ENV_TOKEN_FILE})")
+    try:
+        with open(token_file) as f:
+            secret = f.read(4096)
+    except OSError as e:
+        raise BadInput(f"cannot read the token file {token_file}: {e.strerror or e}") from None
+    try:
+        return RemoteAdminClient(connect, secret, args.tls_ca or os.environ.get(ENV_TLS_CA))
+    except ValueError as e:
+        raise BadInput(str(e)) from None
 
 
 def _wants_json(argv: list[str]) -> bool:

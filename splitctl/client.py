@@ -7,6 +7,15 @@
         admin.call("pair.split", name="db-snap")
         admin.wait_pair("db-snap", "copied", timeout=600)
 
+A remote daemon (daemon/remote_admin.py: TCP, TLS, a bearer token):
+
+    with RemoteAdminClient("tcp://storage:10810", token, tls_ca="ca.pem") as admin:
+        admin.call("pair.split", name="db-snap")
+
+adds "tls" (the TLS handshake failed, e.g. the certificate is not trusted:
+nothing was sent), and from the daemon "unauthorized" (no valid token) and
+"forbidden" (outside the token's scope or volumes).
+
 Every failure is an AdminError carrying a code: the daemon's own codes
 ("bad-input", "not-found", "conflict", "refused", ...) and, from this side,
 "unreachable" (nothing was sent: no socket at the path, connection refused,
@@ -36,15 +45,23 @@ __all__ = [
     "DEFAULT_SOCKET",
     "ENV_SOCKET",
     "WAIT_TARGETS",
+    "ENV_CONNECT",
+    "ENV_TLS_CA",
+    "ENV_TOKEN_FILE",
     "AdminClient",
     "AdminError",
     "PairFailed",
+    "RemoteAdminClient",
     "WaitTimeout",
     "default_socket_path",
+    "parse_connect",
     "target_reached",
 ]
 
 ENV_SOCKET = "SPLITD_ADMIN_SOCKET"
+ENV_CONNECT = "SPLITD_CONNECT"
+ENV_TOKEN_FILE = "SPLITD_TOKEN_FILE"
+ENV_TLS_CA = "SPLITD_TLS_CA"
 DEFAULT_SOCKET = "/run/splitd/admin.sock"
 MAX_REPLY = 64 << 20
 
@@ -90,6 +107,7 @@ class AdminClient:
         if socket_path == "":
             raise ValueError("the admin socket path is empty")
         self.socket_path = default_socket_path() if socket_path is None else socket_path
+        self.where = self.socket_path   # in messages: "cannot reach splitd at ..."
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._buffer = b""
@@ -129,16 +147,16 @@ class AdminClient:
                 e.method = method
                 raise
             raise AdminError(ErrorCode.PROTOCOL, f"lost the connection to splitd at "
-                                         f"{self.socket_path}: {_reason(e)}", method) from None
+                                         f"{self.where}: {_reason(e)}", method) from None
         try:
             reply = json.loads(line)
         except ValueError:
             self.close()
-            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} sent a reply "
+            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.where} sent a reply "
                                          "that is not JSON", method) from None
         if not isinstance(reply, dict) or reply.get("id") != req_id:
             self.close()
-            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} answered another "
+            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.where} answered another "
                                          "request", method)
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
@@ -184,7 +202,7 @@ class AdminClient:
                 sock.connect(self.socket_path)
             except OSError as e:
                 sock.close()
-                raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach splitd at {self.socket_path}: "
+                raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach splitd at {self.where}: "
                                                 f"{_reason(e, self.socket_path)}") from None
             self._sock = sock
         return self._sock
@@ -192,15 +210,86 @@ class AdminClient:
     def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_REPLY:
-                raise AdminError(ErrorCode.PROTOCOL, f"reply from splitd at {self.socket_path} "
+                raise AdminError(ErrorCode.PROTOCOL, f"reply from splitd at {self.where} "
                                              "is too long")
             chunk = sock.recv(1 << 16)
             if not chunk:
-                raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.socket_path} closed the "
+                raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.where} closed the "
                                              "connection without answering")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
+
+
+def parse_connect(uri: str) -> tuple[str, int]:
+    """(host, port) of tcp://HOST:PORT (IPv6: tcp://[::1]:PORT); ValueError if
+    `uri` is not one."""
+    example = "tcp://HOST:PORT, e.g. tcp://storage.example:10810"
+    if not uri.startswith("tcp://"):
+        raise ValueError(f"{uri!r} is not a remote admin address: use {example}")
+    host, colon, port = uri[len("tcp://"):].rstrip("/").rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{uri!r} needs a host and a port: use {example}")
+    return host, int(port)
+
+
+class RemoteAdminClient(AdminClient):
+    """The admin API of a remote splitd: TCP, TLS (the server's certificate
+    checked against `tls_ca`, or the system's CAs), then the bearer token as
+    the first request ("auth"). `identity` is what the daemon answered to it:
+    the token's name, scope and volumes. Raises ValueError at once for an
+    address that is not tcp://HOST:PORT, an empty token or an unusable CA file."""
+
+    def __init__(self, uri: str, token: str, tls_ca: str | None = None, timeout: float = 60.0):
+        import ssl
+
+        self.host, self.port = parse_connect(uri)
+        super().__init__(uri, timeout)
+        self.where = uri
+        self._token = token.strip()
+        if not self._token:
+            raise ValueError("the token is empty")
+        try:
+            self._tls = ssl.create_default_context(cafile=tls_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"cannot load the TLS CA {tls_ca}: {e}") from None
+        self.identity: dict[str, Any] | None = None
+
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        import ssl
+
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as e:
+            reason = ("name or address not known" if isinstance(e, socket.gaierror)
+                      else _reason(e))
+            raise AdminError(ErrorCode.UNREACHABLE,
+                             f"cannot reach splitd at {self.where}: {reason}") from None
+        try:
+            sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as e:
+            raw.close()
+            raise AdminError(ErrorCode.TLS, f"TLS failed: the certificate of splitd at {self.where} "
+                                            f"is not trusted ({e.verify_message}); give the CA "
+                                            "that signed it with --tls-ca") from None
+        except (ssl.SSLError, OSError) as e:
+            raw.close()
+            reason = e.reason if isinstance(e, ssl.SSLError) and e.reason else _reason(e)
+            raise AdminError(ErrorCode.TLS, f"TLS failed with splitd at {self.where}: {reason} "
+                                            "(is it splitd's remote admin port, --admin-listen?)"
+                             ) from None
+        self._sock = sock
+        try:
+            # The first request on the connection; call() finds it connected.
+            self.identity = self.call("auth", token=self._token)
+        except AdminError:
+            self.close()
+            raise
+        return sock
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),

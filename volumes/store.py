@@ -51,6 +51,19 @@ MIGRATIONS: list[str] = [
         split_at    REAL
     );
     """,
+    # 2 -> 3: remote admin tokens. Only the SHA-256 of a secret is kept (the
+    # secrets are random, 32 bytes: no salt or slow hash needed); `volumes`
+    # is the glob a split token is limited to.
+    """
+    CREATE TABLE tokens (
+        name          TEXT PRIMARY KEY,
+        scope         TEXT NOT NULL,
+        volumes       TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created       REAL NOT NULL,
+        last_used     REAL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -189,6 +202,37 @@ class MetadataStore:
     def remove_pair(self, secondary: str) -> bool:
         with self.transaction() as db:
             return db.execute("DELETE FROM pairs WHERE secondary = ?", (secondary,)).rowcount == 1
+
+
+    # -- tokens -------------------------------------------------------------
+
+    def add_token(self, rec: TokenRecord) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO tokens (name, scope, volumes, secret_sha256, created, "
+                       "last_used) VALUES (?,?,?,?,?,?)", rec)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, scope, volumes, secret_sha256, created, "
+                                    "last_used FROM tokens ORDER BY name").fetchall()
+        return [TokenRecord(*r) for r in rows]
+
+    def set_token_last_used(self, name: str, when: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE tokens SET last_used = ? WHERE name = ?", (when, name))
+
+    def remove_token(self, name: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 1
+
+
+class TokenRecord(NamedTuple):
+    name: str
+    scope: str
+    volumes: str            # glob of volume names (split scope); "*" for all
+    secret_sha256: str      # hex; the secret itself is never stored
+    created: float
+    last_used: float | None
 
 
 class PairRecord(NamedTuple):

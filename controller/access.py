@@ -1,0 +1,77 @@
+"""Who may call what on the remote admin API: the scope each method needs,
+and the volume glob of a split token. The Unix socket never comes here: it
+keeps full local rights.
+
+To add a method that a read or split token may call, add it to
+METHOD_SCOPES; a method not named here needs `admin`, so a new method is
+closed to remote tokens until someone decides otherwise.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+from common.errors import Forbidden
+from common.names import validate_name
+from common.scopes import Scope, covers
+
+if TYPE_CHECKING:
+    from controller.pairs import PairManager
+    from volumes.store import TokenRecord
+
+# Admin method name -> the scope it needs. Not listed: Scope.ADMIN.
+METHOD_SCOPES: dict[str, Scope] = {
+    "status": Scope.READ,
+    "volume.list": Scope.READ,
+    "volume.show": Scope.READ,
+    "pair.list": Scope.READ,
+    "pair.show": Scope.READ,
+    "group.list": Scope.READ,
+    "locate": Scope.READ,
+    "port.list": Scope.READ,
+    "pair.split": Scope.SPLIT,
+    "group.split": Scope.SPLIT,
+}
+
+
+def required_scope(method: str) -> Scope:
+    return METHOD_SCOPES.get(method, Scope.ADMIN)
+
+
+def authorize(token: TokenRecord, method: str, params: dict[str, Any],
+              pairs: PairManager | None) -> None:
+    """Raise Forbidden unless `token` may call `method` with `params`.
+
+    `params` are untrusted: a name that is not a valid one, or a pair that
+    does not exist, is let through for the method itself to refuse (with
+    bad-input or not-found) -- nothing is split either way."""
+    need = required_scope(method)
+    if not covers(token.scope, need):
+        raise Forbidden(f"forbidden: token {token.name!r} has scope {token.scope}; "
+                        f"{method} needs scope {need}")
+    if token.scope != Scope.SPLIT or need != Scope.SPLIT or pairs is None:
+        return
+    for pair_name, volumes in _pairs_split(method, params, pairs):
+        outside = [v for v in volumes if not fnmatchcase(v, token.volumes)]
+        if outside:
+            raise Forbidden(f"forbidden: token {token.name!r} may split only pairs of volumes "
+                            f"matching {token.volumes!r}; pair {pair_name!r} has volume "
+                            f"{outside[0]!r}")
+
+
+def _pairs_split(method: str, params: dict[str, Any],
+                 pairs: PairManager) -> list[tuple[str, tuple[str, str]]]:
+    """(pair name, (primary, secondary)) of each pair the call would split."""
+    try:
+        name = validate_name(params.get("name"))
+    except ValueError:
+        return []
+    if method == "pair.split":
+        chosen = [p for p in (pairs.pairs.get(name),) if p is not None]
+    elif method == "group.split":
+        chosen = [p for p in pairs.pairs.values() if p.group == name]
+    else:
+        # A split-scoped method this function does not know: refuse rather
+        # than let a split token past its glob.
+        raise Forbidden(f"forbidden: {method} is not allowed to split tokens")
+    return [(p.name, (p.primary.name, p.secondary.name)) for p in chosen]
