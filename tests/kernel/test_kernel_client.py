@@ -46,7 +46,12 @@ KERNELS = [
     pytest.param("linux-image-cloud-amd64", id="6.1"),
     pytest.param("linux-image-6.12-cloud-amd64", id="6.12"),
 ]
-CAP = 4                # the daemon's --max-inflight for this test
+# The daemon's --max-inflight for this test: the guest must see more requests
+# in flight than CAP x CONNECTIONS (the kernel queues past the server's cap).
+# Sampled every 5 ms in the guest, the 6.12 driver's peak was 11-12 in three
+# runs and 8 in one: with CAP = 4 (threshold 8) the check failed now and then
+# on a busy machine; with 2 (threshold 4) it keeps its meaning and its margin.
+CAP = 2
 CONNECTIONS = 2        # nbd-client -C
 PARALLEL = 32          # guest processes doing I/O at once
 RAW_SIZE = "64G"
