@@ -152,7 +152,7 @@ class ManagedVolume:
                 buf = bytes(data)
                 return self.durability.hold(lambda: self._ready(offset, len(buf), True),
                                             lambda: self._write(offset, buf))
-            if self.primary_of:
+            if pairs:
                 self._write(offset, data)
                 return None
         self.vol.write(offset, data)

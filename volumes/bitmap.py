@@ -207,11 +207,9 @@ class Bitmap:
         file) and say whether all of them are durably set: the write they
         cover may be issued only then."""
         if first == last:
-            byte, mask = first >> 3, 1 << (first & 7)
-            if not self.bits[byte] & mask:
+            if not self.bits[first >> 3] & (1 << (first & 7)):
                 self.set(first)
-            u, s = self.unsynced, self.syncing
-            return not ((u or s) and (byte in u or byte in s or -1 in u or -1 in s))
+            return self.durably_set(first)
         if self.lazy:
             for r in [r for r in self.lazy if first <= r <= last]:
                 self.set(r)
