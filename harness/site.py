@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,55 @@ class Site:
     def python(self, ns: str, module: str, *args: str, **kw: Any) -> subprocess.CompletedProcess:
         """`python -m module args` in `ns` with this tree's packages."""
         return self.net.run(ns, [sys.executable, "-m", module, *args], env=self.env, **kw)
+
+    # -- the host agent (splitd-host, agents/host) --------------------------------------
+
+    def agent_args(self, state_dir: Path, *args: str | Path) -> list[str]:
+        return [sys.executable, "-m", "agents.host.cli", "--state-dir", str(state_dir),
+                *map(str, args)]
+
+    def agent(self, ns: str, state_dir: Path, *args: str | Path, check: bool = True,
+              timeout: float = 60) -> subprocess.CompletedProcess:
+        """One `splitd-host` command in `ns`; check: NetnsError if it fails."""
+        return self.net.run(ns, self.agent_args(state_dir, *args), env=self.env, check=check,
+                            timeout=timeout)
+
+    def serve_agent(self, state_dir: Path, *args: str, timeout: float = 20) -> subprocess.Popen:
+        """`splitd-host serve` in `app`: TLS + tokens on app_addr:AGENT_PORT, its
+        Unix socket in `state_dir`; returns once it accepts connections."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        sock = state_dir / "agent.sock"
+        log = open(state_dir / "serve.log", "ab")
+        proc = self.net.popen("app", self.agent_args(
+            state_dir, "serve", "--listen", f"tcp://{self.app_addr}:{AGENT_PORT}",
+            "--tls-cert", self.app_cert, "--tls-key", self.app_key, "--socket", sock, *args),
+            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.net.stop(proc)
+                raise NetnsError(f"splitd-host serve did not start (exit {proc.returncode}):\n"
+                                 + (state_dir / "serve.log").read_text(errors="replace"))
+            time.sleep(0.05)
+        return proc
+
+    def agent_token(self, state_dir: Path, name: str, scope: str,
+                    dirs: str | None = None) -> Path:
+        """A host agent token (splitd-host token create), in a file."""
+        args = ["token", "create", name, "--scope", scope]
+        if dirs is not None:
+            args += ["--dirs", dirs]
+        cp = self.agent("app", state_dir, *args)
+        path = self.base / f"agent-{name}.token"
+        path.touch(mode=0o600)
+        path.write_text(cp.stdout)
+        return path
+
+    def backup_prepare(self, directory: str | Path, token: Path, port: str = "backup",
+                       **kw: Any) -> subprocess.CompletedProcess:
+        """`splitctl --json backup prepare` from the backup host to the agent."""
+        return self.net.run("backup", [
+            str(BIN / "splitctl"), "--json", "backup", "prepare",
+            "--host", f"{self.app_addr}:{AGENT_PORT}", "--dir", str(directory), "--port", port,
+            "--token-file", str(token), "--tls-ca", str(self.ca)], env=self.env, **kw)
