@@ -13,8 +13,9 @@ The daemon runs in `storage` with these ports:
   backup  tcp://%IFACE:BACKUP_PORT on the interface facing `backup`
   unix    its Unix socket (the harness's; the mount namespace is shared, so
           the test sets volumes and pairs up through it)
-TLS is required on both TCP ports (`--tls require`: the daemon's TLS mode is
-one for all its TCP listeners), with a certificate for every storage address.
+TLS is required on the backup port (`?tls=require`), with a certificate for
+every storage address; the app port is plaintext, as the application host's
+nbdfuse (libnbd) cannot be given a private CA for nbds:// URIs.
 The remote admin API (TLS + tokens) listens on every address of `storage`
 (ADMIN_PORT), so both other hosts reach it; `admin_host` is a second address
 of storage on the app link, the one the application host is told to use, so
@@ -115,8 +116,8 @@ class Site:
     def _daemon_args(self) -> list[str]:
         iface = self.net.ifname
         return ["--listen", f"app=tcp://%{iface('storage', 'app')}:{APP_PORT}",
-                "--listen", f"backup=tcp://%{iface('storage', 'backup')}:{BACKUP_PORT}",
-                "--tls", "require", "--tls-cert", str(self.storage_cert),
+                "--listen", f"backup=tcp://%{iface('storage', 'backup')}:{BACKUP_PORT}?tls=require",
+                "--tls-cert", str(self.storage_cert),
                 "--tls-key", str(self.storage_key),
                 "--admin-listen", f"tcp://0.0.0.0:{ADMIN_PORT}", *self.daemon_args]
 

@@ -77,7 +77,7 @@ def drive(argv: list[str]) -> int:
 # -- the section -----------------------------------------------------------------------------
 
 def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
-    from harness.site import AGENT_PORT, APP_PORT, Site
+    from harness.site import AGENT_PORT, Site
     base = ctx.tempdir("/dev/shm", "splitd-bench-prepare.")
     site = Site(base)
     ctx.defer(f"site in {base}", lambda: _close(site))
@@ -107,8 +107,7 @@ def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
     split_token = site.daemon_token("app-host", "split", "db*")
     ctx.note(f"{label}: attach, mount, serve")
     site.agent("app", state, "attach", "db", "--daemon", site.admin_uri("app"),
-               "--token-file", split_token, "--tls-ca", site.ca,
-               "--nbd", site.tls_uri(f"nbds://{site.storage_app}:{APP_PORT}/db"), "--mount", mnt)
+               "--token-file", split_token, "--tls-ca", site.ca, "--port", "app", "--mount", mnt)
     ctx.defer("detach db", lambda: site.agent("app", state, "detach", "db", check=False))
     served = site.serve_agent(state)
     ctx.defer("splitd-host serve", lambda: site.net.stop(served, timeout=15))

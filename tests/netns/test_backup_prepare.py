@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.site import ADMIN_HOST, ADMIN_PORT, AGENT_PORT, APP_PORT, BACKUP_PORT
+from harness.site import ADMIN_HOST, ADMIN_PORT, AGENT_PORT, BACKUP_PORT
 from harness.writer import records
 from tests.agents.host.conftest import Host, writable
 from tests.conftest import need
@@ -65,12 +65,8 @@ def app(site, tmp_path_factory):
         # The agent splits with a daemon token limited to db*; it reaches the
         # daemon's admin API by the management address, the data by the app port.
         split_token = site.daemon_token("app-host", "split", "db*")
-        # libnbd needs the CA as a directory (tls-certificates=): attach is
-        # given the app port's URI rather than --port app, which would give
-        # nbds:// without it.
         site.agent("app", state, "attach", "db", "--daemon", site.admin_uri("app"),
-                   "--token-file", split_token, "--tls-ca", site.ca,
-                   "--nbd", site.tls_uri(f"nbds://{site.storage_app}:{APP_PORT}/db"),
+                   "--token-file", split_token, "--tls-ca", site.ca, "--port", "app",
                    "--mount", mnt)
         (mnt / "data").mkdir()
         served = site.serve_agent(state)
