@@ -145,28 +145,51 @@ def test_prepare_from_the_backup_host(site, app, tmp_path):
     uri = site.tls_uri(answer["uri"])
     info = json.loads(site.net.run("backup", ["nbdinfo", "--json", uri], check=True).stdout)
     assert info["exports"][0]["export-size"] == SIZE
-    # ...and attaches it read-only there (nbdfuse + loop), asking the daemon
-    # with a read token.
-    reader = site.daemon_token("backup-host", "read")
-    backup_state = tmp_path / "backup-agent"
-    att = json.loads(site.agent("backup", backup_state, "--json", "attach", "db-snap",
-                                "--daemon", site.admin_uri("backup"), "--token-file", reader,
-                                "--tls-ca", site.ca, "--nbd", uri, "--read-only").stdout)
+    # ...and attaches it read-only there (nbdfuse + loop).
     image = tmp_path / "image"
     image.mkdir()
-    try:
-        fsck = subprocess.run(["fsck.ext4", "-n", "-f", att["device"]], capture_output=True,
+    with attached_read_only(site, answer["uri"], tmp_path / "fuse") as device:
+        fsck = subprocess.run(["fsck.ext4", "-n", "-f", device], capture_output=True,
                               text=True, timeout=120)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-        subprocess.run(["mount", "-o", "ro", att["device"], str(image)], check=True,
+        subprocess.run(["mount", "-o", "ro", device, str(image)], check=True,
                        capture_output=True, timeout=60)
         try:
             check_image(image / "data" / "e2e", records(str(log)), answer["frozen_at"],
                         thawed_by)
         finally:
             subprocess.run(["umount", str(image)], capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def attached_read_only(site, uri: str, fuse_dir: Path):
+    """The export at `uri` (nbds://) as a read-only loop device, read from the
+    backup host: nbdfuse -r over nbdkit's nbd plugin, which takes the test CA
+    (nbdfuse itself refuses a URI's tls-certificates=, local file access).
+    Yields the device; everything is undone after."""
+    need("nbdkit")
+    fuse_dir.mkdir()
+    pidfile = fuse_dir.with_suffix(".pid")
+    proc = site.net.popen("backup", [
+        "nbdfuse", "-r", "-P", pidfile, fuse_dir, "--command", "nbdkit", "-s", "--exit-with-parent",
+        "-r", "nbd", f"uri={uri}", "tls=require", f"tls-certificates={site.nbd_certs}"],
+        stderr=subprocess.PIPE)
+    device = None
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "nbdfuse did not start in 20 s"
+            time.sleep(0.05)
+        device = subprocess.run(["losetup", "--find", "--show", "--read-only", fuse_dir / "nbd"],
+                                check=True, capture_output=True, text=True,
+                                timeout=60).stdout.strip()
+        yield device
     finally:
-        Host(backup_state).cleanup()
+        if device:
+            subprocess.run(["losetup", "-d", device], capture_output=True, timeout=60)
+        subprocess.run(["fusermount3", "-u", fuse_dir], capture_output=True, timeout=60)
+        site.net.stop(proc)
 
 
 def check_image(folder: Path, written: list[dict], frozen_at: float, thawed_by: float) -> None:
