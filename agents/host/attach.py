@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from agents.host.daemon import ConfigError, admin_client
 from agents.host.mounts import device_number, mounted_at
@@ -178,8 +178,12 @@ def resolve_uri(volume: str, daemon: str, port: str, token_file: str | None,
     except AdminError as e:
         raise AttachError("daemon", f"cannot locate volume {volume} at {daemon}: "
                                     f"{e.message}") from None
-    parts = urlsplit(found["uri"])
-    return urlunsplit(parts._replace(path="/" + quote(volume, safe="")))
+    # scheme://[authority]/EXPORT[?query]: urlunsplit would drop the empty
+    # authority of nbd+unix:///EXPORT, so the export is replaced by hand.
+    scheme, _, rest = found["uri"].partition("://")
+    authority, _, tail = rest.partition("/")
+    _, question, query = tail.partition("?")
+    return f"{scheme}://{authority}/{quote(volume, safe='')}{question}{query}"
 
 
 def _kernel_nbd_available() -> bool:
@@ -235,6 +239,8 @@ def _attach_fuse(state_dir: Path, volume: str, daemon: str, uri: str, read_only:
     undo.append(lambda: fuse_dir.rmdir())
     pidfile = fuse_dir.with_suffix(".pid")
     log_path = fuse_dir.with_suffix(".log")
+    undo.append(lambda: log_path.unlink(missing_ok=True))
+    undo.append(lambda: pidfile.unlink(missing_ok=True))
     with open(log_path, "wb") as log:
         try:
             proc = subprocess.Popen(["nbdfuse", *(["-r"] if read_only else []), "-P", str(pidfile),

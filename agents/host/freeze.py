@@ -58,6 +58,7 @@ class FreezeError(Exception):
 class Window:
     freeze_ms: float = 0.0      # the FIFREEZE call: writing out what was dirty
     window_ms: float = 0.0      # FIFREEZE start -> FITHAW end: writes blocked
+    frozen_at: float = 0.0      # wall clock (time.time()) at FIFREEZE start
     watchdog_fired: dict | None = None
 
 
@@ -118,6 +119,7 @@ def frozen(mountpoint: str, watchdog, timeout: float) -> Iterator[Window]:
         # filesystem someone else froze (EBUSY) is left as it is.
         need_thaw = False
         try:
+            window.frozen_at = time.time()
             started = time.perf_counter()
             freeze_fd(fd, mountpoint)
             need_thaw = True
