@@ -69,6 +69,35 @@ class NetnsError(RuntimeError):
     pass
 
 
+def _pyroute2():
+    """pyroute2, set up for a caller with signal handlers of its own.
+
+    IPRoute(netns=...) and netns.create() fork a child to enter the
+    namespace, and stop it with SIGTERM. A child that kept a handler that
+    raises (bench/benchkit.py turns SIGTERM into KeyboardInterrupt) would
+    unwind through a copy of the caller's stack and run its clean-up:
+    removing the very namespaces and directories the parent is using.
+    disable_mp_signal makes the children take SIGTERM's default action."""
+    import pyroute2
+    from pyroute2 import config
+
+    config.disable_mp_signal = True
+    return pyroute2
+
+
+def _index(ipr, ifname: str, timeout: float = 5.0) -> int:
+    """The index of interface `ifname`. A veth's peer made in another
+    namespace can take a moment to show there: looked up until it does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise NetnsError(f"no interface {ifname} after {timeout:g} s")
+        time.sleep(0.01)
+
+
 class Namespaces:
     """Namespaces named `names` (short names; the real ones are unique per
     run), and one veth pair per (a, b) in `links`."""
@@ -120,7 +149,7 @@ class Namespaces:
     # -- set-up -------------------------------------------------------------------------
 
     def create(self) -> Namespaces:
-        from pyroute2 import IPRoute, netns
+        IPRoute, netns = _pyroute2().IPRoute, _pyroute2().netns
 
         try:
             for n in self.names:
@@ -137,7 +166,7 @@ class Namespaces:
                              peer={"ifname": self.ifname(b, a), "net_ns_fd": self.full[b]})
                 for x, y in ((a, b), (b, a)):
                     with IPRoute(netns=self.full[x]) as ipr:
-                        idx = ipr.link_lookup(ifname=self.ifname(x, y))[0]
+                        idx = _index(ipr, self.ifname(x, y))
                         ipr.addr("add", index=idx, address=self.addr(x, y), prefixlen=PREFIX_LEN)
                         ipr.link("set", index=idx, state="up")
             self._wait_carrier()
@@ -149,8 +178,7 @@ class Namespaces:
     def _wait_carrier(self, timeout: float = 10.0) -> None:
         """Until every veth is operationally up (it comes up a moment after
         both ends are set up; a packet sent before then is dropped)."""
-        from pyroute2 import IPRoute
-
+        IPRoute = _pyroute2().IPRoute
         deadline = time.monotonic() + timeout
         for a, b in self.links:
             for x, y in ((a, b), (b, a)):
@@ -171,11 +199,10 @@ class Namespaces:
         return self._address("del", ns, peer, host)
 
     def _address(self, op: str, ns: str, peer: str, host: int) -> str:
-        from pyroute2 import IPRoute
-
+        IPRoute = _pyroute2().IPRoute
         address = self.addr(ns, peer, host)
         with IPRoute(netns=self.full[ns]) as ipr:
-            idx = ipr.link_lookup(ifname=self.ifname(ns, peer))[0]
+            idx = _index(ipr, self.ifname(ns, peer))
             ipr.addr(op, index=idx, address=address, prefixlen=PREFIX_LEN)
         return address
 
@@ -248,8 +275,7 @@ class Namespaces:
     def close(self) -> list[str]:
         """Stop every process, remove every namespace. Never raises; returns
         what was left behind (empty when all went)."""
-        from pyroute2 import netns
-
+        netns = _pyroute2().netns
         left: list[str] = []
         for proc in list(self.procs):
             try:

@@ -43,8 +43,8 @@ def rounds() -> int:
 def drive(argv: list[str]) -> int:
     """PREPARE_ROUNDS x (prepare timed, pair.resync); one JSON line per prepare
     on stdout: {"e2e_ms", "window_ms", "freeze_ms", "agent_ms", "split_gen"}."""
-    from splitctl.commands.backup import HostAgentClient
-
+    # The agent speaks the daemon's remote admin protocol (splitctl's
+    # HostAgentClient is this client with other words in its errors).
     from splitctl.client import RemoteAdminClient
 
     ap = argparse.ArgumentParser()
@@ -64,7 +64,7 @@ def drive(argv: list[str]) -> int:
             if daemon.call("pair.show", name=args.pair)["state"] == "split":
                 daemon.call("pair.resync", name=args.pair)
             started = time.perf_counter()
-            with HostAgentClient(args.agent, agent_secret, args.ca, timeout=60) as agent:
+            with RemoteAdminClient(args.agent, agent_secret, args.ca, timeout=60) as agent:
                 answer = agent.call("prepare", directory=args.dir, port="backup")
             e2e = (time.perf_counter() - started) * 1000
             print(json.dumps({"e2e_ms": round(e2e, 3), "window_ms": answer["window_ms"],
