@@ -108,7 +108,7 @@ def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
     ctx.note(f"{label}: attach, mount, serve")
     site.agent("app", state, "attach", "db", "--daemon", site.admin_uri("app"),
                "--token-file", split_token, "--tls-ca", site.ca, "--port", "app", "--mount", mnt)
-    ctx.defer("detach db", lambda: site.agent("app", state, "detach", "db", check=False))
+    ctx.defer("detach db", lambda: _detach(site, state))
     served = site.serve_agent(state)
     ctx.defer("splitd-host serve", lambda: site.net.stop(served, timeout=15))
     agent_token = site.agent_token(state, "bench", "prepare")
@@ -152,6 +152,12 @@ def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
             "targets": {"window_p99": percentile(windows, 99) < WINDOW_P99_TARGET_MS,
                         "e2e_p99": percentile(e2e, 99) < PREPARE_P99_TARGET_MS},
             "prepares": rows}
+
+
+def _detach(site, state: Path) -> None:
+    cp = site.agent("app", state, "detach", "db", check=False)
+    if cp.returncode != 0:
+        raise BenchError(f"splitd-host detach db failed: {cp.stderr.strip()}")
 
 
 def _close(site) -> None:

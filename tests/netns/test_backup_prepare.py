@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,20 @@ MiB = 1 << 20
 SIZE = 128 * MiB
 
 
+@dataclass
+class AppHost:
+    base: Path          # the module's directory
+    state: Path         # the agent's state directory
+    mnt: Path           # where the primary's ext4 is mounted
+    data: Path          # the directory backed up
+    token: Path         # an agent token of scope prepare for mnt/*
+
+
 @pytest.fixture(scope="module")
 def app(site, tmp_path_factory):
     """The application host: volume db (ext4) paired with db-snap, attached
     in `app` through the daemon's app port and mounted; the agent serving
-    there; the tokens. Yields a namespace of what the tests need."""
+    there; a token for it. Yields an AppHost."""
     need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount")
     base = tmp_path_factory.mktemp("app")
     d = site.daemon
@@ -70,10 +80,8 @@ def app(site, tmp_path_factory):
                    "--mount", mnt)
         (mnt / "data").mkdir()
         served = site.serve_agent(state)
-        ns = type("App", (), {})()
-        ns.state, ns.mnt, ns.data, ns.base, ns.proc = state, mnt, mnt / "data", base, served
-        ns.token = site.agent_token(state, "backup", "prepare", f"{mnt}/*")
-        yield ns
+        yield AppHost(base, state, mnt, mnt / "data",
+                      site.agent_token(state, "backup", "prepare", f"{mnt}/*"))
     finally:
         if served is not None:
             site.net.stop(served, timeout=15)
