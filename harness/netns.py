@@ -206,6 +206,13 @@ class Namespaces:
             ipr.addr(op, index=idx, address=address, prefixlen=PREFIX_LEN)
         return address
 
+    def addresses(self, ns: str, peer: str) -> list[str]:
+        """The IPv4 addresses of `ns` on its link to `peer`."""
+        IPRoute = _pyroute2().IPRoute
+        with IPRoute(netns=self.full[ns]) as ipr:
+            idx = _index(ipr, self.ifname(ns, peer))
+            return [m.get_attr("IFA_ADDRESS") for m in ipr.get_addr(index=idx)]
+
     def flush_neighbours(self, ns: str) -> None:
         """Forget the link-layer addresses `ns` has learnt (ARP): the next
         packet to an address that went away fails at once instead of after

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -34,6 +35,9 @@ from tests.conftest import need
 
 MiB = 1 << 20
 SIZE = 128 * MiB
+FREEZE_TIMEOUT = 5      # the agent's watchdog timeout (and its daemon calls')
+LATE = 8                # how long a late split is waited for (TCP retransmits at
+                        # 6.2 and 12.6 s after a first send)
 
 
 @dataclass
@@ -79,7 +83,13 @@ def app(site, tmp_path_factory):
                    "--token-file", split_token, "--tls-ca", site.ca, "--port", "app",
                    "--mount", mnt)
         (mnt / "data").mkdir()
-        served = site.serve_agent(state)
+        # The pre-freeze hook runs ACTION when a test has written it: a way
+        # to act after the agent has connected to the daemon, before the freeze.
+        hook = base / "hook.sh"
+        hook.write_text(f"#!/bin/sh\nif [ \"$1\" = freeze ] && [ -f {base}/ACTION ]; then "
+                        f"sh {base}/ACTION; fi\nexit 0\n")
+        hook.chmod(0o755)
+        served = site.serve_agent(state, "--hook", hook, "--watchdog-timeout", str(FREEZE_TIMEOUT))
         yield AppHost(base, state, mnt, mnt / "data",
                       site.agent_token(state, "backup", "prepare", f"{mnt}/*"))
     finally:
@@ -238,6 +248,43 @@ def test_daemon_unreachable_during_prepare(site, app):
     # And once it is back, prepare works again.
     cp = site.backup_prepare(app.data, app.token, timeout=120)
     assert cp.returncode == 0, cp.stderr
+
+
+def test_daemon_unreachable_inside_the_freeze_window(site, app):
+    """The management address goes away after the agent has connected to the
+    daemon, just before the freeze (from the pre-freeze hook): the split never
+    gets there; the agent thaws at its timeout and says so, and the split it
+    gave up on does not happen later either, once the address is back."""
+    splittable(site)
+    before = site.daemon.call("pair.show", name="db-snap")["split_at"]
+    action = app.base / "ACTION"
+    action.write_text(shlex.join(site.net.cmd("storage", [
+        "ip", "addr", "del", f"{site.admin_host}/29", "dev", site.net.ifname("storage", "app")]))
+        + "\n")
+    try:
+        with writer(site, app, "inside") as log:
+            started = time.monotonic()
+            err = error_of(site.backup_prepare(app.data, app.token, timeout=120))
+            assert err["code"] in ("split-failed", "watchdog-thawed"), err
+            assert time.monotonic() - started < FREEZE_TIMEOUT + 10
+            wait_records(log, time.time(), 5)
+        assert_not_frozen(app)
+    finally:
+        action.unlink(missing_ok=True)
+        if site.admin_host not in site.net.addresses("storage", "app"):
+            site.net.add_address("storage", "app", ADMIN_HOST)
+    # TCP still retransmits the request the agent gave up on (its socket
+    # closed normally: the kernel goes on sending what it holds), and it is
+    # delivered once the address is back, unless the agent aborted the
+    # connection (SO_LINGER 0: RST, queued data dropped). A late split is an
+    # image nobody froze the filesystem for, and a pair left split.
+    deadline = time.monotonic() + LATE
+    while time.monotonic() < deadline:
+        pair = site.daemon.call("pair.show", name="db-snap")
+        if pair["split_at"] != before:
+            pytest.xfail(f"KNOWN BUG (agents/host): the split the agent gave up on was made "
+                         f"later, after the thaw, at {pair['split_at']}")
+        time.sleep(0.2)
 
 
 PLAIN = ("import socket, sys\n"
