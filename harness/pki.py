@@ -53,11 +53,21 @@ def make_server_cert(d: Path, ca: str = "ca", names: Sequence[str] = LOCAL_NAMES
                      name: str = "server") -> tuple[Path, Path]:
     """(certificate, key) for `names` (host names or IP addresses), signed by
     the CA `ca` in `d`: d/NAME-cert.pem and d/NAME-key.pem."""
+    return _make_cert(d, ca, name, names[0],
+                      f"subjectAltName={_san(names)}\nextendedKeyUsage=serverAuth\n")
+
+
+def make_client_cert(d: Path, ca: str = "ca", name: str = "client",
+                     cn: str = "splitd test client") -> tuple[Path, Path]:
+    """(certificate, key) of a TLS client, signed by the CA `ca` in `d`."""
+    return _make_cert(d, ca, name, cn, "extendedKeyUsage=clientAuth\n")
+
+
+def _make_cert(d: Path, ca: str, name: str, cn: str, ext: str) -> tuple[Path, Path]:
     openssl("req", "-new", *KEY, "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
-            "-subj", f"/CN={names[0]}", cwd=d)
+            "-subj", f"/CN={cn}", cwd=d)
     (d / f"{name}.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                                   f"subjectAltName={_san(names)}\n"
-                                   "extendedKeyUsage=serverAuth\n")
+                                   + ext)
     openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem", "-CAkey",
             f"{ca}-key.pem", "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
             "-out", f"{name}-cert.pem", cwd=d)
