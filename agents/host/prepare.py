@@ -29,6 +29,7 @@ PrepareError.code, for scripts and the service:
   daemon-refused      the daemon refused locate/pair.show (unknown port, no pair,
                       bad token, out of scope)
   pair-error          the volume's pair is in state error
+  pair-state          the pair cannot be split from its state (split already: resync)
   hook-failed         the pre-freeze hook failed or outlived its timeout
   freeze-failed       FIFREEZE failed (cannot be frozen, already frozen)
   split-failed        the split failed after the freeze (thawed)
@@ -49,6 +50,7 @@ from agents.host.mounts import NotFound, find_filesystem
 from agents.host.state import Busy, HostState
 from agents.host.watchdog import WatchdogError
 from common.errors import ErrorCode
+from controller.states import TRANSITIONS  # the pure state table (imports only common/)
 from splitctl.client import AdminClient, AdminError
 
 __all__ = ["PrepareError", "prepare"]
@@ -122,6 +124,13 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         raise PrepareError("pair-error", f"pair {pair['name']} of volume {att.volume} is in "
                                          f"state error: {pair.get('reason') or 'no reason given'}"
                                          f" (splitctl pair resync {pair['name']})")
+    if pair["state"] not in TRANSITIONS["split"]:
+        allowed = ", ".join(sorted(TRANSITIONS["split"]))
+        raise PrepareError("pair-state", f"pair {pair['name']} of volume {att.volume} is in "
+                                         f"state {pair['state']}, which cannot be split (from: "
+                                         f"{allowed}); nothing was frozen"
+                           + (f" (splitctl pair resync {pair['name']})"
+                              if pair["state"] == "split" else ""))
     group = pair.get("group")
     try:
         run_hook(state.hook, "freeze", fs.mountpoint)
@@ -150,7 +159,7 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
     except PrepareError:
         _thaw_hook_quietly(state, fs.mountpoint)
         raise
-    if window.watchdog_fired:
+    if window.watchdog_fired and window.watchdog_fired.get("result") == "thawed":
         _thaw_hook_quietly(state, fs.mountpoint)
         raise PrepareError("watchdog-thawed", f"the split took longer than the freeze timeout "
                            f"({timeout:g} s): the watchdog thawed {fs.mountpoint} first, so the "
