@@ -123,6 +123,26 @@ def test_prepare_through_a_bind_mount(host, daemon, paired, tmp_path):
     assert writable(paired)
 
 
+def test_a_pair_in_a_group_splits_the_group(host, daemon, tmp_path):
+    daemon.create_volume("p", "64M")
+    daemon.create_volume("q", "64M")
+    daemon.call("pair.create", primary="p", secondary="s", create_secondary=True, group="g")
+    daemon.call("pair.create", primary="q", secondary="t", create_secondary=True, group="g")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _, att, _ = host.json("attach", "p", "--daemon", daemon.admin_socket, "--port", "unix")
+    subprocess.run(["mkfs.ext4", "-q", att["device"]], check=True, capture_output=True,
+                   timeout=60)
+    subprocess.run(["mount", att["device"], mnt], check=True, timeout=60)
+    try:
+        _, answer, _ = host.json("prepare", mnt, "--port", "unix")
+        assert answer["group"] == "g" and answer["pair"] == "s", answer
+        assert daemon.call("pair.show", name="t")["state"] == "split"
+        assert writable(mnt)
+    finally:
+        subprocess.run(["umount", mnt], check=True, timeout=60)
+
+
 def test_a_directory_not_on_a_splitd_volume_is_refused(host, daemon, paired, tmp_path):
     rc, err, _ = host.json("prepare", tmp_path, "--port", "unix", check=False)
     assert rc == 1 and err["error"]["code"] == "not-splitd", err
