@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.host.attach import Attachments
+from agents.host.attach import Attachments, is_nbdfuse
 from agents.host.mounts import mounted_at
 from agents.host.watchdog import thaw_leftovers
 from tests.conftest import ROOT, need
@@ -79,7 +79,7 @@ class Host:
             if att.fuse_dir:
                 subprocess.run(["fusermount3", "-u", "-z", att.fuse_dir], capture_output=True,
                                timeout=30)
-            if att.nbdfuse_pid:
+            if att.nbdfuse_pid and is_nbdfuse(att.nbdfuse_pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(att.nbdfuse_pid, signal.SIGTERM)
             Attachments(self.state_dir).remove(att)
