@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -54,7 +55,10 @@ def app(site, tmp_path_factory):
     """The application host: volume db (ext4) paired with db-snap, attached
     in `app` through the daemon's app port and mounted; the agent serving
     there; a token for it. Yields an AppHost."""
-    need("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount")
+    need("nbdfuse", "nbdkit", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount",
+         "umount", "ip")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing")
     base = tmp_path_factory.mktemp("app")
     d = site.daemon
     d.call("volume.create", name="db", size=SIZE)
@@ -185,7 +189,6 @@ def attached_read_only(site, uri: str, fuse_dir: Path):
     backup host: nbdfuse -r over nbdkit's nbd plugin, which takes the test CA
     (nbdfuse itself refuses a URI's tls-certificates=, local file access).
     Yields the device; everything is undone after."""
-    need("nbdkit")
     fuse_dir.mkdir()
     pidfile = fuse_dir.with_suffix(".pid")
     proc = site.net.popen("backup", [
