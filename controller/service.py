@@ -64,8 +64,9 @@ class Controller:
 
     def connections(self) -> Reply:
         """Every open NBD connection: its number, export, peer, port, since
-        when, and how many READs it made and bytes it asked for."""
-        return {"connections": self.registry.snapshot()}
+        when, and how many READs it made and bytes it asked for; and the
+        last ones to close, with their final counts (daemon/connections.py)."""
+        return {"connections": self.registry.snapshot(), "closed": self.registry.closed()}
 
     # -- volumes ----------------------------------------------------------
 

@@ -19,7 +19,7 @@ def run_status(client: AdminClient, args: Namespace) -> Any:
 
 def show_status(result: dict[str, Any], args: Namespace) -> None:
     if args.connections:
-        show_connections(result["connections"])
+        show_connections(result)
         return
     version = result.get("version", "?")
     print(f"splitd {version}, pid {result.get('pid', '?')}, "
@@ -41,15 +41,25 @@ def show_status(result: dict[str, Any], args: Namespace) -> None:
         print_table(["EXPORT", "PEER", "LISTENER", "FOR"], rows, indent=2)
 
 
-def show_connections(conns: list[dict[str, Any]]) -> None:
-    rows = [[c["id"], c["export"], c["peer"], c["listener"], _age(c), c["read_requests"],
-             c["read_bytes"], format_size(c["read_bytes"])] for c in conns]
-    print_table(["ID", "EXPORT", "PEER", "PORT", "FOR", "READS", "BYTES READ", ""], rows,
-                right={0, 5, 6, 7}, empty="no NBD connections")
+def show_connections(result: dict[str, Any]) -> None:
+    def rows(conns: list[dict[str, Any]], when: str) -> list[list[object]]:
+        return [[c["id"], c["export"], c["peer"], c["listener"], _age(c, when),
+                 c["read_requests"], c["read_bytes"], format_size(c["read_bytes"])]
+                for c in conns]
+
+    heads = ["ID", "EXPORT", "PEER", "PORT", "FOR", "READS", "BYTES READ", ""]
+    print_table(heads, rows(result["connections"], "since"), right={0, 5, 6, 7},
+                empty="no NBD connections")
+    closed = result.get("closed") or []
+    if closed:
+        print(f"closed lately ({len(closed)}, the last one last):")
+        print_table([*heads[:4], "CLOSED", *heads[5:]], rows(closed, "closed"),
+                    right={0, 5, 6, 7}, indent=2)
 
 
-def _age(conn: dict[str, Any]) -> str:
-    return format_duration(time.time() - conn["since"]) if "since" in conn else ""
+def _age(conn: dict[str, Any], when: str = "since") -> str:
+    """How long ago `when` (since: opened; closed) was: "2m 5s"."""
+    return format_duration(time.time() - conn[when]) if when in conn else ""
 
 
 def add_commands(commands: Commands) -> None:
@@ -64,9 +74,11 @@ def add_commands(commands: Commands) -> None:
                     "export, the peer (address:port, or the process on a Unix socket),\n"
                     "the port it came in by, its age, and its read counters: READS\n"
                     "(READ requests) and BYTES READ (the bytes they asked for, however\n"
-                    "they were served), counted since the export was opened. With\n"
-                    "--json: {\"connections\": [{id, export, peer, listener, since,\n"
-                    "read_requests, read_bytes}]}, since in seconds since the epoch.",
+                    "they were served), counted since the export was opened. Then the\n"
+                    "last 64 connections to close, with their final counts (CLOSED:\n"
+                    "how long ago). With --json: {\"connections\": [{id, export, peer,\n"
+                    "listener, since, read_requests, read_bytes}], \"closed\": [the\n"
+                    "same and closed]}, times in seconds since the epoch.",
         examples="  splitctl status\n  splitctl status --json\n"
                  "  splitctl status --connections\n  splitctl status --connections --json")
     sub.add_argument("--connections", action="store_true",
