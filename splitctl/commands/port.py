@@ -58,17 +58,18 @@ def run_locate(client: AdminClient, args: Namespace) -> Any:
 def show_locate(result: dict[str, Any], args: Namespace) -> None:
     # The URI alone on the first line: `splitctl locate ... | head -n1` is it.
     print(result["uri"])
-    fields = [("volume", f"{result['volume']} ({result.get('role', 'secondary')})")]
+    primary = result.get("role") == "primary"
+    fields = [("volume", f"{result['volume']} (the primary side)")] if primary else []
     if result.get("pair") is None:
-        fields.append(("pair", "- (the volume is the primary of no one pair)"))
+        fields.append(("pair", "- (the volume is in no pair, or in several)"))
     else:
         state = result["state"]
-        if state != "split" and result.get("role", "secondary") == "secondary":
+        if state != "split" and not primary:
             state += " (its secondary is served only once the pair is split)"
         fields += [
             ("pair", f"{result['pair']} ({result['primary']} -> {result['secondary']})"),
-            ("group", result.get("group") or "-"),
             ("state", state),
+            ("group", result.get("group") or "-"),
             ("split gen", split_gen_text(result)),
             ("generation", f"{result['generation']} (of the bitmap files)"),
             ("split at", time_text(result["split_at"]) if result.get("split_at") else "-"),
