@@ -113,7 +113,7 @@ def show_pair_split(result: dict[str, Any], args: Namespace) -> None:
             f"(splitctl pair wait {result['name']} --until copied)" if left
             else "nothing left to copy")
     print(f"split pair {result['name']}: {result['secondary']} is now {result['primary']}'s "
-          f"image at the split (split gen {split_gen_text(result)}); {rest}")
+          f"image at the split; {rest}; split gen {split_gen_text(result)}")
 
 
 def run_pair_resync(client: AdminClient, args: Namespace) -> Any:
