@@ -163,7 +163,9 @@ class Controller:
 
         `generation` is the pair's bitmap generation; `split_gen` counts its
         splits and `delta_base` is the split_gen its delta covers the
-        changes since (controller/pairs.py, "Split generations")."""
+        changes since (controller/pairs.py, "Split generations"). A pair
+        deleted and made again counts from 0 again: `created` tells the two
+        apart."""
         if not isinstance(port, str):
             raise BadInput(f"port must be a port name, not {quoted(port)}")
         if role not in LOCATE_ROLES:
@@ -180,7 +182,7 @@ class Controller:
         reply = {"uri": uris[0], "uris": uris, "port": listener["name"],
                  "tls": listener.get("tls", "off"), "role": role, "volume": volume}
         facts = ("pair", "primary", "secondary", "state", "group", "generation", "split_gen",
-                 "delta_base", "split_at")
+                 "delta_base", "split_at", "created")
         if pair is None:
             reply.update(dict.fromkeys(facts))
         else:
@@ -188,7 +190,7 @@ class Controller:
                           "secondary": pair.secondary.name, "state": pair.state,
                           "group": pair.group, "generation": pair.generation,
                           "split_gen": pair.split_gen, "delta_base": pair.delta_base,
-                          "split_at": pair.split_at})
+                          "split_at": pair.split_at, "created": pair.created})
         return reply
 
     def _primary_to_locate(self, name: str) -> tuple[str, Pair | None]:

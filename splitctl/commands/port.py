@@ -132,9 +132,10 @@ def add_commands(commands: Commands) -> None:
                     "With --json: uri, uris (every address), port, tls, role\n"
                     "(secondary or primary), volume (the export the URI names), pair,\n"
                     "primary, secondary, group, state, generation, split_gen, delta_base\n"
-                    "(as 'splitctl pair show' gives them) and split_at (seconds since\n"
-                    "the epoch); the pair's fields are null where --primary names a\n"
-                    "volume with no one pair.\n\n"
+                    "(as 'splitctl pair show' gives them), split_at and created (seconds\n"
+                    "since the epoch; a pair deleted and made again under the same name\n"
+                    "counts its splits from 0 again, with a new created); the pair's\n"
+                    "fields are null where --primary names a volume with no one pair.\n\n"
                     + PORTS,
         examples="  splitctl locate db-snap --port backup\n"
                  "  splitctl locate db --port backup --json\n"

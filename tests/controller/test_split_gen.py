@@ -202,6 +202,23 @@ def test_a_refused_member_changes_no_split_gen(env):
     assert gens(b) == (0, None) == row(env, "s2")
 
 
+def test_a_pair_made_again_counts_from_zero_with_a_new_created(env):
+    pair = make_pair(env)
+    env.pairs.split(["s"])
+    split_resync(env)
+    env.pairs.split(["s"])
+    first = (pair.created, gens(pair))
+    assert first[1] == (2, 1)
+    env.pairs.delete("s")
+    again = env.pairs.create("p", "s")
+    env.engine.drain(again)
+    env.pairs.split(["s"])
+    # Not a continuation of the old chain: no base, and `created` differs.
+    assert gens(again) == (1, None) == row(env)
+    assert again.created > first[0]
+    assert env.controller.pair_show("s")["created"] == again.created
+
+
 # -- migration from schema v3 -------------------------------------------------------------
 
 # The schema as splitd wrote it at version 3 (volumes/store.py MIGRATIONS[:3]

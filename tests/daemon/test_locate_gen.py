@@ -51,7 +51,8 @@ def test_locate_primary_of_a_plain_volume_or_of_several_pairs(make_daemon):
     got = d.call("locate", name="plain", port="tcp", role="primary")
     assert got["uri"] == uri and got["volume"] == "plain"
     assert all(got[k] is None for k in ("pair", "primary", "secondary", "state", "group",
-                                        "generation", "split_gen", "delta_base", "split_at"))
+                                        "generation", "split_gen", "delta_base", "split_at",
+                                        "created"))
     assert read_through(uri, 4096) == bytes(4096)
     # A primary of two pairs is one volume: its URI, no one pair. Without
     # --primary it stays refused (which secondary?).
@@ -96,7 +97,7 @@ def test_locate_and_pair_show_report_split_generations_across_restarts(make_daem
     assert (split["name"], split["split_gen"], split["delta_base"]) == ("snap", 2, 1)
     got = locate(d, "snap", "--port", "unix")
     assert (got["split_gen"], got["delta_base"], got["group"]) == (2, 1, "g")
-    assert got["split_at"] == split["split_at"]
+    assert got["split_at"] == split["split_at"] and got["created"] == split["created"] > 0
     # generation is the bitmap generation, not a split count (one resync: 2).
     assert got["generation"] == split["generation"] == 2
     text = " ".join(d.splitctl("locate", "snap", "--port", "unix").stdout.split())
