@@ -162,6 +162,12 @@ def test_prepare_from_the_backup_host(site, app, tmp_path):
     assert answer["mountpoint"] == str(app.mnt) and answer["state"] == "split"
     assert 0 < answer["window_ms"] < 10_000 and answer["warnings"] == []
     assert_not_frozen(app)
+    # The daemon, asked from the backup host, agrees on the image's generation.
+    reader = site.daemon_token("backup-reader", "read")
+    located = json.loads(site.splitctl("backup", "--json", "locate", "db-snap", "--port", "backup",
+                                       token=reader, check=True).stdout)
+    assert located["uri"] == answer["uri"] and located["state"] == "split"
+    assert located["split_gen"] == answer["split_gen"] >= 1
 
     # The backup host reads the image through the URI, with the CA (TLS)...
     uri = site.tls_uri(answer["uri"])
