@@ -160,18 +160,14 @@ class Site:
                              f"{cp.stdout}{cp.stderr}")
         return cp
 
-    def splitctl(self, ns: str, *args: str, token: Path | None = None, connect: str | None = None,
+    def splitctl(self, ns: str, *args: str, token: Path | None = None,
                  **kw: Any) -> subprocess.CompletedProcess:
         """splitctl run in `ns` against the daemon's remote admin API (as
-        `ns` reaches it, unless `connect`) with the test CA and `token`."""
-        opts = ["--connect", connect or self.admin_uri(ns), "--tls-ca", str(self.ca)]
+        `ns` reaches it) with the test CA and `token`."""
+        opts = ["--connect", self.admin_uri(ns), "--tls-ca", str(self.ca)]
         if token is not None:
             opts += ["--token-file", str(token)]
         return self.net.run(ns, [str(BIN / "splitctl"), *opts, *args], env=self.env, **kw)
-
-    def python(self, ns: str, module: str, *args: str, **kw: Any) -> subprocess.CompletedProcess:
-        """`python -m module args` in `ns` with this tree's packages."""
-        return self.net.run(ns, [sys.executable, "-m", module, *args], env=self.env, **kw)
 
     # -- the host agent (splitd-host, agents/host) --------------------------------------
 
