@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.host.prepare import PrepareError, prepare
+from agents.host.state import HostState
 from tests.agents.host.conftest import (
     hook_script,
     journal,
@@ -219,7 +221,7 @@ def test_kill9_of_the_agent_while_frozen(host, stalling):
     entry = wait_frozen(host, agent, mnt)
     assert entry["agent_pid"] == agent.pid and entry["mountpoint"] == str(mnt), entry
     assert proxy.held.wait(10)
-    agent.kill()
+    os.killpg(agent.pid, signal.SIGKILL)    # its whole process group: not the watchdog's
     agent.wait(10)
     thawed_in = wait_writable(mnt, 8)
     print(f"thawed {thawed_in:.2f} s after kill -9 of the agent")
@@ -282,6 +284,21 @@ def test_a_split_that_hangs_is_thawed_at_the_timeout(host, stalling):
     assert 2 <= took < 10, took
     assert writable(mnt)
     assert not journal(host)
+
+
+def test_the_library_restarts_a_dead_watchdog(host, daemon, paired):
+    """prepare() as the service calls it, in this process: a watchdog that
+    died since is started again before anything is frozen."""
+    with HostState.open(host.state_dir) as state:
+        old = state.watchdog.pid
+        os.kill(old, signal.SIGKILL)
+        state.watchdog.proc.wait(10)
+        answer = prepare(state, str(paired), "unix", timeout=5)
+        assert answer["pair"] == "s" and state.watchdog.alive and state.watchdog.pid != old
+        with pytest.raises(PrepareError) as e:
+            prepare(state, str(paired), "unix")
+        assert e.value.code == "pair-state", e.value
+    assert writable(paired)
 
 
 def test_the_daemon_unreachable(host, daemon, paired, tmp_path):
