@@ -17,6 +17,13 @@ In order, each step refusing with a PrepareError before anything is frozen:
      reported in "warnings", the split image is good;
   7. `locate` again: the secondary's URI through the port, its generation.
 
+The answer: uri, uris, port, tls (the secondary through the port, from
+locate), pair, group, volume, directory, mountpoint, device, split_gen and
+delta_base (from the split reply when the daemon gives them, else the
+pair's generation and None), split_at, state, frozen_at (wall clock at
+FIFREEZE), freeze_ms (the FIFREEZE call), window_ms (FIFREEZE start to FITHAW
+end: how long writers were blocked), prepare_ms (all of it), warnings.
+
 A split that fails after the freeze still thaws (frozen() thaws whatever
 the block raises) and raises "split-failed" with the daemon's message.
 
@@ -89,22 +96,18 @@ def prepare(state: HostState, directory: str, port: str, *, timeout: float = 10.
         raise PrepareError("not-splitd", f"{directory} is on {fs.describe()}, not on a splitd "
                                          f"volume; attached: {summary(attachments.list())}")
     try:
-        lock = state.filesystem_lock(fs.devno)
-        lock.__enter__()
+        with state.filesystem_lock(fs.devno):
+            try:
+                # Its socket timeout bounds every call, the split inside the
+                # window too: past it we thaw ourselves, as the watchdog would.
+                client = att.admin_client(timeout=timeout)
+            except ConfigError as e:
+                raise PrepareError("bad-config", f"{att.describe()}: {e}") from None
+            with client:
+                answer = _prepare(state, client, fs, att, directory, port, timeout)
     except Busy:
         raise PrepareError("busy", f"{fs.mountpoint} is being prepared already: one prepare "
                                    "per filesystem at a time") from None
-    try:
-        try:
-            # Its socket timeout bounds every call, the split inside the
-            # window too: past it we thaw ourselves, as the watchdog would.
-            client = att.admin_client(timeout=timeout)
-        except ConfigError as e:
-            raise PrepareError("bad-config", f"{att.describe()}: {e}") from None
-        with client:
-            answer = _prepare(state, client, fs, att, directory, port, timeout)
-    finally:
-        lock.__exit__(None, None, None)
     answer["prepare_ms"] = _ms(time.perf_counter() - started)
     return answer
 
