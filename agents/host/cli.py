@@ -113,8 +113,9 @@ def _prepare(args: argparse.Namespace) -> int:
             return fail(args, e.code, e.message, EXIT_UNREACHABLE if e.code ==
                         "daemon-unreachable" else EXIT_FAILED)
     answer["thawed_at_start"] = state.thawed_at_start
+    split_gen = "-" if answer["split_gen"] is None else answer["split_gen"]
     return emit(args, answer, f"{answer['uri']}\n  pair {answer['pair']}, split generation "
-                              f"{answer['split_gen']}; froze {answer['mountpoint']} for "
+                              f"{split_gen}; froze {answer['mountpoint']} for "
                               f"{answer['window_ms']} ms (FIFREEZE {answer['freeze_ms']} ms), "
                               f"prepare {answer['prepare_ms']} ms"
                 + "".join(f"\n  warning: {w}" for w in answer["warnings"]))
@@ -189,7 +190,7 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                     "watchdog process thaws after --timeout whatever happens.",
         epilog="the answer (--json): uri, uris, port, tls (of the secondary through the\n"
                "port), pair, group, volume, directory, mountpoint, device, split_gen,\n"
-               "delta_base, split_at, state, frozen_at (epoch s), freeze_ms (the FIFREEZE\n"
+               "delta_base, generation, split_at, state, frozen_at (epoch s), freeze_ms (the FIFREEZE\n"
                "call), window_ms (FIFREEZE start to FITHAW end), prepare_ms, warnings\n"
                "(a failed post-thaw hook), thawed_at_start (what a dead agent had left\n"
                "frozen, thawed before this prepare).\n\n"

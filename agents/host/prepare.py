@@ -19,8 +19,8 @@ In order, each step refusing with a PrepareError before anything is frozen:
 
 The answer: uri, uris, port, tls (the secondary through the port, from
 locate), pair, group, volume, directory, mountpoint, device, split_gen and
-delta_base (from the split reply when the daemon gives them, else the
-pair's generation and None), split_at, state, frozen_at (wall clock at
+delta_base (from the split reply or locate when the daemon gives them, else
+None), generation (the pair's bitmap generation), split_at, state, frozen_at (wall clock at
 FIFREEZE), freeze_ms (the FIFREEZE call), window_ms (FIFREEZE start to FITHAW
 end: how long writers were blocked), prepare_ms (all of it), warnings.
 
@@ -183,7 +183,11 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "uri": after["uri"], "uris": after.get("uris", [after["uri"]]), "port": after["port"],
         "tls": after.get("tls"), "pair": pair["name"], "group": group, "volume": att.volume,
         "directory": fs.directory, "mountpoint": fs.mountpoint, "device": att.device,
-        "split_gen": mine.get("split_gen", after.get("split_gen", after.get("generation"))),
+        # split_gen counts a pair's splits, delta_base the split its delta
+        # is against; a daemon without them gives None (not `generation`,
+        # the pair's bitmap generation, which is another count).
+        "split_gen": mine.get("split_gen", after.get("split_gen")),
+        "generation": after.get("generation"),
         "delta_base": mine.get("delta_base", after.get("delta_base")),
         "split_at": after.get("split_at", mine.get("split_at")),
         "state": after.get("state"),

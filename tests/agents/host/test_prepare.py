@@ -83,7 +83,9 @@ def test_prepare_end_to_end_with_a_writer(host, daemon, paired, tmp_path):
     assert answer["pair"] == "s" and answer["volume"] == "p" and answer["group"] is None, answer
     assert answer["uri"] == daemon.uri("s") and answer["port"] == "unix", answer
     assert answer["mountpoint"] == str(mnt) and answer["directory"] == str(mnt / "w")
-    assert answer["state"] == "split" and answer["split_gen"] is not None, answer
+    assert answer["state"] == "split" and answer["generation"] is not None, answer
+    info = daemon.call("pair.show", name="s")
+    assert answer["split_gen"] == info.get("split_gen"), (answer, info)
     assert 0 <= answer["freeze_ms"] <= answer["window_ms"] <= answer["prepare_ms"], answer
     assert answer["warnings"] == [] and answer["thawed_at_start"] == [], answer
     print(f"freeze {answer['freeze_ms']} ms, window {answer['window_ms']} ms, "
