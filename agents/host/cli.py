@@ -27,7 +27,7 @@ from agents.host.state import (
     HostState,
     default_state_dir,
 )
-from agents.host.watchdog import thaw_leftovers
+from agents.host.watchdog import WatchdogError, thaw_leftovers
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES", "emit", "fail", "EXIT_FAILED",
            "EXIT_USAGE", "EXIT_UNREACHABLE"]
@@ -261,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except (OSError, WatchdogError) as e:
+        # The state directory cannot be written, the watchdog cannot start.
+        what = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return fail(args, "failed", f"{what}{reason}")
 
 
 if __name__ == "__main__":
