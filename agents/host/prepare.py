@@ -52,7 +52,7 @@ from typing import Any
 
 from agents.host.attach import Attachments, summary
 from agents.host.daemon import ConfigError
-from agents.host.freeze import FreezeError, frozen
+from agents.host.freeze import FreezeError, Window, frozen
 from agents.host.hooks import HookFailed, run_hook
 from agents.host.mounts import NotFound, find_filesystem
 from agents.host.state import Busy, HostState
@@ -142,14 +142,15 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         run_hook(state.hook, "freeze", fs.mountpoint)
     except HookFailed as e:
         raise PrepareError("hook-failed", str(e)) from None
-    watchdog = state.watchdog
+    method, params = (("group.split", {"name": group}) if group
+                      else ("pair.split", {"name": pair["name"]}))
+    window = Window()
     try:
+        watchdog = state.watchdog
         if watchdog is None:
             raise WatchdogError("no watchdog was started")
         if not watchdog.alive:
             watchdog.start()
-        method, params = (("group.split", {"name": group}) if group
-                          else ("pair.split", {"name": pair["name"]}))
         with frozen(fs.mountpoint, watchdog, timeout) as window:
             try:
                 split = client.call(method, **params)
@@ -161,15 +162,20 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         raise PrepareError("freeze-failed", e.message) from None
     except WatchdogError as e:
         _thaw_hook_quietly(state, fs.mountpoint)
-        raise PrepareError("watchdog-failed", f"nothing was frozen: {e}") from None
-    except PrepareError:
+        if not window.frozen:
+            raise PrepareError("watchdog-failed", f"nothing was frozen: {e}") from None
+        after = ("thawed" if window.thawed else "NOT thawed: run splitd-host thaw-all, or "
+                 f"fsfreeze -u {fs.mountpoint}")
+        raise PrepareError("watchdog-failed", f"lost the watchdog during the freeze of "
+                                              f"{fs.mountpoint} ({e}); {after}") from None
+    except PrepareError as e:
         _thaw_hook_quietly(state, fs.mountpoint)
+        if _watchdog_thawed(window):
+            raise PrepareError("watchdog-thawed", _late(fs, timeout) + f" ({e.message})") from None
         raise
-    if window.watchdog_fired and window.watchdog_fired.get("result") == "thawed":
+    if _watchdog_thawed(window):
         _thaw_hook_quietly(state, fs.mountpoint)
-        raise PrepareError("watchdog-thawed", f"the split took longer than the freeze timeout "
-                           f"({timeout:g} s): the watchdog thawed {fs.mountpoint} first, so the "
-                           "split image is not known to be consistent")
+        raise PrepareError("watchdog-thawed", _late(fs, timeout))
     warnings = []
     try:
         run_hook(state.hook, "thaw", fs.mountpoint)
@@ -195,6 +201,15 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
         "warnings": warnings,
     }
+
+
+def _watchdog_thawed(window: Window) -> bool:
+    return bool(window.watchdog_fired and window.watchdog_fired.get("result") == "thawed")
+
+
+def _late(fs, timeout: float) -> str:
+    return (f"the split took longer than the freeze timeout ({timeout:g} s): the watchdog "
+            f"thawed {fs.mountpoint} first, so the split image is not known to be consistent")
 
 
 def _check_token(client: AdminClient, pair: dict, group: str | None) -> None:

@@ -8,6 +8,7 @@ writable: every test ends asserting writes to it succeed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -231,6 +232,29 @@ def test_kill9_of_the_agent_while_frozen(host, stalling):
     assert not journal(host)
     _, report, _ = host.json("thaw-all")
     assert report == {"thawed": []}
+    assert writable(mnt)
+
+
+def test_a_hung_agent_is_thawed_at_the_deadline(host, stalling):
+    """The agent is stopped (SIGSTOP) inside the window: its socket stays
+    open, so the watchdog waits for the deadline, then thaws. The agent,
+    continued, reports that the watchdog thawed first."""
+    mnt, proxy = stalling
+    proxy.stall.set()
+    agent = host.popen("prepare", mnt, "--port", "unix", "--timeout", "2", "--json")
+    entry = wait_frozen(host, agent, mnt)
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        since = time.time() - entry["frozen_at"]
+        thawed_in = since + wait_writable(mnt, 6)
+        assert 1.5 < thawed_in < 4, thawed_in
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    out, _ = agent.communicate(timeout=30)
+    error = json.loads(out)["error"]
+    assert agent.returncode == 1 and error["code"] == "watchdog-thawed", out
+    assert "the watchdog thawed" in error["message"] and "failed after the freeze" in error["message"]
+    assert not journal(host)
     assert writable(mnt)
 
 
