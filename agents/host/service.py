@@ -46,13 +46,12 @@ from typing import Any
 from agents.host.attach import Attachments, status as attachment_status
 from agents.host.prepare import PrepareError, prepare
 from agents.host.state import DEFAULT_HOOK_TIMEOUT, HookConfig, HostState
-from agents.host.tokens import HostTokens, TokenDB, authorize, required_scope
-from common.errors import BadInput, Conflict, Forbidden, Unauthorized, UnknownMethod
-from common.scopes import Scope
+from agents.host.tokens import HostScope, HostTokens, TokenDB, authorize, required_scope
+from common.errors import BadInput, Conflict, Forbidden, SplitdError, Unauthorized, UnknownMethod
 from daemon.listeners import BindError
 from daemon.notify import sd_notify
 from daemon.tls import TLSConfigError, server_context
-from remoteapi.lines import Request, answer, parse_request
+from remoteapi.lines import Request, answer, error, parse_request
 from remoteapi.server import LOCAL, TokenConnection, TokenServer
 from splitctl.client import DEFAULT_AGENT_PORT
 
@@ -188,12 +187,8 @@ class Service:
             self._authorize(conn, request)
             if request.method == "prepare":
                 return self._start_prepare(request)
-        except (BadInput, Conflict, Forbidden, Unauthorized) as e:
-            refusal = e
-
-            def refuse() -> Any:
-                raise refusal
-            return answer(request, refuse, log)
+        except SplitdError as e:
+            return error(request.id, e.code, str(e))
         return answer(request, lambda: self.call(request.method, request.params or {}), log)
 
     def _authorize(self, conn: TokenConnection, request: Request) -> None:
@@ -211,9 +206,10 @@ class Service:
         except Forbidden as e:
             log.warning("%s (token %s): %s refused: %s", conn.peer, token.name, request.method, e)
             raise
-        if required_scope(request.method) is not Scope.READ:
-            log.info("%s (token %s): %s %s", conn.peer, token.name, request.method,
-                     request.params)
+        if required_scope(request.method) is not HostScope.READ:
+            # Who asked for what, from where: the audit trail of remote prepares.
+            shown = {k: str(v)[:200] for k, v in list((request.params or {}).items())[:4]}
+            log.info("%s (token %s): %s %s", conn.peer, token.name, request.method, shown)
 
     # -- methods ----------------------------------------------------------------------------
 
