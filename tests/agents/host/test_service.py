@@ -29,17 +29,13 @@ from tests.agents.host.conftest import (
     writable,
 )
 from tests.conftest import ROOT, free_tcp_port, need
-from tests.daemon.pki import make_ca, make_server_cert
+from tests.daemon.pki import make_pki
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     need("openssl")
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_ca(d)
-    cert, key = make_server_cert(d)
-    other_ca = make_ca(d, "other-ca")     # trusted by nobody here
-    return {"ca": ca, "cert": cert, "key": key, "other_ca": other_ca}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class Agent:
