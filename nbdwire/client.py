@@ -327,7 +327,7 @@ Chunk = OffsetData | OffsetHole | BlockStatus | ErrorChunk | NoneChunk
 def decode_reply_header(buf: Buffer, pos: int = 0, max_payload: int = MAX_CHUNK_PAYLOAD
                         ) -> tuple[SimpleReply | ChunkHeader, int] | None:
     """The next reply header from buf[pos:], without its payload: a simple
-    reply (16 bytes) or a structured chunk header (32 bytes) whose payload
+    reply (16 bytes) or a structured chunk header (20 bytes) whose payload
     length is checked against max_payload. (header, bytes consumed), or None.
     For a client that puts an OFFSET_DATA payload straight where it belongs
     instead of copying it out of a buffer."""
