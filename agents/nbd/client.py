@@ -20,6 +20,7 @@ own replies only.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Self
 
@@ -154,8 +155,12 @@ class Client:
                              f"minimum block size {self.minimum}")
         if write and self.read_only:
             raise PermissionError(f"{what}: {self.target.where()} is read-only")
-        if need and not self.flags & need:
-            raise OSError(f"{what}: the server does not support it on {self.target.where()}")
+        missing = need & ~self.flags
+        if missing:
+            names = {c.TF_SEND_FUA: "FUA", c.TF_SEND_TRIM: "TRIM", c.TF_SEND_FAST_ZERO: "FAST_ZERO",
+                     c.TF_SEND_WRITE_ZEROES: "WRITE_ZEROES"}
+            lacking = ", ".join(v for k, v in names.items() if missing & k)
+            raise OSError(errno.ENOTSUP, f"{what}: {self.target.where()} does not support {lacking}")
 
     @staticmethod
     def _pieces(offset: int, length: int, step: int) -> list[tuple[int, int]]:

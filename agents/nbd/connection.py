@@ -189,7 +189,9 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 await self.loop.create_connection(lambda: self, t.host or "localhost", t.port)
         except OSError as e:
-            raise ConnectError(e.errno, f"{t.where()}: cannot connect: {e.strerror or e}") from e
+            err = ConnectError(f"cannot connect to {t.where()}: {e.strerror or e}")
+            err.errno = e.errno
+            raise err from e
         hs = c.ClientHandshake(t.export, structured=True, meta_contexts=contexts,
                                tls=c.TLS_REQUIRE if t.tls else c.TLS_OFF)
         ready: c.Ready | None = None
@@ -284,6 +286,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._view[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.closed is not None and not self._handshaking:
+            return              # aborted: what is still coming is dropped
         try:
             if self._sink is not None:
                 self._sink_pos += nbytes

@@ -4,7 +4,9 @@ export without multi-conn) and qemu-nbd (qcow2, whose READ replies carry
 OFFSET_HOLE chunks)."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import subprocess
 
 import pytest
@@ -114,3 +116,35 @@ def test_qemu_nbd(serve, tmp_path, loop, fmt):
     with open(raw, "rb") as f:
         f.seek(4 * MiB)
         assert f.read(4 * MiB) == bytes(2 * MiB) + a[MiB:] + bytes(MiB)
+
+
+def test_flags_the_export_lacks_are_refused_before_sending(serve, loop):
+    srv = nbdkit(serve, "--filter=fua", "--filter=nozero", "memory", "1M",
+                 )
+
+    async def go():
+        async with await nbd.open(srv.uri()) as cl:
+            with pytest.raises(OSError, match="does not support FUA") as ei:
+                await cl.write(0, b"x" * 512, fua=True)
+            assert ei.value.errno == errno.ENOTSUP
+            with pytest.raises(OSError, match="does not support WRITE_ZEROES"):
+                await cl.zero(0, 512)
+            await cl.write(0, b"x" * 512)
+    run(loop, go())
+
+
+def test_connect_failures_say_why(tmp_path, loop):
+    silent = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(silent))
+    listener.listen(1)          # accepted by the kernel, never answered
+
+    async def go():
+        with pytest.raises(nbd.ConnectError, match="cannot connect to export 'v' at unix:"):
+            await nbd.open(f"nbd+unix:///v?socket={tmp_path}/none.sock")
+        with pytest.raises(nbd.ConnectError, match=r"no handshake within 0.3 s"):
+            await nbd.open(f"nbd+unix:///v?socket={silent}", connect_timeout=0.3)
+    try:
+        run(loop, go())
+    finally:
+        listener.close()
