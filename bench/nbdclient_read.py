@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,10 +50,14 @@ async def read_all(uri: str, inflight: int, request: int, connections: int) -> N
         await asyncio.gather(*tasks)
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, client CPU seconds: ours, or the nbdcopy child's)."""
+    def cpu() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    c0, t0 = cpu(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu() - c0
 
 
 def main() -> None:
@@ -79,14 +84,16 @@ def main() -> None:
             "agents.nbd 8 x 4 MiB, asyncio loop": lambda: asyncio.run(read_all(uri, 8, 4 * MiB, 1)),
             "agents.nbd 4 conns x 4 x 4 MiB": lambda: uvloop.run(read_all(uri, 4, 4 * MiB, 4)),
         }
-        times: dict[str, list[float]] = {k: [] for k in variants}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for _ in range(args.rounds):
             for name, fn in variants.items():
                 times[name].append(timed(fn))
+        # The daemon is a child too, but it is reaped only at stop(): not counted here.
         for name, ts in times.items():
-            rates = [args.size / t for t in ts]
+            rates = [args.size / t for t, _ in ts]
+            cpu = statistics.median(u for _, u in ts) * 1024 / args.size
             print(f"{name:40s} median {statistics.median(rates):7.0f} MiB/s   "
-                  f"runs {' '.join(f'{r:.0f}' for r in rates)}")
+                  f"client CPU {cpu:5.2f} s/GiB   runs {' '.join(f'{r:.0f}' for r in rates)}")
     finally:
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
