@@ -190,3 +190,40 @@ def test_block_status_answers_for_less_and_past_the_end(scripted):
 
     runs = scripted(script, client)
     assert runs == [(i * 4096, 4096, i % 2) for i in range(10)] + [(40960, 100, 0)]
+
+
+@pytest.mark.parametrize("limits, size, expect", [
+    ({"max_requests": 3}, 4 * KiB, 3),                     # by count
+    ({"max_requests": 16, "max_bytes": 64 * KiB}, 24 * KiB, 2),   # by bytes
+    ({"max_requests": 16, "max_bytes": 16 * KiB}, 64 * KiB, 1),   # too big: alone
+])
+def test_requests_in_flight_are_bounded(tmp_path, loop, limits, size, expect):
+    # The server answers nothing until no more requests come for a while:
+    # what arrived by then is what the client let out at once.
+    path = str(tmp_path / f"bound-{os.getpid()}.sock")
+    seen: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        while True:
+            held = []
+            while True:
+                try:
+                    held.append(await asyncio.wait_for(peer.request(), 0.3))
+                except TimeoutError:
+                    break
+            if not held or held[0][1] == c.CMD_DISC:
+                return
+            seen.append(len(held))
+            for _, _, cookie, off, n in held:
+                await peer.send(data_chunk(cookie, off, bytes(n), done=True))
+
+    async def main():
+        server = await serve_script(path, script)
+        try:
+            async with await nbd.open(f"nbd+unix:///vol?socket={path}", **limits) as cl:
+                await asyncio.gather(*(cl.read(i * size, size) for i in range(6)))
+        finally:
+            server.close()
+
+    run(loop, main())
+    assert seen[0] == expect and sum(seen) == 6 and max(seen) == expect, seen
