@@ -107,7 +107,7 @@ class _Budget:
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.give(cost)             # granted, then cancelled: hand it on
-            else:
+            elif entry in self.waiters:
                 self.waiters.remove(entry)
                 self._wake()
             raise

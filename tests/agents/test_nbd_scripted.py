@@ -227,3 +227,32 @@ def test_requests_in_flight_are_bounded(tmp_path, loop, limits, size, expect):
 
     run(loop, main())
     assert seen[0] == expect and sum(seen) == 6 and max(seen) == expect, seen
+
+
+def test_cancelled_requests_keep_the_connection_in_step(scripted):
+    # One request in flight at a time; the server answers each after 0.2 s
+    # with data naming its offset.
+    async def script(peer: Peer) -> None:
+        while True:
+            _, cmd, cookie, off, n = await peer.request()
+            if cmd == c.CMD_DISC:
+                return
+            await asyncio.sleep(0.2)
+            await peer.send(data_chunk(cookie, off, off.to_bytes(8, "big") * (n // 8), done=True))
+
+    async def client(cl: nbd.Client):
+        conn = cl.connections[0]
+        conn.budget.max_requests = 1
+        first = asyncio.ensure_future(cl.read(0, 4096))          # in flight
+        waiting = asyncio.ensure_future(cl.read(8192, 4096))     # waits for the budget
+        third = asyncio.ensure_future(cl.read(16384, 4096))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        first.cancel()                  # its reply still comes, and goes nowhere
+        got = await third
+        assert got == (16384).to_bytes(8, "big") * 512
+        assert first.cancelled() and waiting.cancelled()
+        assert await cl.read(4096, 512) == (4096).to_bytes(8, "big") * 64
+        assert conn.budget.requests == 0 and conn.budget.bytes == 0
+
+    scripted(script, client)
