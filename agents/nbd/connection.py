@@ -149,7 +149,6 @@ class Connection(asyncio.BufferedProtocol):
         self.max_payload = c.MAX_PAYLOAD
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._connected: asyncio.Future[None] = self.loop.create_future()
         self._lost: asyncio.Future[None] = self.loop.create_future()
         # Reading: scratch buffer [start, end) not parsed yet.
         self._buf = bytearray(SCRATCH)
@@ -195,10 +194,16 @@ class Connection(asyncio.BufferedProtocol):
         hs = c.ClientHandshake(t.export, structured=True, meta_contexts=contexts,
                                tls=c.TLS_REQUIRE if t.tls else c.TLS_OFF)
         ready: c.Ready | None = None
+        refused: c.Refused | None = None
         events: list[c.Event] = []
         while ready is None:
             if not events:
-                events = hs.receive(await self._handshake_bytes())
+                data = await self._handshake_bytes()
+                try:
+                    events = hs.receive(data)
+                except c.ProtocolError as e:
+                    raise ConnectError(f"{t.where()}: protocol error from the server in the "
+                                       f"handshake: {e}") from e
                 continue
             ev = events.pop(0)
             if isinstance(ev, c.Send):
@@ -214,9 +219,10 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport = new
                 events = hs.resume() + events
             elif isinstance(ev, c.Refused) and ev.fatal:
-                raise ConnectError(f"{t.where()}: {ev.exception()}")
+                refused = ev            # the Send of NBD_OPT_ABORT and a Closing follow
             elif isinstance(ev, c.Closing):
-                raise ConnectError(f"{t.where()}: {ev.reason}")
+                why = refused.exception() if refused is not None else ev.reason
+                raise ConnectError(f"{t.where()}: {why}")
             elif isinstance(ev, c.Ready):
                 ready = ev
         if not ready.structured:
@@ -243,7 +249,7 @@ class Connection(asyncio.BufferedProtocol):
         while not self._hs_data:
             if self.closed is not None:
                 raise ConnectError(f"{self.target.where()}: server closed the connection "
-                                   f"during the handshake ({self.closed})")
+                                   "during the handshake")
             self._hs_event.clear()
             await self._hs_event.wait()
         data = bytes(self._hs_data)
