@@ -9,6 +9,6 @@
 Fixed newstyle only, structured replies required, TLS (X.509) when the URI
 says nbds:. Works under asyncio's loop and uvloop.
 """
-from .client import DEFAULT_CONTEXTS, DELTA, PENDING, Client, open
+from .client import DEFAULT_CONTEXTS, DELTA, PENDING, Client, Stats, open
 from .errors import ConnectError, Disconnected, RequestError, RequestTimeout
 from .uri import Target, parse_uri, tls_context

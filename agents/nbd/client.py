@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Self
 
 import nbdwire as c
@@ -30,7 +31,7 @@ from .connection import Connection, Limits, Negotiated
 from .errors import ConnectError
 from .uri import Target, parse_uri, tls_context
 
-__all__ = ["DEFAULT_CONTEXTS", "DELTA", "PENDING", "Client", "open"]
+__all__ = ["DEFAULT_CONTEXTS", "DELTA", "PENDING", "Client", "Stats", "open"]
 
 PENDING = c.SPLITD_PENDING      # regions of a secondary not yet copied (flag 1)
 DELTA = c.SPLITD_DELTA          # regions changed since the previous split (flag 1)
@@ -86,6 +87,18 @@ async def open(uri: str | Target, connections: int = 1, *,
     return Client(target, conns)
 
 
+@dataclass
+class Stats:
+    """What this client asked of the server: READ / WRITE requests and
+    their bytes (done, successful), BLOCK_STATUS requests. The backup agent
+    reports its reads with these (how much of a volume an incremental read)."""
+    reads: int = 0
+    bytes_read: int = 0
+    writes: int = 0
+    bytes_written: int = 0
+    block_status: int = 0
+
+
 class Client:
     """One export over one or more connections."""
 
@@ -102,6 +115,7 @@ class Client:
         # Pieces of a split READ/WRITE: the largest multiple of the minimum.
         self.piece = self.max_payload - self.max_payload % self.minimum
         self.max_range = MAX_RANGE - MAX_RANGE % self.minimum
+        self.stats = Stats()
 
     # -- what the export is -----------------------------------------------------------------
 
@@ -195,9 +209,12 @@ class Client:
         self._check("READ", offset, length)
         if length == 0:
             return
+        pieces = self._pieces(offset, length, self.piece)
         await self._all([self._pick().request(c.CMD_READ, o, n, dest=view[o - offset:o - offset + n],
                                               fresh=fresh)
-                         for o, n in self._pieces(offset, length, self.piece)])
+                         for o, n in pieces])
+        self.stats.reads += len(pieces)
+        self.stats.bytes_read += length
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview,
                     fua: bool = False) -> None:
@@ -209,9 +226,12 @@ class Client:
         if length == 0:
             return
         flags = c.CMD_FLAG_FUA if fua else 0
+        pieces = self._pieces(offset, length, self.piece)
         await self._all([self._pick().request(c.CMD_WRITE, o, n, flags,
                                               payload=view[o - offset:o - offset + n])
-                         for o, n in self._pieces(offset, length, self.piece)])
+                         for o, n in pieces])
+        self.stats.writes += len(pieces)
+        self.stats.bytes_written += length
 
     async def zero(self, offset: int, length: int, *, fua: bool = False, punch: bool = True,
                    fast: bool = False) -> None:
@@ -266,6 +286,7 @@ class Client:
         while pos < end:
             n = min(end - pos, self.max_range)
             got = await self._pick().request(c.CMD_BLOCK_STATUS, pos, n, flags)
+            self.stats.block_status += 1
             described = got.get(ctx_id)
             if not described:
                 raise c.ProtocolError(f"BLOCK_STATUS {pos}+{n}: no extents for {context}")

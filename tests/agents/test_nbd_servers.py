@@ -52,6 +52,9 @@ def test_nbdkit_block_size_limits_split_big_requests(serve, loop):
             data = os.urandom(3 * MiB + 512)
             await cl.write(512, data)
             assert await cl.read(512, len(data)) == data
+            # In 64 KiB pieces: 48 and a short one, each way.
+            assert (cl.stats.writes, cl.stats.reads) == (49, 49)
+            assert cl.stats.bytes_read == cl.stats.bytes_written == len(data)
             with pytest.raises(ValueError, match="minimum block size 512"):
                 await cl.read(100, 512)
             # Straight to the server, unsplit: refused, as the control.
@@ -77,6 +80,7 @@ def test_extents_loop_until_the_range_is_described(serve, loop):
             runs = [e async for e in cl.extents()]
             assert runs == [(o, 65536, 3 if (o // 65536) % 2 else 0)
                             for o in range(0, 8 * MiB, 65536)]
+            assert cl.stats.block_status == 128        # one request per 64 KiB answer
             part = [e async for e in cl.extents(c.BASE_ALLOCATION, 100, 200000)]
             assert part[0][0] == 100 and sum(n for _, n, _ in part) == 200000
             assert part[-1][0] + part[-1][1] == 200100
