@@ -14,13 +14,14 @@ one. Requests go to the connection with the fewest bytes, then requests, in
 flight; a READ or WRITE larger than the server's maximum payload (NBD_INFO_
 BLOCK_SIZE) is split, its pieces in flight at once, possibly on several
 connections. Callers that want throughput keep several requests in flight
-themselves (asyncio.gather, or a task per range): each call waits for its
-own replies only.
+themselves (asyncio.gather, or a task per range: each call waits for its own
+replies only), or use iter_read(), which keeps a window of READs ahead.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -198,6 +199,36 @@ class Client:
         buf = bytearray(length)
         await self._readinto(offset, memoryview(buf), fresh=True)
         return buf
+
+    async def iter_read(self, offset: int = 0, length: int | None = None, *,
+                        request: int = 4 << 20, ahead: int = 8
+                        ) -> AsyncIterator[tuple[int, bytearray]]:
+        """(offset, data) for [offset, offset+length) in pieces of `request`
+        bytes, in order, with up to `ahead` READs in flight (over every
+        connection) so the next pieces arrive while the caller works on this
+        one. Leaving the loop early cancels what is still coming (when the
+        generator is closed: `async with contextlib.aclosing(...)` makes that
+        happen at once)."""
+        if length is None:
+            length = self.size - offset
+        self._check("READ", offset, length)
+        if request <= 0 or request % self.minimum or ahead < 1:
+            raise ValueError(f"request={request} must be a positive multiple of the minimum "
+                             f"block size {self.minimum}, ahead={ahead} at least 1")
+        pieces = self._pieces(offset, length, request)
+        coming: deque[tuple[int, asyncio.Future[bytearray]]] = deque()
+        nxt = 0
+        try:
+            while nxt < len(pieces) or coming:
+                while nxt < len(pieces) and len(coming) < ahead:
+                    o, n = pieces[nxt]
+                    nxt += 1
+                    coming.append((o, asyncio.ensure_future(self.read(o, n))))
+                o, fut = coming.popleft()
+                yield o, await fut
+        finally:
+            for _, fut in coming:
+                fut.cancel()
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Read len(buf) bytes from offset into buf. If the call is

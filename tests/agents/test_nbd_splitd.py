@@ -4,6 +4,7 @@ dropped connection, a timeout, on asyncio's loop and on uvloop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import os
@@ -211,4 +212,29 @@ def test_tcp_and_the_daemon_counts_one_client(vol, loop):
             data = os.urandom(3 * MiB)
             await cl.write(0, data)
             assert await cl.read(0, len(data)) == data
+    run(loop, go())
+
+
+def test_iter_read_in_order_with_a_window_ahead(vol, loop):
+    async def go():
+        async with await nbd.open(vol.uri("vol"), connections=2) as cl:
+            data = os.urandom(9 * MiB + 4096)
+            await cl.write(3 * MiB, data)
+            pieces = []
+            async for off, piece in cl.iter_read(3 * MiB, len(data), request=MiB, ahead=4):
+                pieces.append((off, len(piece)))
+                # The window: later pieces are in flight while we hold this one.
+                assert sum(cn.budget.requests for cn in cl.connections) <= 4
+                assert piece == data[off - 3 * MiB:off - 3 * MiB + len(piece)]
+            assert pieces == [(3 * MiB + i * MiB, MiB) for i in range(9)] + [(12 * MiB, 4096)]
+            # Leaving early cancels what was still coming; the client goes on.
+            async with contextlib.aclosing(cl.iter_read(request=MiB, ahead=8)) as reads:
+                async for _ in reads:
+                    break
+            await asyncio.sleep(0.2)            # the cancelled READs' replies come and go
+            assert sum(cn.budget.requests for cn in cl.connections) == 0
+            assert await cl.read(3 * MiB, 4096) == data[:4096]
+            with pytest.raises(ValueError, match="request=0"):
+                async for _ in cl.iter_read(request=0):
+                    pass
     run(loop, go())
