@@ -50,9 +50,9 @@ async def read_all(uri: str, inflight: int, request: int, connections: int) -> N
         await asyncio.gather(*tasks)
 
 
-async def iterate(uri: str, ahead: int, request: int) -> None:
+async def iterate(uri: str, ahead: int, request: int, reuse: bool) -> None:
     async with await nbd.open(uri) as cl:
-        async for _off, _data in cl.iter_read(request=request, ahead=ahead):
+        async for _off, _data in cl.iter_read(request=request, ahead=ahead, reuse=reuse):
             pass
 
 
@@ -89,7 +89,8 @@ def main() -> None:
             "agents.nbd 8 x 4 MiB": lambda: uvloop.run(read_all(uri, 8, 4 * MiB, 1)),
             "agents.nbd 8 x 4 MiB, asyncio loop": lambda: asyncio.run(read_all(uri, 8, 4 * MiB, 1)),
             "agents.nbd 4 conns x 4 x 4 MiB": lambda: uvloop.run(read_all(uri, 4, 4 * MiB, 4)),
-            "agents.nbd iter_read 8 x 4 MiB": lambda: uvloop.run(iterate(uri, 8, 4 * MiB)),
+            "agents.nbd iter_read 8 x 4 MiB": lambda: uvloop.run(iterate(uri, 8, 4 * MiB, False)),
+            "agents.nbd iter_read 8 x 4 MiB, reuse": lambda: uvloop.run(iterate(uri, 8, 4 * MiB, True)),
         }
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for _ in range(args.rounds):

@@ -201,14 +201,18 @@ class Client:
         return buf
 
     async def iter_read(self, offset: int = 0, length: int | None = None, *,
-                        request: int = 4 << 20, ahead: int = 8
-                        ) -> AsyncIterator[tuple[int, bytearray]]:
+                        request: int = 4 << 20, ahead: int = 8, reuse: bool = False
+                        ) -> AsyncIterator[tuple[int, bytearray | memoryview]]:
         """(offset, data) for [offset, offset+length) in pieces of `request`
         bytes, in order, with up to `ahead` READs in flight (over every
         connection) so the next pieces arrive while the caller works on this
         one. Leaving the loop early cancels what is still coming (when the
         generator is closed: `async with contextlib.aclosing(...)` makes that
-        happen at once)."""
+        happen at once).
+
+        reuse=True: the data is a memoryview into one of ahead + 1 buffers
+        used in turn, valid only until the next step (copy what you keep);
+        this saves allocating and zeroing a buffer for every piece."""
         if length is None:
             length = self.size - offset
         self._check("READ", offset, length)
@@ -216,16 +220,32 @@ class Client:
             raise ValueError(f"request={request} must be a positive multiple of the minimum "
                              f"block size {self.minimum}, ahead={ahead} at least 1")
         pieces = self._pieces(offset, length, request)
-        coming: deque[tuple[int, asyncio.Future[bytearray]]] = deque()
+        free = [bytearray(min(request, length)) for _ in range(ahead + 1)] if reuse else []
+        coming: deque[tuple[int, asyncio.Future[Any]]] = deque()
+        lent: bytearray | None = None       # (reuse) the buffer the caller holds
         nxt = 0
+
+        async def into(o: int, n: int, buf: bytearray) -> tuple[bytearray, memoryview]:
+            view = memoryview(buf)[:n]
+            await self._readinto(o, view, fresh=False)
+            return buf, view
+
         try:
             while nxt < len(pieces) or coming:
+                if lent is not None:
+                    free.append(lent)
+                    lent = None
                 while nxt < len(pieces) and len(coming) < ahead:
                     o, n = pieces[nxt]
                     nxt += 1
-                    coming.append((o, asyncio.ensure_future(self.read(o, n))))
+                    co = into(o, n, free.pop()) if reuse else self.read(o, n)
+                    coming.append((o, asyncio.ensure_future(co)))
                 o, fut = coming.popleft()
-                yield o, await fut
+                if reuse:
+                    lent, data = await fut
+                    yield o, data
+                else:
+                    yield o, await fut
         finally:
             for _, fut in coming:
                 fut.cancel()

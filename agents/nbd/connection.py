@@ -37,6 +37,7 @@ __all__ = ["Connection", "Limits", "Negotiated"]
 
 Buffer = bytes | bytearray | memoryview
 SCRATCH = 256 * 1024            # scratch buffer for headers and small payloads
+ZEROES = memoryview(bytes(1 << 20))     # holes written into a caller's buffer come from here
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,9 @@ class Connection(asyncio.BufferedProtocol):
                 raise c.ProtocolError("OFFSET_HOLE chunk in a reply that is not to a READ")
             dest = self._place(req, chunk.offset, chunk.length)
             if not req.fresh:
-                dest[:] = bytes(chunk.length)
+                for at in range(0, len(dest), len(ZEROES)):
+                    piece = dest[at:at + len(ZEROES)]
+                    piece[:] = ZEROES[:len(piece)]
             req.got += chunk.length
         elif isinstance(chunk, c.OffsetData):
             raise c.ProtocolError("OFFSET_DATA chunk in a reply that is not to a READ")

@@ -215,18 +215,25 @@ def test_tcp_and_the_daemon_counts_one_client(vol, loop):
     run(loop, go())
 
 
-def test_iter_read_in_order_with_a_window_ahead(vol, loop):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_iter_read_in_order_with_a_window_ahead(vol, loop, reuse):
     async def go():
         async with await nbd.open(vol.uri("vol"), connections=2) as cl:
             data = os.urandom(9 * MiB + 4096)
             await cl.write(3 * MiB, data)
+            await cl.zero(5 * MiB, MiB)         # a hole inside, into reused buffers too
+            want = bytearray(data)
+            want[2 * MiB:3 * MiB] = bytes(MiB)
             pieces = []
-            async for off, piece in cl.iter_read(3 * MiB, len(data), request=MiB, ahead=4):
+            async for off, piece in cl.iter_read(2 * MiB, len(data) + MiB, request=MiB,
+                                                 ahead=4, reuse=reuse):
                 pieces.append((off, len(piece)))
                 # The window: later pieces are in flight while we hold this one.
                 assert sum(cn.budget.requests for cn in cl.connections) <= 4
-                assert piece == data[off - 3 * MiB:off - 3 * MiB + len(piece)]
-            assert pieces == [(3 * MiB + i * MiB, MiB) for i in range(9)] + [(12 * MiB, 4096)]
+                want_here = bytes(MiB) if off == 2 * MiB else want[off - 3 * MiB:off - 3 * MiB + MiB]
+                assert piece == want_here
+                await asyncio.sleep(0.01)       # a slow consumer: the window fills meanwhile
+            assert pieces == [(2 * MiB + i * MiB, MiB) for i in range(10)] + [(12 * MiB, 4096)]
             # Leaving early cancels what was still coming; the client goes on.
             async with contextlib.aclosing(cl.iter_read(request=MiB, ahead=8)) as reads:
                 async for _ in reads:
