@@ -80,11 +80,13 @@ async def open(uri: str | Target, connections: int = 1, *,
             raise failed[0]
         for cn in conns[1:]:
             assert cn.negotiated is not None
-            if (cn.negotiated.size, cn.negotiated.flags) != (first.negotiated.size,
-                                                             first.negotiated.flags):
+            # Context ids are per connection; the names must be the same.
+            mine, theirs = cn.negotiated, first.negotiated
+            if (mine.size, mine.flags, set(mine.contexts)) != (theirs.size, theirs.flags,
+                                                                set(theirs.contexts)):
                 await asyncio.gather(*(cn.close() for cn in conns), return_exceptions=True)
                 raise ConnectError(f"{target.where()}: connections disagree on the export's "
-                                   "size or flags")
+                                   "size, flags or meta contexts")
     return Client(target, conns)
 
 
@@ -326,8 +328,7 @@ class Client:
         if length is None:
             length = self.size - offset
         self._check("BLOCK_STATUS", offset, length)
-        ctx_id = self.negotiated.contexts.get(context)
-        if ctx_id is None:
+        if context not in self.negotiated.contexts:
             raise LookupError(f"meta context {context!r} was not negotiated with "
                               f"{self.target.where()} (have: {sorted(self.contexts) or 'none'})")
         flags = c.CMD_FLAG_REQ_ONE if req_one else 0
@@ -336,7 +337,10 @@ class Client:
         pos = offset
         while pos < end:
             n = min(end - pos, self.max_range)
-            got = await self._pick().request(c.CMD_BLOCK_STATUS, pos, n, flags)
+            conn = self._pick()
+            assert conn.negotiated is not None
+            ctx_id = conn.negotiated.contexts[context]      # ids are per connection
+            got = await conn.request(c.CMD_BLOCK_STATUS, pos, n, flags)
             self.stats.block_status += 1
             described = got.get(ctx_id)
             if not described:

@@ -429,6 +429,10 @@ class Connection(asyncio.BufferedProtocol):
         elif isinstance(chunk, c.BlockStatus):
             if req.cmd != c.CMD_BLOCK_STATUS:
                 raise c.ProtocolError("BLOCK_STATUS chunk in a reply that is not to BLOCK_STATUS")
+            assert self.negotiated is not None
+            if chunk.context_id not in self.negotiated.contexts.values():
+                raise c.ProtocolError(f"BLOCK_STATUS for context id {chunk.context_id}, "
+                                      "which was not negotiated")
             req.extents[chunk.context_id] = chunk.extents
         if chunk.done:
             self._finish(chunk.cookie, req)

@@ -151,12 +151,14 @@ def test_an_error_chunk_fails_its_request_only(scripted):
     ("simple reply to READ", lambda ck, off, n: c.encode_simple_reply(ck), "simple reply"),
     ("bad magic", lambda ck, off, n: b"\x12\x34\x56\x78" + bytes(16), "magic"),
     ("hole in a BLOCK_STATUS", lambda ck, off, n: hole_chunk(ck, off, n), "OFFSET_HOLE"),
+    ("unknown context", lambda ck, off, n: c.encode_block_status(ck, 77, [(n, 0)], True),
+     "context id 77"),
 ])
 def test_a_broken_reply_closes_the_connection(scripted, name, reply, says):
     async def client(cl: nbd.Client):
         other = asyncio.ensure_future(cl.read(8192, 512))      # pending alongside
         with pytest.raises(nbd.Disconnected, match=f"protocol error from the server: .*{says}"):
-            if name == "hole in a BLOCK_STATUS":
+            if name in ("hole in a BLOCK_STATUS", "unknown context"):
                 [e async for e in cl.extents()]
             else:
                 await cl.read(0, 4096)
