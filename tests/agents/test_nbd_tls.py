@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
 import agents.nbd as nbd
 from tests.agents.conftest import nbdkit, run
-from tests.daemon.pki import make_ca
+from tests.daemon.pki import make_ca, openssl
 from tests.daemon.test_tls import tls_daemon
 
 MiB = 1 << 20
@@ -35,6 +36,13 @@ def test_splitd_tls_require(make_daemon, pki, loop):
                                   ca_file=str(d_ / "ca-cert.pem"), cert=str(d_ / "client-cert.pem"),
                                   key=str(d_ / "client-key.pem")) as cl:
             assert await cl.read(0, 4096) == bytes(4096)
+        # A CA directory (hashed names, as `openssl rehash` makes them), no client certificate.
+        async with await nbd.open(f"nbds://localhost:{d.tcp_port}/vol", ca_dir=str(ca_dir)) as cl:
+            assert await cl.read(0, 4096) == bytes(4096)
+    ca_dir = pki["dir"] / "ca-dir"
+    ca_dir.mkdir(exist_ok=True)
+    shutil.copy(pki["dir"] / "ca-cert.pem", ca_dir / "splitd-test-ca.pem")
+    openssl("rehash", str(ca_dir), cwd=ca_dir)
     run(loop, go())
 
 
