@@ -163,6 +163,7 @@ class Service:
         self.failed = 0
         self.last: dict[str, Any] | None = None
         self.listeners: list[str] = []
+        self.stopping = False
         self._ids = 0
 
     # -- the Gate ---------------------------------------------------------------------------
@@ -246,6 +247,8 @@ class Service:
                            "splitd volume")
         if not isinstance(port, str) or not port:
             raise BadInput("prepare needs \"port\": the daemon's port to reach the secondary by")
+        if self.stopping:
+            raise Conflict("splitd-host is stopping: no new prepare")
         if len(self.running) >= MAX_PREPARES:
             raise Conflict(f"busy: {MAX_PREPARES} prepares are running already ("
                            + ", ".join(r["directory"] for r in self.running.values()) + ")")
@@ -346,12 +349,16 @@ async def serve(cfg: ServeConfig, state_dir: str) -> int:
 
     log.info("stopping")
     sd_notify("STOPPING=1")
+    service.stopping = True
     for server in servers:
-        await server.stop()
+        await server.stop_listening()
     if service.running:
         log.info("waiting for %d prepares to finish", len(service.running))
-    # Each prepare is bounded: the hook timeout, then the watchdog's.
+    # Each prepare is bounded: the hook timeout, then the watchdog's. Their
+    # answers go out as they finish; then every connection is closed.
     await loop.run_in_executor(None, service.pool.shutdown)
+    for server in servers:
+        server.drop_connections(abort=False)
     await loop.run_in_executor(None, state.close)
     tokens.db.close()
     log.info("stopped")

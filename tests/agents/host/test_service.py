@@ -496,6 +496,43 @@ def test_leftovers_thawed_at_start_show_in_status(host, stalling, make_agent):
     wait_writable(mnt, within=5)
 
 
+def test_sigterm_during_a_prepare_waits_for_it_and_thaws(host, stalling, make_agent):
+    """SIGTERM while a split hangs inside the window: the service closes its
+    listeners, lets the prepare end (thawed at the watchdog timeout, and
+    answered), stops its watchdog and exits 0; nothing stays frozen."""
+    mnt, proxy = stalling
+    agent = make_agent("--watchdog-timeout", "2")
+    proxy.stall.set()
+    replies: list[object] = []
+    client = agent.local(timeout=30)
+
+    def call() -> None:
+        try:
+            replies.append(client.call("prepare", directory=str(mnt), port="unix"))
+        except AdminError as e:
+            replies.append(e)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    try:
+        wait_frozen(host, agent.proc, mnt)
+        assert proxy.held.wait(10)
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.stop(timeout=20) == 0
+        took = time.monotonic() - started
+    finally:
+        proxy.stall.clear()
+        worker.join(30)
+        client.close()
+    assert took < 10, took
+    [reply] = replies
+    assert isinstance(reply, AdminError), reply
+    assert reply.code in ("split-failed", "watchdog-thawed"), reply.message
+    assert "waiting for 1 prepares to finish" in agent.log()
+    assert writable(mnt) and not journal(host)
+
+
 # -- the unit and the example configuration ------------------------------------------------------
 
 def test_unit_file_verifies(tmp_path):
