@@ -386,13 +386,6 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _seconds_arg(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-
-
 EPILOG = f"""\
 configuration:
   Settings come from the TOML file (--config, default {DEFAULT_CONFIG},
@@ -424,6 +417,9 @@ examples:
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    # Here, not at the top: cli imports this module to register it.
+    from agents.host.cli import _positive as seconds
+
     p = commands.add_parser(
         "serve", parents=[common], help="run the agent's service (prepare over TCP/TLS)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -440,15 +436,15 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", metavar="PATH", help=f"local Unix socket (default {DEFAULT_SOCKET})")
     p.add_argument("--tls-cert", metavar="PEM", help="the agent's certificate (with --listen)")
     p.add_argument("--tls-key", metavar="PEM", help="its private key")
-    p.add_argument("--watchdog-timeout", type=_seconds_arg, metavar="S",
+    p.add_argument("--watchdog-timeout", type=seconds, metavar="S",
                    help="longest freeze: the watchdog thaws after S seconds (default 10)")
     p.add_argument("--hook", metavar="PATH",
                    help="run `PATH freeze MOUNTPOINT` before each freeze and `PATH thaw "
                         "MOUNTPOINT` after each thaw (as qemu-ga's fsfreeze-hook)")
-    p.add_argument("--hook-timeout", type=_seconds_arg, metavar="S",
+    p.add_argument("--hook-timeout", type=seconds, metavar="S",
                    help=f"kill the hook after S seconds and refuse the prepare (default "
                         f"{DEFAULT_HOOK_TIMEOUT:g})")
-    p.add_argument("--handshake-timeout", type=_seconds_arg, metavar="S",
+    p.add_argument("--handshake-timeout", type=seconds, metavar="S",
                    help="a TCP client must finish TLS and send its token within S seconds "
                         "(default 10)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")

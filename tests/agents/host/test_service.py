@@ -199,11 +199,15 @@ def test_configuration_file_and_refusals(host, make_agent, tmp_path, pki):
         (["--config", str(tmp_path / "missing.toml")], "cannot read the configuration"),
         (["--listen", "tcp://127.0.0.1:1"], "--listen needs --tls-cert and --tls-key"),
         (["--listen", "127.0.0.1:1", "--tls-cert", "c", "--tls-key", "k"], "tcp://HOST:PORT"),
-        (["--watchdog-timeout", "0"], "--watchdog-timeout: give seconds"),
     ]:
         cp = host.run("serve", "--socket", tmp_path / "x.sock", *args, check=False)
         assert cp.returncode == 2, cp.stderr
         assert words in one_line_error(cp)
+    cp = host.run("serve", "--watchdog-timeout", "0", check=False)
+    assert cp.returncode == 2 and "--watchdog-timeout: 0 s: give more than 0" in cp.stderr
+    config.write_text("watchdog_timeout = 0\n")
+    cp = host.run("serve", "--config", config, check=False)
+    assert cp.returncode == 2 and "watchdog_timeout: give seconds" in one_line_error(cp)
     config.write_text('listn = "tcp://127.0.0.1:1"\n')
     cp = host.run("serve", "--config", config, check=False)
     assert cp.returncode == 2 and "unknown key 'listn'" in one_line_error(cp)
