@@ -1,2 +1,3 @@
-"""The agents that run beside splitd on other machines: `host` (the application
-host: attach volumes, freeze, split, thaw)."""
+"""splitd's agents: the programs that run beside the daemon, on the
+application host (`host`: splitd-host attaches volumes, freezes, splits,
+thaws) and on the backup host, and the NBD client they share (`nbd`)."""
