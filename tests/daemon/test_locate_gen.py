@@ -9,15 +9,11 @@ import json
 import pytest
 
 from splitctl.client import AdminError
-from tests.daemon.test_ports import read_through, split_pair
+from tests.daemon.test_ports import locate, read_through, split_pair
 
 nbd = pytest.importorskip("nbd")
 
 MiB = 1 << 20
-
-
-def locate(d, *args: str) -> dict:
-    return json.loads(d.splitctl("locate", *args, "--json").stdout)
 
 
 def test_locate_primary_gives_the_primary_volume(make_daemon):
