@@ -1,2 +1,3 @@
 """splitd's agents: the programs that run beside the daemon, on the
-application host and on the backup host, and the NBD client they share."""
+application host (`host`: attach volumes, freeze, split, thaw) and on the
+backup host, and the NBD client they share (`nbd`)."""
