@@ -318,6 +318,29 @@ def test_plaintext_and_unauthenticated_connections_are_bounded(agent):
         assert c.call("ping") == {"pong": True}
 
 
+def test_long_lines_and_bad_requests(agent):
+    from remoteapi.server import MAX_LINE
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(agent.socket))
+        s.settimeout(10)
+        f = s.makefile("rwb")
+        for line, code in [(b"not json", "bad-request"), (b'{"id": 7, "method": 5}', "bad-request"),
+                           (b'{"id": 8, "method": "prepare", "params": {"port": "x"}}', "bad-input"),
+                           (b'{"id": 9, "method": "auth", "params": {"token": "x"}}', "conflict"),
+                           (b'{"id": 10, "method": "volume.delete"}', "unknown-method")]:
+            f.write(line + b"\n")
+            f.flush()
+            assert json.loads(f.readline())["error"]["code"] == code, line
+        f.write(b'{"id": 11, "method": "ping", "params": {"x": "' + b"y" * MAX_LINE + b'"}}\n')
+        f.flush()
+        reply = json.loads(f.readline())
+        assert reply["error"]["code"] == "bad-request" and "longer than" in reply["error"]["message"]
+        assert f.readline() == b""      # and closed
+    with agent.local() as c:
+        assert c.call("ping") == {"pong": True}
+
+
 def test_splitctl_backup_prepare_errors(agent, make_daemon, tmp_path, pki):
     read = agent.token("monitor", "read")
     prep = agent.token("backup", "prepare")
