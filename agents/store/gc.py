@@ -41,9 +41,12 @@ own. Within a group, newest first (created_at, UTC): `last N` keeps the N
 newest; `hourly/daily/weekly/monthly/yearly N` keep, for each of the N most
 recent hours/days/ISO weeks/months/years *that have a snapshot*, the newest
 snapshot of that bucket (buckets without snapshots do not count, so a
-`daily 7` spans more than a week when a day was missed). A snapshot kept by
-any rule stays; the plan says which rules kept it. A policy with no rule is
-refused: it would remove everything.
+`daily 7` spans more than a week when a day was missed); when a group has
+fewer buckets than a rule asks for, its oldest snapshot is kept as well. A
+snapshot kept by any rule stays; the plan says which rules kept it. A policy
+with no rule is refused: it would remove everything. (Proxmox Backup Server
+differs: there each rule only considers snapshots older than those the
+previous rules kept.)
 """
 from __future__ import annotations
 
@@ -316,12 +319,16 @@ def plan_prune(manifests: Iterable[dict[str, Any]], policy: RetentionPolicy) -> 
                 if rule == "last":
                     bucket: str = str(i)
                 else:
-                    when = datetime.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ")
+                    when = datetime.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
                     bucket = _BUCKETS[rule](when)
                 if bucket != last_bucket:
                     kept_by[m["id"]].append(rule)
                     last_bucket = bucket
                     count -= 1
+            if count and rule != "last" and members:
+                # Fewer buckets than asked for: keep the oldest too, so the rule
+                # still reaches as far back as the group does (as restic does).
+                kept_by[members[-1]["id"]].append(f"{rule} (oldest)")
         for m in members:
             if kept_by[m["id"]]:
                 plan.keep.append({**m, "kept_by": kept_by[m["id"]]})

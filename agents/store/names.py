@@ -5,7 +5,7 @@ import re
 import time
 import uuid
 
-_SNAPSHOT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+_SNAPSHOT_ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{8}")
 
 
 def chunk_name(cid: bytes) -> str:
@@ -22,8 +22,14 @@ def manifest_name(sid: str) -> str:
 
 
 def new_snapshot_id(now: float) -> str:
-    """Ids sort by creation time: "20261202T130501Z-1a2b3c4d"."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + uuid.uuid4().hex[:8]
+    """Ids sort by creation time (to the millisecond): "20261202T130501.042Z-1a2b3c4d"."""
+    ms = int(now * 1000) % 1000
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{ms:03d}Z-" + uuid.uuid4().hex[:8]
+
+
+def iso_time(now: float) -> str:
+    """UTC, to the microsecond: "2026-12-02T13:05:01.042113Z" (manifests' times)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1e6) % 1000000:06d}Z"
 
 
 def valid_snapshot_id(sid: str) -> bool:

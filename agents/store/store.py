@@ -13,7 +13,7 @@ Objects (names within the backend, backend.py):
     leases/<uuid>        a running writer (gc.py)
     gc/<uuid>            a running or finished sweep (gc.py)
 
-Snapshot ids sort by creation time: "20261202T130501Z-1a2b3c4d".
+Snapshot ids sort by creation time: "20261202T130501.042Z-1a2b3c4d".
 
 Reading always checks: a chunk is re-hashed after it is opened and must match
 its name; indexes and manifests carry a checksum (or a GCM tag). A problem is
@@ -50,6 +50,7 @@ from agents.store.index import ZERO_ID, Index
 from agents.store.names import (
     chunk_name,
     index_name,
+    iso_time,
     manifest_name,
     valid_snapshot_id,
 )
@@ -155,7 +156,7 @@ class Store:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "store_id": str(uuid.uuid4()),
-            "created_at": _iso(time.time()),
+            "created_at": iso_time(time.time()),
             "chunk_size": chunk_size,
             "compression_level": compression_level,
             "id_seed": seed.hex(),
@@ -586,10 +587,6 @@ def _lengths(index: Index) -> dict[bytes, int]:
         if cid != ZERO_ID:
             found[cid] = index.chunk_len(i)
     return found
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def init_dir(path: str, *, key_file: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,

@@ -44,7 +44,7 @@ from agents.store.envelope import KIND_CHUNK, KIND_INDEX, KIND_MANIFEST
 from agents.store.errors import ConcurrentSweep, StoreBadInput, StoreError
 from agents.store.gc import Lease, sweeps_since
 from agents.store.index import ID_LEN, ZERO_ID, Index, chunk_count
-from agents.store.names import chunk_name, index_name, manifest_name, new_snapshot_id
+from agents.store.names import chunk_name, index_name, iso_time, manifest_name, new_snapshot_id
 
 if TYPE_CHECKING:
     from agents.store.store import Store
@@ -260,8 +260,8 @@ class SnapshotWriter:
                 "chunk_size": self.chunk_size,
                 "parent": self.parent,
                 "image_digest": index.digest(self.store._zero_map(index)),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "created_at": iso_time(now),
+                "started_at": iso_time(self.started),
                 "tool_version": _tool_version(),
                 "host": socket.gethostname(),
                 "store_id": self.store.id,
