@@ -90,7 +90,8 @@ class SnapshotWriter:
         self._zeroes = {n: bytes(n) for n in {chunk_size, size - (self.count - 1) * chunk_size}}
         self.workers = workers or store.workers
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="store-writer")
-        self._slots = threading.BoundedSemaphore(max_pending or 2 * self.workers)
+        self.max_pending = max_pending or 2 * self.workers
+        self._slots = threading.BoundedSemaphore(self.max_pending)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._closed = False
@@ -217,6 +218,17 @@ class SnapshotWriter:
         for i in todo:
             self.take_from_parent(i * self.chunk_size)
         return len(todo)
+
+    def wait(self) -> None:
+        """Block until every chunk given so far has been processed (stored,
+        reused or found zero); stats are then up to date. Raises the first
+        processing error, if any."""
+        for _ in range(self.max_pending):
+            self._slots.acquire()
+        for _ in range(self.max_pending):
+            self._slots.release()
+        if self._error is not None:
+            raise StoreError(f"backup failed: {self._error}") from self._error
 
     # -- finishing ----------------------------------------------------------------
 
