@@ -124,12 +124,29 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+_PROBE, _PROBES = 16384, 4
+
+
+def _worth_compressing(plain: bytes, level: int) -> bool:
+    """False when four 16 KiB samples spread over a big object do not shrink
+    by 2% together: random or already-compressed data, which zstd would take
+    about a third of the hashing time to fail on. Small objects are always
+    tried."""
+    if len(plain) < 16 * _PROBE:
+        return True
+    step = len(plain) // _PROBES
+    c = _compressor(level)
+    packed = sum(len(c.compress(plain[i * step:i * step + _PROBE])) for i in range(_PROBES))
+    return packed < 0.98 * _PROBES * _PROBE
+
+
 def seal(keys: Keys, kind: int, name: str, plain: bytes, level: int | None) -> bytes:
     """The stored form of `plain`: compressed at zstd `level` (None: not at
-    all) when that shrinks it, then sealed or checksummed."""
+    all) when that shrinks it (and, for a big object, when a sample says it
+    might), then sealed or checksummed."""
     flags = 0
     body = plain
-    if level is not None:
+    if level is not None and _worth_compressing(plain, level):
         packed = _compressor(level).compress(plain)
         if len(packed) < len(plain):
             body, flags = packed, F_ZSTD
@@ -177,6 +194,8 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) 
                 raise CorruptObject(name, "checksum mismatch")
     if flags & F_ZSTD:
         try:
+            if not 0 <= zstandard.frame_content_size(body) <= max_size:
+                raise CorruptObject(name, f"claims more than {max_size} bytes")
             return _decompressor().decompress(body, max_output_size=max_size)
         except zstandard.ZstdError as e:
             raise CorruptObject(name, f"zstd: {e}") from None

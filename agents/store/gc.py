@@ -20,16 +20,28 @@ Why a running writer loses nothing:
    until no lease names it).
 2. What (1) does not close is the race of a sweep that read a reused chunk's
    old mtime just before the writer touched it, and deletes it just after. So
-   a sweep announces itself first (`gc/<uuid>`, "running", heartbeat), and a
-   writer, at commit, before writing its index: waits until no live sweep is
-   running, and if any sweep ran at any time since the writer started, checks
-   that every chunk its index names still exists; if one is gone it commits
-   nothing and raises ConcurrentSweep (the data is not lost: no snapshot refers
-   to it; the next run writes it again). A sweep that starts after that check
-   sees the lease, so (1) covers it.
+   a sweep announces itself (`gc/<uuid>`: "running", a heartbeat and a beat
+   counter). It bumps the counter at least every SWEEP_BEAT seconds, and
+   never between reading a chunk's mtime and deleting that chunk. A writer,
+   at commit, once every chunk is processed (so every touch is done), looks
+   at the running sweeps and waits until each has bumped its counter or
+   ended: every deletion decided on an mtime read before the writer's
+   touches is then done, and later ones see the touches. If any sweep ran
+   since the writer started, it then checks that every chunk its index
+   names still exists; if one is gone it commits nothing and raises
+   ConcurrentSweep (the data is not lost: no snapshot refers to it; the next
+   run writes it again). A sweep that starts after that check sees the
+   lease, so (1) covers it. The wait is about a second, however long the
+   sweep.
 3. A lease or marker whose heartbeat is older than LEASE_EXPIRY belongs to a
-   dead process and is ignored (and removed by the next sweep). A sweep that
-   notices its own heartbeat has gone stale (it was paused) stops deleting.
+   dead process and is ignored (and removed by a later sweep). A sweep beats
+   between objects, from the thread that sweeps, and before each deletion checks that
+   its last beat is recent: a sweep that was paused (SIGSTOP, a stalled
+   storage) long enough for writers to think it dead stops instead of
+   deleting. A writer beats once more just before its fence, so a sweep that
+   starts after the fence sees its lease even if the writer was paused. What
+   remains is a pause of more than LEASE_EXPIRY/2 inside one deletion: leases
+   without fencing tokens cannot close that, as with any lease scheme.
 
 `margin` (default MARGIN seconds) allows for clocks that disagree between the
 writer's host and the storage's (mtime), e.g. a remote store.
@@ -68,10 +80,11 @@ from agents.store.names import index_name, manifest_name
 if TYPE_CHECKING:
     from agents.store.store import Store
 
-LEASE_REFRESH = 30.0
-LEASE_EXPIRY = 600.0
-MARGIN = 300.0
-SWEEP_POLL = 0.2
+LEASE_REFRESH = 30.0      # a writer's heartbeat
+LEASE_EXPIRY = 600.0      # a lease or sweep not heard of for this long is dead
+MARGIN = 300.0            # default gc margin (clock disagreement)
+SWEEP_BEAT = 1.0          # a sweep bumps its beat counter at least this often
+SWEEP_POLL = 0.1          # how often a committing writer looks again
 
 
 def _read_json(backend: Backend, name: str) -> dict[str, Any] | None:
@@ -91,21 +104,22 @@ class _Heartbeat:
         self.name = name
         self.body = body
         self.start: float = body["start"]
-        self.beat = self.start
+        self.last_beat = self.start
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._write()
+        self.beat()
 
-    def _write(self) -> None:
-        self.beat = time.time()
-        self.body["heartbeat"] = self.beat
+    def beat(self) -> None:
+        self.last_beat = time.time()
+        self.body["heartbeat"] = self.last_beat
+        self.body["beat"] = self.body.get("beat", 0) + 1
         self.backend.put(self.name, json.dumps(self.body).encode())
 
     def run_in_background(self) -> None:
         def loop() -> None:
             while not self._stop.wait(LEASE_REFRESH):
                 try:
-                    self._write()
+                    self.beat()
                 except Exception:   # the owner notices a stale beat; keep trying
                     pass
         self._thread = threading.Thread(target=loop, name=f"heartbeat {self.name}", daemon=True)
@@ -145,26 +159,38 @@ def live_leases(backend: Backend, now: float) -> list[dict[str, Any]]:
 
 
 def sweeps_since(backend: Backend, start: float) -> bool:
-    """For a writer about to commit (module docstring, point 2): wait while a
-    live sweep runs; True if any sweep ran at any time since `start`."""
+    """For a writer about to commit, all its chunks processed (module
+    docstring, point 2): wait until every sweep running now has bumped its
+    beat counter or ended; True if any sweep ran at any time since `start`."""
     overlapped = False
-    while True:
-        running = False
+    waiting: dict[str, int] = {}
+    first = True
+    while first or waiting:
         now = time.time()
-        for name in backend.list("gc/"):
-            m = _read_json(backend, name)
+        markers = {name: _read_json(backend, name) for name in backend.list("gc/")}
+        for name, m in markers.items():
             if m is None:
                 continue
-            if m.get("state") == "running":
-                if now - m.get("heartbeat", 0) < LEASE_EXPIRY:
-                    running = overlapped = True
-                elif m.get("heartbeat", 0) >= start:
-                    overlapped = True
-            elif m.get("end", 0) >= start:
+            fresh = now - m.get("heartbeat", 0) < LEASE_EXPIRY
+            if m.get("state") == "running" and fresh:
                 overlapped = True
-        if not running:
-            return overlapped
-        time.sleep(SWEEP_POLL)
+                if first:
+                    waiting[name] = m.get("beat", 0)
+                elif name in waiting and m.get("beat", 0) != waiting[name]:
+                    del waiting[name]
+            elif m.get("state") == "running":
+                overlapped |= m.get("heartbeat", 0) >= start
+            else:
+                overlapped |= m.get("end", 0) >= start
+                waiting.pop(name, None)
+        for name in list(waiting):
+            m = markers.get(name)
+            if m is None or now - m.get("heartbeat", 0) >= LEASE_EXPIRY:
+                del waiting[name]
+        first = False
+        if waiting:
+            time.sleep(SWEEP_POLL)
+    return overlapped
 
 
 @dataclass
@@ -202,6 +228,8 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
         roots = set(sids) | {lease["parent"] for lease in leases if lease.get("parent")}
         marked: set[bytes] = set()
         for sid in sorted(roots):
+            if time.time() - marker.last_beat > SWEEP_BEAT:
+                marker.beat()
             try:
                 marked |= store.index(sid).data_ids()
             except ObjectMissing:
@@ -213,16 +241,19 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
         report.marked_chunks = len(marked)
 
         def may_delete(name: str) -> bool:
+            """Whether `name` is old enough to go; the caller deletes it at
+            once. The beat comes first, never between the mtime and the
+            deletion (point 2); stale first, then beat (point 3)."""
+            if time.time() - marker.last_beat > LEASE_EXPIRY / 2:
+                raise StoreError("gc stalled past its lease; stopped (run it again)")
+            if time.time() - marker.last_beat > SWEEP_BEAT:
+                marker.beat()
             try:
                 if backend.mtime(name) >= cutoff:
                     report.kept_young_chunks += name.startswith("chunks/")
                     return False
             except ObjectMissing:
                 return False
-            if time.time() - marker.beat > LEASE_REFRESH:
-                marker._write()
-            if time.time() - marker.beat > LEASE_EXPIRY / 2:
-                raise StoreError("gc stalled past its lease; stopped (run it again)")
             return True
 
         for name in backend.list("chunks/"):
@@ -250,7 +281,7 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
         return report
     finally:
         marker.body.update(state="done", end=time.time())
-        marker._write()
+        marker.beat()
 
 
 def _tidy(backend: Backend, now: float) -> None:

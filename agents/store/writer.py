@@ -247,6 +247,8 @@ class SnapshotWriter:
         fields (MANIFEST_FIELDS). On any error nothing is committed, the
         writer is aborted and the error raised."""
         unknown = set(fields) - MANIFEST_FIELDS.keys()
+        if self._closed:
+            raise StoreError("writer is closed (committed or aborted)")
         try:
             if unknown:
                 raise StoreBadInput(f"unknown manifest fields: {', '.join(sorted(unknown))}")
@@ -259,6 +261,9 @@ class SnapshotWriter:
             backend = self.store.backend
             backend.sync()
             index = Index(self.size, self.chunk_size, self._entries)
+            # A fresh beat now, whatever the heartbeat thread did while we were
+            # descheduled: every sweep from here on must see this lease (gc.py).
+            self.lease.beat()
             if sweeps_since(backend, self.lease.start):
                 self._recheck(index)
             now = time.time()

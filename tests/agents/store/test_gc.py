@@ -98,8 +98,9 @@ def test_prune_then_gc(store):
 @pytest.mark.slow
 def test_gc_racing_writers_loses_nothing(store):
     """Sweeps run back to back in one thread while backups of the same image
-    (so each reuses the previous one's chunks, which have just become garbage
-    and are old enough to sweep) commit in another. Every committed snapshot
+    (so each reuses the previous one's chunks, which have just become garbage,
+    made old enough to sweep) are written in another: the writer's touches
+    race the sweeps' reads of mtimes and deletions. Every committed snapshot
     must restore exactly; a writer may only fail with ConcurrentSweep."""
     rnd = random.Random(23)
     base = rnd.randbytes(48 * CS)
@@ -117,14 +118,14 @@ def test_gc_racing_writers_loses_nothing(store):
     store_g = open_dir(store.backend.root)       # its own handle, as another process would have
     t = threading.Thread(target=sweeper)
     t.start()
-    committed, refused = {}, 0
+    committed, refused, reused = {}, 0, 0
     try:
         for round_ in range(8):
             image = bytearray(base)
             image[round_ * CS:round_ * CS + 10] = bytes([round_ + 1]) * 10
             if committed:
                 store.forget(list(committed))
-                time.sleep(1.1)                  # the forgotten chunks are now sweepable
+                age_everything(store.backend.root)   # the forgotten chunks are sweepable now
             w = store.writer(len(image))
             order = list(range(48))
             rnd.shuffle(order)
@@ -139,6 +140,7 @@ def test_gc_racing_writers_loses_nothing(store):
                 continue
             assert image_of(store, sid) == image
             committed = {sid: bytes(image)}
+            reused += w.stats["reused_chunks"]
     finally:
         stop.set()
         t.join()
@@ -147,7 +149,8 @@ def test_gc_racing_writers_loses_nothing(store):
     for sid, image in committed.items():
         assert image_of(store, sid) == image
     assert store.check().ok
-    print(f"sweeps {len(sweeps)}, chunks swept {sum(sweeps)}, commits refused {refused}")
+    print(f"sweeps {len(sweeps)}, chunks swept {sum(sweeps)}, chunks reused {reused}, "
+          f"commits refused {refused}")
 
 
 _CHILD = r"""
@@ -199,3 +202,86 @@ def test_writer_killed_leaves_no_snapshot_and_a_clean_store(tmp_path, kill_after
     assert image_of(s, sid) == image
     if kill_after == "added 40":
         assert w.stats["reused_chunks"] >= 30
+
+
+_GC_CHILD = r"""
+import sys
+from agents.store import open_dir
+print(open_dir(sys.argv[1]).gc(margin=0), flush=True)
+"""
+
+
+def test_commit_waits_for_a_running_sweep(store):
+    """A real sweep in another process, stopped (SIGSTOP) while its marker says
+    running: a writer's commit waits for it, then re-checks and commits."""
+    rnd = random.Random(24)
+    for _ in range(3):
+        garbage = backup(store, rnd.randbytes(400 * CS))
+        store.forget([garbage])
+    age_everything(store.backend.root)
+    image = rnd.randbytes(4 * CS)
+    w = store.writer(len(image))
+    w.add(0, image)
+    gc_dir = os.path.join(store.backend.root, "gc")
+    child = subprocess.Popen([sys.executable, "-c", _GC_CHILD, store.backend.root],
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.isdir(gc_dir) and any(not f.startswith(".") for f in os.listdir(gc_dir))):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        child.send_signal(signal.SIGSTOP)
+        done = threading.Event()
+        result: list[str] = []
+        t = threading.Thread(target=lambda: (result.append(w.commit()), done.set()))
+        t.start()
+        waited = not done.wait(1.0)
+        child.send_signal(signal.SIGCONT)
+        t.join(30)
+        assert waited, "commit did not wait for the running sweep"
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert image_of(store, result[0]) == image
+    assert store.check().ok and store.check().unreferenced_chunks == 0
+
+
+def test_commit_refuses_when_a_reused_chunk_vanished_during_a_sweep(store):
+    """The writer's fence: it reused (touched) a chunk; a sweep ran; the chunk
+    is gone at commit (what a sweep that read the chunk's mtime just before
+    the touch would do; here removed by hand, as that interleaving cannot be
+    forced from outside). Commit must refuse and commit nothing; the next
+    backup writes the chunk again."""
+    rnd = random.Random(25)
+    image = rnd.randbytes(4 * CS)
+    old = backup(store, image)
+    store.forget([old])
+    w = store.writer(len(image))
+    w.add(0, image)
+    w.wait()
+    assert w.stats["reused_chunks"] == 4
+    assert store.gc(margin=0).deleted_chunks == 0     # young: touched by the writer
+    os.unlink(os.path.join(store.backend.root, chunk_name_of(store, image[:CS])))
+    with pytest.raises(ConcurrentSweep, match="removed 1 chunks this backup reused"):
+        w.commit()
+    assert store.snapshot_ids() == []
+    again = backup(store, image)
+    assert image_of(store, again) == image and store.check().ok
+
+
+def test_no_sweep_no_recheck(store):
+    """Without a sweep since the writer started, commit does not re-check (a
+    chunk removed behind the store's back is verify's business)."""
+    image = random.Random(26).randbytes(2 * CS)
+    w = store.writer(len(image))
+    w.add(0, image)
+    w.wait()
+    os.unlink(os.path.join(store.backend.root, chunk_name_of(store, image[:CS])))
+    sid = w.commit()
+    assert store.verify(sid).broken_snapshots == [sid]
+
+
+def chunk_name_of(store, data: bytes) -> str:
+    from agents.store.names import chunk_name
+    return chunk_name(store.chunk_id(data))
