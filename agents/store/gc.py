@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 from agents.store.backend import Backend, DirBackend
 from agents.store.errors import CorruptObject, ObjectMissing, StoreBadInput, StoreError
-from agents.store.names import index_name, manifest_name
+from agents.store.names import chunk_id_of, index_name, manifest_name, valid_snapshot_id
 
 if TYPE_CHECKING:
     from agents.store.store import Store
@@ -257,7 +257,8 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
             return True
 
         for name in backend.list("chunks/"):
-            if bytes.fromhex(name.rsplit("/", 1)[1]) in marked:
+            cid = chunk_id_of(name)
+            if cid is None or cid in marked:
                 continue
             report.unreferenced_chunks += 1
             if may_delete(name):
@@ -270,7 +271,8 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
                     backend.delete(name)
         for name in backend.list("indexes/"):
             sid = name.rsplit("/", 1)[1]
-            if sid not in roots and not backend.exists(manifest_name(sid)) and may_delete(name):
+            if valid_snapshot_id(sid) and sid not in roots \
+                    and not backend.exists(manifest_name(sid)) and may_delete(name):
                 report.deleted_indexes.append(sid)
                 if not dry_run:
                     backend.delete(index_name(sid))

@@ -13,6 +13,18 @@ def chunk_name(cid: bytes) -> str:
     return f"chunks/{h[:2]}/{h}"
 
 
+def chunk_id_of(name: str) -> bytes | None:
+    """The id a "chunks/ab/ab12..." name stands for; None for anything else
+    (a foreign file: gc never deletes what it does not understand)."""
+    prefix, _, h = name.rpartition("/")
+    if len(h) != 64 or prefix != f"chunks/{h[:2]}":
+        return None
+    try:
+        return bytes.fromhex(h)
+    except ValueError:
+        return None
+
+
 def index_name(sid: str) -> str:
     return f"indexes/{sid}"
 

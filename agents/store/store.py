@@ -48,6 +48,7 @@ from agents.store.errors import (
 )
 from agents.store.index import ZERO_ID, Index
 from agents.store.names import (
+    chunk_id_of,
     chunk_name,
     index_name,
     iso_time,
@@ -472,7 +473,7 @@ class Store:
         bad = self._check_chunks(lengths, report, read_data=read_data)
         if bad:
             self._attribute(bad, report)
-        stored = {bytes.fromhex(n.rsplit("/", 1)[1]) for n in self.backend.list("chunks/")}
+        stored = {chunk_id_of(n) for n in self.backend.list("chunks/")} - {None}
         report.unreferenced_chunks = len(stored - lengths.keys())
         have = set(sids)
         report.orphan_indexes = sorted(n.rsplit("/", 1)[1] for n in self.backend.list("indexes/")

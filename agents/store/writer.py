@@ -77,29 +77,35 @@ class SnapshotWriter:
         self.size = size
         self.chunk_size = chunk_size
         self.parent = parent
-        self._parent_index: Index | None = None
-        if parent is not None:
-            store.manifest(parent)        # the parent must be a committed snapshot
-            self._parent_index = store.index(parent)
-            if self._parent_index.chunk_size != chunk_size:
-                raise StoreBadInput(f"parent {parent} has chunk size {self._parent_index.chunk_size}, "
-                                    f"not {chunk_size}")
         self.count = chunk_count(size, chunk_size)
         self._entries = bytearray(self.count * ID_LEN)
         self._state = bytearray(self.count)
         self._zeroes = {n: bytes(n) for n in {chunk_size, size - (self.count - 1) * chunk_size}}
         self.workers = workers or store.workers
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="store-writer")
         self.max_pending = max_pending or 2 * self.workers
         self._slots = threading.BoundedSemaphore(self.max_pending)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._closed = False
-        self.started = time.time()
         self.stats = dict.fromkeys(
             ("bytes_added", "zero_chunks", "zero_chunks_bytes", "parent_chunks", "new_chunks",
              "new_bytes", "stored_bytes", "reused_chunks", "reused_bytes"), 0)
+        # The lease comes before the parent is looked at: from then on a sweep
+        # keeps the parent's chunks even if the parent is forgotten (gc.py).
         self.lease = Lease.take(store.backend, parent)
+        self.started = self.lease.start
+        self._parent_index: Index | None = None
+        try:
+            if parent is not None:
+                store.manifest(parent)        # the parent must be a committed snapshot
+                self._parent_index = store.index(parent)
+                if self._parent_index.chunk_size != chunk_size:
+                    raise StoreBadInput(f"parent {parent} has chunk size "
+                                        f"{self._parent_index.chunk_size}, not {chunk_size}")
+        except BaseException:
+            self.lease.release()
+            raise
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="store-writer")
 
     # -- feeding ----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 
 from agents.store import (
     KeyRefused,
+    ObjectMissing,
     StoreBadInput,
     StoreError,
     init_dir,
@@ -114,6 +115,12 @@ def test_add_async_and_multi_chunk_adds(store):
     w = store.writer(len(image))
     asyncio.run(feed(w))
     assert image_of(store, w.commit()) == image
+
+
+def test_a_missing_parent_is_refused_and_leaves_no_lease(store):
+    with pytest.raises(ObjectMissing, match="snapshots/20260101T000000.000Z-00000000"):
+        store.writer(CS, parent="20260101T000000.000Z-00000000")
+    assert list(store.backend.list("leases/")) == []
 
 
 def test_bad_ranges_and_incomplete_images_are_refused(store):
