@@ -21,6 +21,7 @@ Rules every backend keeps:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -30,7 +31,7 @@ from typing import Protocol
 
 from agents.store.errors import ObjectMissing, StoreBadInput, StoreError
 from common.errors import NoSpace
-from volumes.files import fsync_dir
+from volumes.files import fsync_dir, write_all
 
 
 class Backend(Protocol):
@@ -74,48 +75,60 @@ class DirBackend:
         _check_name(name)
         return os.path.join(self.root, name)
 
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Turn an OSError while writing `name` into the store's errors:
+        NoSpace for a full filesystem or quota, StoreError otherwise."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"store {self.root} is full: cannot write {name}") from e
+            raise StoreError(f"cannot write {name} in store {self.root}: {e.strerror}") from e
+
     def _write_temp(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, flags, 0o600)
         except FileNotFoundError:
             os.makedirs(directory, exist_ok=True)
             self._dirty.add(os.path.dirname(directory))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, flags, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data, 0)
             os.fsync(fd)
-        except OSError as e:
-            os.close(fd)
+        except BaseException:
             os.unlink(tmp)
-            if e.errno == errno.ENOSPC:
-                raise NoSpace(f"store {self.root} is full: no space for {path}") from e
-            raise StoreError(f"cannot write {path}: {e.strerror}") from e
-        os.close(fd)
+            raise
+        finally:
+            os.close(fd)
         return tmp
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         path = self._path(name)
         if os.path.exists(path):
             return False
-        tmp = self._write_temp(path, data)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        with self._writing(name):
+            tmp = self._write_temp(path, data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
         self._dirty.add(os.path.dirname(path))
         return True
 
     def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
-        tmp = self._write_temp(path, data)
-        os.rename(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        with self._writing(name):
+            tmp = self._write_temp(path, data)
+            os.rename(tmp, path)
+            fsync_dir(os.path.dirname(path))
 
     def get(self, name: str) -> bytes:
         try:
@@ -160,7 +173,8 @@ class DirBackend:
     def delete(self, name: str) -> None:
         path = self._path(name)
         try:
-            os.unlink(path)
+            with self._writing(name):
+                os.unlink(path)
         except FileNotFoundError:
             return
         self._dirty.add(os.path.dirname(path))
@@ -169,7 +183,8 @@ class DirBackend:
         dirty, self._dirty = self._dirty, set()
         for d in sorted(dirty):
             try:
-                fsync_dir(d)
+                with self._writing(os.path.relpath(d, self.root)):
+                    fsync_dir(d)
             except FileNotFoundError:
                 pass
 

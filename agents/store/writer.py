@@ -45,6 +45,7 @@ from agents.store.errors import ConcurrentSweep, StoreBadInput, StoreError
 from agents.store.gc import Lease, sweeps_since
 from agents.store.index import ID_LEN, ZERO_ID, Index, chunk_count
 from agents.store.names import chunk_name, index_name, iso_time, manifest_name, new_snapshot_id
+from common.errors import SplitdError
 
 if TYPE_CHECKING:
     from agents.store.store import Store
@@ -121,8 +122,7 @@ class SnapshotWriter:
         with self._lock:
             if self._closed:
                 raise StoreError("writer is closed (committed or aborted)")
-            if self._error is not None:
-                raise StoreError(f"backup failed: {self._error}") from self._error
+            self._raise_error()
             if self._state[i]:
                 raise StoreBadInput(f"chunk at offset {i * self.chunk_size} given twice")
             self._state[i] = how
@@ -233,8 +233,16 @@ class SnapshotWriter:
             self._slots.acquire()
         for _ in range(self.max_pending):
             self._slots.release()
-        if self._error is not None:
-            raise StoreError(f"backup failed: {self._error}") from self._error
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        """Raise the first error of a chunk's processing: as it was if it is
+        one of ours (NoSpace keeps its code), else wrapped in StoreError."""
+        e = self._error
+        if isinstance(e, SplitdError):
+            raise e
+        if e is not None:
+            raise StoreError(f"backup failed: {e!r}") from e
 
     # -- finishing ----------------------------------------------------------------
 
@@ -259,8 +267,7 @@ class SnapshotWriter:
             if unknown:
                 raise StoreBadInput(f"unknown manifest fields: {', '.join(sorted(unknown))}")
             self._close()
-            if self._error is not None:
-                raise StoreError(f"backup failed: {self._error}") from self._error
+            self._raise_error()
             missing = self.missing()
             if missing:
                 raise StoreBadInput(f"{len(missing)} chunks never given, the first at offset {missing[0]}")

@@ -230,3 +230,61 @@ def test_manifest_is_json_with_the_digest(store):
     other = w.commit()
     assert store.manifest(other)["image_digest"] == manifest["image_digest"]
     assert chunk_name(store.chunk_id(b"z" * CS)) in set(store.backend.list("chunks/"))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs of our own (root), unmounted afterwards."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", f"store-test-{os.getpid()}", str(mnt)],
+                   check=True)
+    yield str(mnt)
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.root
+def test_a_full_store_fails_clearly_and_commits_nothing(small_fs):
+    from common.errors import NoSpace
+    s = init_dir(os.path.join(small_fs, "s"), chunk_size=CS)
+    image = random.Random(8).randbytes(32 * CS)
+    w = s.writer(len(image))
+    with pytest.raises(NoSpace, match=r"store .* is full: cannot write chunks/"):
+        for off in range(0, len(image), CS):
+            w.add(off, image[off:off + CS])
+        w.commit()
+    w.abort()                       # idempotent: commit already aborted if it raised
+    assert s.snapshot_ids() == [] and list(s.backend.list("leases/")) == []
+    assert s.check().ok
+    # Space again (what gc would free): a small backup goes through.
+    for name in list(s.backend.list("chunks/")):
+        s.backend.delete(name)
+    sid = backup(s, image[:4 * CS])
+    assert image_of(s, sid) == image[:4 * CS]
+
+
+def test_two_backups_at_once_both_complete(store):
+    """Two writers, in threads, into one store, with much data in common (each
+    chunk written by one of them, reused by the other)."""
+    import threading
+    rnd = random.Random(9)
+    common = [rnd.randbytes(CS) for _ in range(24)]
+    images = [b"".join(common) + rnd.randbytes(CS) for _ in range(2)]
+    sids: list[str] = []
+
+    def run(image):
+        sids.append(backup(store, image, order=list(range(25))))
+
+    threads = [threading.Thread(target=run, args=(im,)) for im in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(sids) == 2
+    for image in images:
+        assert any(image_of(store, sid) == image for sid in sids)
+    assert len(list(store.backend.list("chunks/"))) == 26 and store.check().ok
