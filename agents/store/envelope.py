@@ -179,6 +179,8 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) 
     if flags & F_SEALED:
         if keys.aes is None:
             raise CorruptObject(name, "sealed, in a store opened without encryption")
+        if len(stored) < HEADER.size + NONCE_LEN + TAG_LEN:
+            raise CorruptObject(name, "shorter than its nonce and tag")
         nonce = stored[HEADER.size:HEADER.size + NONCE_LEN]
         try:
             body = keys.aes.decrypt(nonce, stored[HEADER.size + NONCE_LEN:], header + name.encode())
@@ -189,12 +191,15 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) 
             raise CorruptObject(name, "not sealed, in an encrypted store")
         body = stored[HEADER.size:]
         if flags & F_CHECKSUM:
+            if len(body) < SUM_LEN:
+                raise CorruptObject(name, "shorter than its checksum")
             body, mac = body[:-SUM_LEN], body[-SUM_LEN:]
             if blake3.blake3(header + name.encode() + body).digest(SUM_LEN) != mac:
                 raise CorruptObject(name, "checksum mismatch")
     if flags & F_ZSTD:
         try:
-            if not 0 <= zstandard.frame_content_size(body) <= max_size:
+            # -1: size not recorded; decompress() then stops at max_output_size.
+            if zstandard.frame_content_size(body) > max_size:
                 raise CorruptObject(name, f"claims more than {max_size} bytes")
             return _decompressor().decompress(body, max_output_size=max_size)
         except zstandard.ZstdError as e:
