@@ -238,9 +238,12 @@ class Store:
 
     # -- snapshots ----------------------------------------------------------------
 
-    def _put_sealed(self, kind: int, name: str, plain: bytes) -> None:
-        sealed = envelope.seal(self.keys, kind, name, plain, self.level)
-        if not self.backend.put_if_absent(name, sealed):
+    def put_sealed(self, kind: int, name: str, plain: bytes) -> None:
+        """Store a new index or manifest, sealed (create-exclusive). Indexes
+        are compressed; manifests are not (small, and readable with `less`
+        in a plain store)."""
+        level = self.level if kind == KIND_INDEX else None
+        if not self.backend.put_if_absent(name, envelope.seal(self.keys, kind, name, plain, level)):
             raise StoreError(f"{name} exists already")
 
     def manifest(self, sid: str) -> dict[str, Any]:

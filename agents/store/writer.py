@@ -281,7 +281,7 @@ class SnapshotWriter:
                 self._recheck(index)
             now = time.time()
             sid = new_snapshot_id(now)
-            self._put(KIND_INDEX, index_name(sid), index.encode())
+            self.store.put_sealed(KIND_INDEX, index_name(sid), index.encode())
             backend.sync()
             manifest = {
                 "id": sid,
@@ -297,18 +297,12 @@ class SnapshotWriter:
                 "store_id": self.store.id,
                 "stats": {**self.stats, "chunks": self.count, "seconds": round(now - self.started, 3)},
             }
-            self._put(KIND_MANIFEST, manifest_name(sid), json.dumps(manifest, indent=1).encode())
+            self.store.put_sealed(KIND_MANIFEST, manifest_name(sid), json.dumps(manifest, indent=1).encode())
             backend.sync()
             return sid
         finally:
             self._close()
             self.lease.release()
-
-    def _put(self, kind: int, name: str, plain: bytes) -> None:
-        sealed = envelope.seal(self.store.keys, kind, name, plain,
-                               self.store.level if kind == KIND_INDEX else None)
-        if not self.store.backend.put_if_absent(name, sealed):
-            raise StoreError(f"{name} exists already")
 
     def _recheck(self, index: Index) -> None:
         """A sweep ran while we wrote: make sure it removed nothing we refer
