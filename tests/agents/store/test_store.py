@@ -137,6 +137,10 @@ def test_bad_ranges_and_incomplete_images_are_refused(store):
     with pytest.raises(StoreBadInput, match="3 chunks never given, the first at offset 65536"):
         w.commit()
     assert store.snapshot_ids() == []
+    with pytest.raises(StoreBadInput, match="unknown manifest fields: colour"):
+        w.commit(colour="blue")
+    w.zero(CS, 3 * CS)                  # the writer stayed open: complete it
+    assert image_of(store, w.commit()) == b"x" * CS + bytes(3 * CS)
 
 
 def test_restore_to_file_is_sparse_and_exact(store, store_dir):
