@@ -98,6 +98,8 @@ def test_incremental_takes_parent_entries_and_restores_both(store):
     assert m["parent"] == sid1 and m["stats"]["parent_chunks"] == 6
     shown = store.show(sid2)["sizes"]
     assert shown["new_data"] == 2 * CS and shown["logical"] == 8 * CS
+    # Chunk 1 is no longer zero; chunks 4 and 7 are, though taken from the parent.
+    assert (store.show(sid1)["sizes"]["zero"], shown["zero"]) == (3 * CS, 2 * CS)
     # fill_from_parent does the same in one call.
     w = store.writer(len(second), parent=sid2)
     w.add(0, bytes(second[:CS]))
