@@ -294,3 +294,16 @@ def test_two_backups_at_once_both_complete(store):
     for image in images:
         assert any(image_of(store, sid) == image for sid in sids)
     assert len(list(store.backend.list("chunks/"))) == 26 and store.check().ok
+
+
+def test_big_chunks_skip_zstd_only_when_a_sample_does_not_shrink(store_dir):
+    mib = 1 << 20
+    s = init_dir(os.path.join(store_dir, "big"), chunk_size=mib)
+    rnd = random.Random(12)
+    chunks = [rnd.randbytes(mib),                                  # incompressible: raw
+              b"splitd " * (mib // 7) + b"x" * (mib % 7),           # text: zstd
+              rnd.randbytes(mib // 2) + bytes(mib // 2)]            # half and half: zstd
+    sid = backup(s, b"".join(chunks))
+    flags = [HEADER.unpack_from(s.backend.get(chunk_name(s.chunk_id(c))))[3] & F_ZSTD for c in chunks]
+    assert flags == [0, F_ZSTD, F_ZSTD]
+    assert image_of(s, sid) == b"".join(chunks)
