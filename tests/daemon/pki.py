@@ -32,3 +32,11 @@ def make_server_cert(d: Path, ca: str = "ca") -> tuple[Path, Path]:
             "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server-cert.pem",
             cwd=d)
     return d / "server-cert.pem", d / "server-key.pem"
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate and key it signed, and a second CA that
+    signed nothing here: {"ca", "cert", "key", "other_ca"}."""
+    ca = make_ca(d)
+    cert, key = make_server_cert(d)
+    return {"ca": ca, "cert": cert, "key": key, "other_ca": make_ca(d, "other-ca")}
