@@ -1,2 +1,4 @@
 """splitd's agents: the programs that run beside the daemon, on the
-application host and on the backup host, and the NBD client they share."""
+application host and on the backup host: the NBD client they share (`nbd`) and
+the backup store (`store`: deduplicated, compressed, optionally encrypted
+snapshots of volumes)."""
