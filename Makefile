@@ -43,8 +43,8 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every package we ship, and the tests and tools beside them.
-LINT_PATHS := agents common daemon controller volumes splitctl nbdwire harness tests bench scripts
-TYPED_PATHS := agents common daemon controller volumes splitctl nbdwire harness
+LINT_PATHS := agents common remoteapi daemon controller volumes splitctl nbdwire harness tests bench scripts
+TYPED_PATHS := agents common remoteapi daemon controller volumes splitctl nbdwire harness
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(TYPED_PATHS)

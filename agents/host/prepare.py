@@ -1,0 +1,187 @@
+"""prepare(): make the storage hold a consistent image of a directory's
+filesystem at one instant, and say where it can be read (DESIGN.md "Backup",
+step 2).
+
+In order, each step refusing with a PrepareError before anything is frozen:
+  1. the filesystem holding the directory (mounts.find_filesystem), its
+     device, and the attachment record of that device: the volume and the
+     daemon behind it (a directory on anything else is refused, naming it);
+  2. the filesystem's lock: one prepare per filesystem at a time ("busy");
+  3. the daemon's admin API, connected and authenticated now, so that the
+     frozen window holds only the split; `locate` (volume, port) names the
+     pair, pair.show its state and group (a pair in `error` is refused);
+  4. the pre-freeze hook (`HOOK freeze MOUNTPOINT`);
+  5. frozen(): syncfs, arm the watchdog, FIFREEZE, pair.split (group.split
+     when the pair is in a consistency group), FITHAW, disarm;
+  6. the post-thaw hook (`HOOK thaw MOUNTPOINT`): a failure there is
+     reported in "warnings", the split image is good;
+  7. `locate` again: the secondary's URI through the port, its generation.
+
+A split that fails after the freeze still thaws (frozen() thaws whatever
+the block raises) and raises "split-failed" with the daemon's message.
+
+PrepareError.code, for scripts and the service:
+  not-found           the directory does not exist
+  not-splitd          the directory is not on an attached splitd volume
+  busy                another prepare of this filesystem is running
+  bad-config          the attachment's token file or CA cannot be used
+  daemon-unreachable  the daemon cannot be reached (or the TLS handshake failed)
+  daemon-refused      the daemon refused locate/pair.show (unknown port, no pair,
+                      bad token, out of scope)
+  pair-error          the volume's pair is in state error
+  hook-failed         the pre-freeze hook failed or outlived its timeout
+  freeze-failed       FIFREEZE failed (cannot be frozen, already frozen)
+  split-failed        the split failed after the freeze (thawed)
+  watchdog-thawed     the split outlived the freeze timeout: the watchdog thawed
+                      first, so the image is not known to be consistent
+  watchdog-failed     the watchdog could not be reached: nothing was frozen
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agents.host.attach import Attachments, summary
+from agents.host.daemon import ConfigError
+from agents.host.freeze import FreezeError, frozen
+from agents.host.hooks import HookFailed, run_hook
+from agents.host.mounts import NotFound, find_filesystem
+from agents.host.state import Busy, HostState
+from agents.host.watchdog import WatchdogError
+from common.errors import ErrorCode
+from splitctl.client import AdminClient, AdminError
+
+__all__ = ["PrepareError", "prepare"]
+
+_UNREACHABLE = (ErrorCode.UNREACHABLE, ErrorCode.TLS, ErrorCode.PROTOCOL)
+
+
+class PrepareError(Exception):
+    """`code`: see the module docstring; `message`: one line."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = " ".join(message.split())
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def prepare(state: HostState, directory: str, port: str, *, timeout: float = 10.0) -> dict:
+    """Freeze, split, thaw; the answer is described in the module docstring."""
+    started = time.perf_counter()
+    try:
+        fs = find_filesystem(directory)
+    except NotFound as e:
+        raise PrepareError("not-found", str(e)) from None
+    attachments = Attachments(state.state_dir)
+    att = attachments.by_devno(fs.devno)
+    if att is None:
+        raise PrepareError("not-splitd", f"{directory} is on {fs.describe()}, not on a splitd "
+                                         f"volume; attached: {summary(attachments.list())}")
+    try:
+        lock = state.filesystem_lock(fs.devno)
+        lock.__enter__()
+    except Busy:
+        raise PrepareError("busy", f"{fs.mountpoint} is being prepared already: one prepare "
+                                   "per filesystem at a time") from None
+    try:
+        try:
+            # Its socket timeout bounds every call, the split inside the
+            # window too: past it we thaw ourselves, as the watchdog would.
+            client = att.admin_client(timeout=timeout)
+        except ConfigError as e:
+            raise PrepareError("bad-config", f"{att.describe()}: {e}") from None
+        with client:
+            answer = _prepare(state, client, fs, att, directory, port, timeout)
+    finally:
+        lock.__exit__(None, None, None)
+    answer["prepare_ms"] = _ms(time.perf_counter() - started)
+    return answer
+
+
+def _call(client: AdminClient, method: str, **params) -> Any:
+    """A call before the freeze: its failure is one PrepareError."""
+    try:
+        return client.call(method, **params)
+    except AdminError as e:
+        code = "daemon-unreachable" if e.code in _UNREACHABLE else "daemon-refused"
+        raise PrepareError(code, f"{method} at {client.where}: {e.message}") from None
+
+
+def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, port: str,
+             timeout: float) -> dict:
+    located = _call(client, "locate", name=att.volume, port=port)
+    pair = _call(client, "pair.show", name=located["pair"])
+    if pair["state"] == "error":
+        raise PrepareError("pair-error", f"pair {pair['name']} of volume {att.volume} is in "
+                                         f"state error: {pair.get('reason') or 'no reason given'}"
+                                         f" (splitctl pair resync {pair['name']})")
+    group = pair.get("group")
+    try:
+        run_hook(state.hook, "freeze", fs.mountpoint)
+    except HookFailed as e:
+        raise PrepareError("hook-failed", str(e)) from None
+    watchdog = state.watchdog
+    try:
+        if watchdog is None:
+            raise WatchdogError("no watchdog was started")
+        if not watchdog.alive:
+            watchdog.start()
+        method, params = (("group.split", {"name": group}) if group
+                          else ("pair.split", {"name": pair["name"]}))
+        with frozen(fs.mountpoint, watchdog, timeout) as window:
+            try:
+                split = client.call(method, **params)
+            except AdminError as e:
+                raise PrepareError("split-failed", f"{method} {params['name']} failed after the "
+                                   f"freeze (thawed): {e.message}") from None
+    except FreezeError as e:
+        _thaw_hook_quietly(state, fs.mountpoint)
+        raise PrepareError("freeze-failed", e.message) from None
+    except WatchdogError as e:
+        _thaw_hook_quietly(state, fs.mountpoint)
+        raise PrepareError("watchdog-failed", f"nothing was frozen: {e}") from None
+    except PrepareError:
+        _thaw_hook_quietly(state, fs.mountpoint)
+        raise
+    if window.watchdog_fired:
+        _thaw_hook_quietly(state, fs.mountpoint)
+        raise PrepareError("watchdog-thawed", f"the split took longer than the freeze timeout "
+                           f"({timeout:g} s): the watchdog thawed {fs.mountpoint} first, so the "
+                           "split image is not known to be consistent")
+    warnings = []
+    try:
+        run_hook(state.hook, "thaw", fs.mountpoint)
+    except HookFailed as e:
+        warnings.append(str(e))
+    mine = split
+    if group:
+        mine = next((p for p in split.get("pairs", []) if p.get("name") == pair["name"]), {})
+    after = _call(client, "locate", name=pair["name"], port=port)
+    return {
+        "uri": after["uri"], "uris": after.get("uris", [after["uri"]]), "port": after["port"],
+        "tls": after.get("tls"), "pair": pair["name"], "group": group, "volume": att.volume,
+        "directory": fs.directory, "mountpoint": fs.mountpoint, "device": att.device,
+        "split_gen": mine.get("split_gen", after.get("split_gen", after.get("generation"))),
+        "delta_base": mine.get("delta_base", after.get("delta_base")),
+        "split_at": after.get("split_at", mine.get("split_at")),
+        "state": after.get("state"),
+        "frozen_at": window.frozen_at,
+        "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
+        "warnings": warnings,
+    }
+
+
+def _thaw_hook_quietly(state: HostState, mountpoint: str) -> None:
+    """After a failure past the pre-freeze hook, the application it paused
+    is let go all the same."""
+    try:
+        run_hook(state.hook, "thaw", mountpoint)
+    except HookFailed:
+        pass
