@@ -54,12 +54,12 @@ from daemon.notify import sd_notify
 from daemon.tls import TLSConfigError, server_context
 from remoteapi.lines import Request, answer, parse_request
 from remoteapi.server import LOCAL, TokenConnection, TokenServer
+from splitctl.client import DEFAULT_AGENT_PORT
 
 log = logging.getLogger("splitd-host")
 
 DEFAULT_CONFIG = "/etc/splitd-host/splitd-host.toml"
 DEFAULT_SOCKET = "/run/splitd-host/agent.sock"
-DEFAULT_PORT = 10810
 MAX_PREPARES = 4
 MAX_PATH = 4096
 
@@ -396,7 +396,7 @@ configuration:
   ignored if absent), then from flags, which win. File keys are the long
   option names with '_' for '-' (the state directory is --state-dir, or
   $SPLITD_HOST_STATE_DIR, as for every splitd-host command):
-      listen = "tcp://192.0.2.10:{DEFAULT_PORT}"
+      listen = "tcp://192.0.2.10:{DEFAULT_AGENT_PORT}"
       tls_cert = "/etc/splitd-host/cert.pem"
       tls_key = "/etc/splitd-host/key.pem"
       watchdog_timeout = 10
@@ -413,7 +413,7 @@ signals:
                    stop the watchdog (which thaws anything still frozen)
 
 examples:
-  splitd-host serve --listen tcp://0.0.0.0:{DEFAULT_PORT} --tls-cert cert.pem --tls-key key.pem
+  splitd-host serve --listen tcp://0.0.0.0:{DEFAULT_AGENT_PORT} --tls-cert cert.pem --tls-key key.pem
   splitd-host serve --socket /tmp/agent.sock --state-dir /tmp/agent
   splitctl backup prepare --host app1 --dir /srv/db --port backup \\
       --token-file backup.token --tls-ca ca.pem
@@ -432,7 +432,7 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         epilog=EPILOG)
     p.add_argument("--config", metavar="FILE", help=f"TOML configuration (default {DEFAULT_CONFIG})")
     p.add_argument("--listen", metavar="tcp://ADDR:PORT",
-                   help=f"TCP port for remote clients, TLS only (e.g. tcp://0.0.0.0:{DEFAULT_PORT}; "
+                   help=f"TCP port for remote clients, TLS only (e.g. tcp://0.0.0.0:{DEFAULT_AGENT_PORT}; "
                         "default: none)")
     p.add_argument("--socket", metavar="PATH", help=f"local Unix socket (default {DEFAULT_SOCKET})")
     p.add_argument("--tls-cert", metavar="PEM", help="the agent's certificate (with --listen)")
