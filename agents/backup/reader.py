@@ -4,8 +4,13 @@ The plan, per chunk of the store (4 MiB by default, aligned to the image):
 
     not in x-splitd:delta (incremental)  -> take the parent's entry (nothing read)
     wholly zero in base:allocation       -> a zero chunk (nothing read or stored)
-    anything else                        -> READ the whole chunk, hand it to the
-                                            writer (which dedups, compresses, stores)
+    partly in the delta (incremental)    -> the parent's chunk from the store, the
+                                            delta regions READ over it
+    anything else                        -> READ the whole chunk
+
+and every chunk read goes to the writer (which dedups, compresses, stores).
+So an incremental READs exactly the delta regions that may hold data: its
+bytes read are at most delta regions x region size, whatever the chunk size.
 
 base:allocation: only NBD_STATE_ZERO says the bytes read as zeroes; a run
 with NBD_STATE_HOLE alone may read as anything ("base:allocation context",
@@ -103,19 +108,23 @@ async def wait_copied(client: nbd.Client, timeout: float | None,
         await asyncio.sleep(PENDING_POLL)
 
 
-async def _chunks_with(client: nbd.Client, context: str, chunk: int, count: int,
-                       want: Callable[[int], bool]) -> tuple[bytearray, int]:
-    """One flag per chunk: 1 where some run of `context` whose flags satisfy
-    `want` overlaps the chunk; and the bytes of those runs."""
-    marks = bytearray(count)
-    covered = 0
-    async for off, length, flags in client.extents(context):
-        if not want(flags):
-            continue
-        covered += length
-        first, last = off // chunk, (off + length - 1) // chunk
-        marks[first:last + 1] = b"\x01" * (last - first + 1)
-    return marks, covered
+async def _runs_of(client: nbd.Client, context: str, want: Callable[[int], bool]
+                   ) -> list[tuple[int, int]]:
+    """The (offset, length) runs of `context` whose flags satisfy `want`."""
+    return [(off, length) async for off, length, flags in client.extents(context) if want(flags)]
+
+
+def _per_chunk(runs: list[tuple[int, int]], chunk: int, size: int) -> dict[int, list[tuple[int, int]]]:
+    """The runs cut at chunk boundaries: chunk index -> its pieces of runs."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for off, length in runs:
+        end = min(off + length, size)
+        while off < end:
+            i = off // chunk
+            piece_end = min(end, (i + 1) * chunk)
+            out.setdefault(i, []).append((off, piece_end - off))
+            off = piece_end
+    return out
 
 
 def _runs(marks: bytearray, value: int) -> Iterator[tuple[int, int]]:
@@ -170,43 +179,72 @@ async def _read_into_store(client: nbd.Client, store: Store, src: BackupSource,
                            waited: float) -> BackupResult:
     cs = store.chunk_size
     count = chunk_count(size, cs)
-    delta_bytes = None
-    if decision.incremental:
-        wanted, delta_bytes = await _chunks_with(client, nbd.DELTA, cs, count, lambda f: bool(f & 1))
-    else:
-        wanted = bytearray(b"\x01" * count)
+
+    def chunk_len(i: int) -> int:
+        return min(cs, size - i * cs)
+
+    # Where the image may hold data: only NBD_STATE_ZERO promises zeroes.
     if c.BASE_ALLOCATION in client.contexts:
-        data, _ = await _chunks_with(client, c.BASE_ALLOCATION, cs, count,
-                                     lambda f: not f & c.STATE_ZERO)
+        data = _per_chunk(await _runs_of(client, c.BASE_ALLOCATION, lambda f: not f & c.STATE_ZERO),
+                          cs, size)
     else:
-        data = bytearray(b"\x01" * count)
-    # 0: from the parent, 1: zero, 2: read
-    plan = bytearray(0 if not w else (2 if d else 1) for w, d in zip(wanted, data, strict=True))
+        data = {i: [(i * cs, chunk_len(i))] for i in range(count)}
+    # What to read of each chunk: None, all of it; a list, only those ranges
+    # (the delta) over the parent's chunk. Chunks in neither dict come from
+    # the parent (incremental) or are zero.
+    delta_bytes = None
+    reads: dict[int, list[tuple[int, int]] | None] = {}
+    if decision.incremental:
+        delta_runs = await _runs_of(client, nbd.DELTA, lambda f: bool(f & 1))
+        delta_bytes = sum(n for _, n in delta_runs)
+        delta = _per_chunk(delta_runs, cs, size)
+        parent_plan = bytearray(b"\x01" * count)     # 1: from the parent
+        for i, ranges in delta.items():
+            parent_plan[i] = 0
+            if i in data:
+                whole = sum(n for _, n in ranges) == chunk_len(i)
+                reads[i] = None if whole else ranges
+    else:
+        parent_plan = bytearray(count)
+        reads = dict.fromkeys(data)
+    zero_plan = bytearray(0 if parent_plan[i] or i in reads else 1 for i in range(count))
+    todo = sorted(reads.items())
+    total = sum(chunk_len(i) if r is None else sum(n for _, n in r) for i, r in todo)
+    done = 0
+    pindex = store.index(decision.parent) if decision.parent else None
 
     def span(first: int, end: int) -> tuple[int, int]:
         return first * cs, min(end * cs, size) - first * cs
 
-    to_read = [span(i, i + 1) for i in range(count) if plan[i] == 2]
-    total = sum(n for _, n in to_read)
-    done = 0
     writer = store.writer(size, parent=decision.parent)
     try:
-        for first, end in _runs(plan, 0):
+        for first, end in _runs(parent_plan, 1):
             writer.take_from_parent(*span(first, end))
-        for first, end in _runs(plan, 1):
+        for first, end in _runs(zero_plan, 1):
             writer.zero(*span(first, end))
-        queue = iter(to_read)
+        queue = iter(todo)
 
         async def worker() -> None:
             nonlocal done
-            for off, n in queue:
-                buf = await client.read(off, n)
+            for i, ranges in queue:
+                off, n = i * cs, chunk_len(i)
+                if ranges is None:
+                    buf = await client.read(off, n)
+                    got = n
+                else:
+                    # Only the changed regions cross the network; the rest of
+                    # the chunk is the parent's, read back from the store.
+                    assert decision.parent is not None
+                    buf = bytearray(await asyncio.to_thread(store.read_chunk, decision.parent, off, pindex))
+                    view = memoryview(buf)
+                    await asyncio.gather(*(client.readinto(o, view[o - off:o - off + m]) for o, m in ranges))
+                    got = sum(m for _, m in ranges)
                 await writer.add_async(off, buf)
-                done += n
+                done += got
                 if progress is not None:
                     progress(done, total)
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(in_flight, len(to_read))))]
+        tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(in_flight, len(todo))))]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -230,7 +268,7 @@ async def _read_into_store(client: nbd.Client, store: Store, src: BackupSource,
     return BackupResult(
         snapshot=sid, mode=mode, reason=decision.reason, parent=decision.parent, size=size,
         bytes_read=stats.bytes_read, reads=stats.reads, block_status=stats.block_status,
-        delta_bytes=delta_bytes, chunks_read=len(to_read), chunks_zero=ws["zero_chunks"],
+        delta_bytes=delta_bytes, chunks_read=len(todo), chunks_zero=ws["zero_chunks"],
         chunks_parent=ws["parent_chunks"], new_bytes=ws["new_bytes"], stored_bytes=ws["stored_bytes"],
         connections=len(client.connections), waited_s=round(waited, 3),
         seconds=round(time.monotonic() - started, 3))
