@@ -240,6 +240,8 @@ def check_run(args: Namespace) -> None:
         raise BadInput("--volume reads that export directly: drop --dir/--port")
     if args.full and args.incremental:
         raise BadInput("--full and --incremental: give one")
+    if args.wait_copy and args.now:
+        raise BadInput("--wait-copy and --now: give one")
     if args.connections < 1 or args.connections > 64:
         raise BadInput(f"--connections {args.connections}: give 1 to 64")
 
@@ -565,22 +567,21 @@ def add_commands(backup: Commands) -> None:
                  "  splitctl backup run --pair db-s --port backup --to /srv/backup\n"
                  "  splitctl backup run --volume nbd://storage1/vm1 --to /srv/backup --json",
         exit_status=EXIT_STATUS)
-    what = sub.add_argument_group("what to back up (one of)")
-    what.add_argument("--host", metavar="HOST[:PORT]", help="the application host's agent")
-    what.add_argument("--pair", metavar="PAIR", help="a split pair on the daemon")
-    what.add_argument("--volume", metavar="URI", help="an NBD export, read as it is")
+    # What to back up: one of these three (check_run). Not an argument group:
+    # splitctl's parser knows only the options added to it directly.
+    sub.add_argument("--host", metavar="HOST[:PORT]", help="the application host's agent")
+    sub.add_argument("--pair", metavar="PAIR", help="a split pair on the daemon")
+    sub.add_argument("--volume", metavar="URI", help="an NBD export, read as it is")
     sub.add_argument("--dir", metavar="DIR", help="(--host) the directory to back up")
     sub.add_argument("--port", metavar="NAME", type=port_name,
                      help="the daemon's port the secondary is read through")
     sub.add_argument("--to", metavar="DIR", help=f"the backup store (default: ${ENV_STORE})")
     _key_option(sub)
-    mode = sub.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help="read everything")
-    mode.add_argument("--incremental", action="store_true",
+    sub.add_argument("--full", action="store_true", help="read everything")
+    sub.add_argument("--incremental", action="store_true",
                       help="read only the delta; refuse if the chain cannot be trusted")
-    when = sub.add_mutually_exclusive_group()
-    when.add_argument("--wait-copy", action="store_true", help="wait for pending = 0 first")
-    when.add_argument("--now", action="store_true", help="read at once (the default)")
+    sub.add_argument("--wait-copy", action="store_true", help="wait for pending = 0 first")
+    sub.add_argument("--now", action="store_true", help="read at once (the default)")
     sub.add_argument("--wait-timeout", metavar="SECONDS", type=float, default=None,
                      help="(--wait-copy) give up after this long (default: no limit)")
     sub.add_argument("--connections", metavar="N", type=int, default=4,
