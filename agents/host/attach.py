@@ -38,7 +38,7 @@ from agents.host.mounts import device_number, mounted_at
 from agents.host.state import read_json, remove_durably, write_json
 from splitctl.client import AdminError
 
-__all__ = ["Attachment", "Attachments", "AttachError", "attach", "detach", "status"]
+__all__ = ["Attachment", "Attachments", "AttachError", "attach", "detach", "is_nbdfuse", "status"]
 
 NBDFUSE_START_TIMEOUT = 15.0
 CMD_TIMEOUT = 60.0
@@ -303,16 +303,16 @@ def _stop_nbdfuse(fuse_dir: str, pid: int | None) -> None:
     if pid is None:
         return
     deadline = time.monotonic() + 10
-    while _is_nbdfuse(pid) and time.monotonic() < deadline:
+    while is_nbdfuse(pid) and time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)     # ours when attach fails: reap it
         time.sleep(0.05)
-    if _is_nbdfuse(pid):
+    if is_nbdfuse(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
 
 
-def _is_nbdfuse(pid: int | None) -> bool:
+def is_nbdfuse(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -368,7 +368,7 @@ def status(att: Attachment) -> dict:
         device_ok = bool(att.fuse_dir) and backing == os.path.join(att.fuse_dir or "", "nbd")
     elif device_ok and att.method == "nbd-client":
         device_ok = os.path.exists(f"/sys/block/{name}/pid")
-    fuse_ok = att.method != "nbdfuse+loop" or _is_nbdfuse(att.nbdfuse_pid)
+    fuse_ok = att.method != "nbdfuse+loop" or is_nbdfuse(att.nbdfuse_pid)
     mounted = bool(att.mountpoint) and att.mountpoint in mounted_at((att.devno[0], att.devno[1]))
     alive = device_ok and fuse_ok and (mounted or not att.mountpoint)
     return dict(att.as_dict(), alive=alive, device_ok=device_ok, nbdfuse_ok=fuse_ok,

@@ -29,6 +29,7 @@ PrepareError.code, for scripts and the service:
   daemon-refused      the daemon refused locate/pair.show (unknown port, no pair,
                       bad token, out of scope)
   pair-error          the volume's pair is in state error
+  pair-state          the pair cannot be split from its state (split already: resync)
   hook-failed         the pre-freeze hook failed or outlived its timeout
   freeze-failed       FIFREEZE failed (cannot be frozen, already frozen)
   split-failed        the split failed after the freeze (thawed)
@@ -39,6 +40,7 @@ PrepareError.code, for scripts and the service:
 from __future__ import annotations
 
 import time
+from fnmatch import fnmatchcase
 from typing import Any
 
 from agents.host.attach import Attachments, summary
@@ -49,6 +51,8 @@ from agents.host.mounts import NotFound, find_filesystem
 from agents.host.state import Busy, HostState
 from agents.host.watchdog import WatchdogError
 from common.errors import ErrorCode
+from common.scopes import Scope, covers
+from controller.states import TRANSITIONS  # the pure state table (imports only common/)
 from splitctl.client import AdminClient, AdminError
 
 __all__ = ["PrepareError", "prepare"]
@@ -122,7 +126,15 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         raise PrepareError("pair-error", f"pair {pair['name']} of volume {att.volume} is in "
                                          f"state error: {pair.get('reason') or 'no reason given'}"
                                          f" (splitctl pair resync {pair['name']})")
+    if pair["state"] not in TRANSITIONS["split"]:
+        allowed = ", ".join(sorted(TRANSITIONS["split"]))
+        raise PrepareError("pair-state", f"pair {pair['name']} of volume {att.volume} is in "
+                                         f"state {pair['state']}, which cannot be split (from: "
+                                         f"{allowed}); nothing was frozen"
+                           + (f" (splitctl pair resync {pair['name']})"
+                              if pair["state"] == "split" else ""))
     group = pair.get("group")
+    _check_token(client, pair, group)
     try:
         run_hook(state.hook, "freeze", fs.mountpoint)
     except HookFailed as e:
@@ -150,7 +162,7 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
     except PrepareError:
         _thaw_hook_quietly(state, fs.mountpoint)
         raise
-    if window.watchdog_fired:
+    if window.watchdog_fired and window.watchdog_fired.get("result") == "thawed":
         _thaw_hook_quietly(state, fs.mountpoint)
         raise PrepareError("watchdog-thawed", f"the split took longer than the freeze timeout "
                            f"({timeout:g} s): the watchdog thawed {fs.mountpoint} first, so the "
@@ -176,6 +188,29 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
         "warnings": warnings,
     }
+
+
+def _check_token(client: AdminClient, pair: dict, group: str | None) -> None:
+    """A remote daemon said at auth what the token may do (scope, volumes
+    glob; common/scopes.py): a split it would refuse is refused here, before
+    the freeze. (The daemon checks again; a group's other pairs only there.)"""
+    identity = getattr(client, "identity", None)
+    if not isinstance(identity, dict) or "scope" not in identity:
+        return
+    name, scope = identity.get("token"), str(identity["scope"])
+    try:
+        allowed = covers(scope, Scope.SPLIT)
+    except ValueError:
+        return      # a scope newer than us: let the daemon decide
+    if not allowed:
+        raise PrepareError("daemon-refused", f"token {name} of {client.where} has scope {scope}: "
+                           "a split needs scope split or admin; nothing was frozen")
+    glob = identity.get("volumes") or "*"
+    outside = [v for v in (pair["primary"], pair["secondary"]) if not fnmatchcase(v, glob)]
+    if scope == Scope.SPLIT and outside:
+        raise PrepareError("daemon-refused", f"token {name} of {client.where} may split only "
+                           f"pairs of volumes matching {glob!r}; pair {pair['name']} has volume "
+                           f"{outside[0]}; nothing was frozen")
 
 
 def _thaw_hook_quietly(state: HostState, mountpoint: str) -> None:

@@ -55,6 +55,7 @@ __all__ = ["Watchdog", "WatchdogError", "thaw_leftovers"]
 
 MAX_LINE = 1 << 16
 REPLY_TIMEOUT = 10.0
+RETRY_S = 0.2
 
 
 class WatchdogError(Exception):
@@ -90,7 +91,9 @@ class _Process:
             now = time.monotonic()
             for mountpoint, a in list(self.armed.items()):
                 if now >= a.deadline:
-                    self.fired[mountpoint] = self.thaw(mountpoint, "deadline passed")
+                    report = self.thaw(mountpoint, "deadline passed", retry=True)
+                    if mountpoint not in self.fired or report["result"] == "thawed":
+                        self.fired[mountpoint] = report
             wait = min((a.deadline - now for a in self.armed.values()), default=None)
             ready, _, _ = select.select([self.sock], [], [], None if wait is None else max(wait, 0))
             if not ready:
@@ -158,16 +161,26 @@ class _Process:
                 remove_durably(a.journal)
         return self.fired.pop(mountpoint, None)
 
-    def thaw(self, mountpoint: str, why: str) -> dict:
-        """FITHAW through the fd opened at arm (the path may be covered by now)."""
-        a = self.armed.pop(mountpoint)
+    def thaw(self, mountpoint: str, why: str, retry: bool = False) -> dict:
+        """FITHAW through the fd opened at arm (the path may be covered by
+        now). retry: a filesystem not frozen yet stays armed and is tried
+        again every RETRY_S: an agent stuck inside a FIFREEZE that is still
+        writing out (a slow device) would otherwise freeze it after our
+        thaw, with nobody left to watch. (When the agent is gone, its
+        FIFREEZE has returned: a process leaves only after its ioctl does.)"""
+        a = self.armed[mountpoint]
         frozen_s = time.time() - a.entry["frozen_at"]
         try:
             was_frozen = thaw_fd(a.fd)
+            if not was_frozen and retry:
+                a.deadline = time.monotonic() + RETRY_S
+                return {"mountpoint": mountpoint, "why": why, "result": "was not frozen"}
         except OSError as e:
             _log(f"cannot thaw {mountpoint}: {e.strerror or e}; left in the journal for thaw-all")
+            del self.armed[mountpoint]
             os.close(a.fd)
             return {"mountpoint": mountpoint, "why": why, "result": f"failed: {e.strerror or e}"}
+        del self.armed[mountpoint]
         os.close(a.fd)
         remove_durably(a.journal)
         result = "thawed" if was_frozen else "was not frozen"

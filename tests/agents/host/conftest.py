@@ -12,14 +12,16 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from agents.host.attach import Attachments
+from agents.host.attach import Attachments, is_nbdfuse
 from agents.host.mounts import mounted_at
 from agents.host.watchdog import thaw_leftovers
 from tests.conftest import ROOT, need
@@ -77,7 +79,7 @@ class Host:
             if att.fuse_dir:
                 subprocess.run(["fusermount3", "-u", "-z", att.fuse_dir], capture_output=True,
                                timeout=30)
-            if att.nbdfuse_pid:
+            if att.nbdfuse_pid and is_nbdfuse(att.nbdfuse_pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(att.nbdfuse_pid, signal.SIGTERM)
             Attachments(self.state_dir).remove(att)
@@ -105,8 +107,6 @@ def paired(host, daemon, tmp_path):
     host.run("detach", "p")
     host.run("attach", "p", "--daemon", daemon.admin_socket, "--port", "unix", "--mount", mnt)
     yield mnt
-    with contextlib.suppress(Exception):
-        os.kill(daemon.pid, signal.SIGCONT)     # a test that stopped it
 
 
 def writable(mnt: Path, timeout: float = 5.0) -> bool:
@@ -167,3 +167,82 @@ def hook_script(tmp_path: Path, body: str) -> Path:
     path.write_text("#!/bin/sh\n" + body + "\n")
     path.chmod(0o755)
     return path
+
+
+class StallingAdmin:
+    """A Unix socket in front of the daemon's admin socket that passes every
+    request through, except that while `stall` is set it holds pair.split
+    and group.split: a daemon that stops answering inside the frozen window
+    while its data path keeps serving (stopping the daemon itself would
+    stall the filesystem's own I/O, and with it syncfs and FIFREEZE)."""
+
+    def __init__(self, target: Path, path: Path):
+        self.target, self.path = str(target), str(path)
+        self.stall = threading.Event()
+        self.closed = threading.Event()
+        self.held = threading.Event()       # a split is being held now
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            up.connect(self.target)
+            self.conns += [conn, up]
+            threading.Thread(target=self._pump, args=(up, conn), daemon=True).start()
+            threading.Thread(target=self._requests, args=(conn, up), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _requests(self, conn: socket.socket, up: socket.socket) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                buf += data
+                while b"\n" in buf:
+                    line, _, buf = buf.partition(b"\n")
+                    method = json.loads(line).get("method", "")
+                    if method in ("pair.split", "group.split") and self.stall.is_set():
+                        self.held.set()
+                        self.closed.wait()
+                        return
+                    up.sendall(line + b"\n")
+        with contextlib.suppress(OSError):
+            up.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+@pytest.fixture
+def stalling(host, daemon, tmp_path):
+    """Like `paired`, but attached through a StallingAdmin (yields (mnt, proxy))."""
+    daemon.create_volume("p", SIZE)
+    daemon.call("pair.create", primary="p", secondary="s", create_secondary=True)
+    proxy = StallingAdmin(daemon.admin_socket, tmp_path / "stalling.sock")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _, att, _ = host.json("attach", "p", "--daemon", proxy.path, "--port", "unix")
+    subprocess.run(["mkfs.ext4", "-q", att["device"]], check=True, capture_output=True,
+                   timeout=60)
+    host.run("detach", "p")
+    host.run("attach", "p", "--daemon", proxy.path, "--port", "unix", "--mount", mnt)
+    yield mnt, proxy
+    proxy.close()
