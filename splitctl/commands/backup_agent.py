@@ -202,8 +202,9 @@ def run_run(client: AdminClient, args: Namespace) -> Any:
     out = result.to_json()
     out.update(uri=uri, source=src.source, pair=src.pair, split_gen=src.split_gen,
                delta_base=src.delta_base)
-    if info.get("window_ms") is not None:
-        out["freeze_window_ms"] = info["window_ms"]
+    if args.host:
+        out["freeze_window_ms"] = info.get("window_ms")
+        out["prepare"] = info           # the host agent's answer, as backup prepare prints it
     return out
 
 
@@ -559,7 +560,8 @@ def add_commands(backup: Commands) -> None:
                     "--json: snapshot, mode, reason, parent, size, bytes_read, reads,\n"
                     "block_status, delta_bytes, chunks_read/zero/parent, new_bytes,\n"
                     "stored_bytes, connections, waited_s, seconds, uri, source, pair,\n"
-                    "split_gen, delta_base.\n\n"
+                    "split_gen, delta_base; with --host also freeze_window_ms and prepare\n"
+                    "(the agent's answer, as backup prepare prints it).\n\n"
                     "A run that fails commits nothing; the chunks it stored are reused by\n"
                     "the next run.",
         examples="  splitctl backup run --host app1 --dir /srv/db --port backup --to /srv/backup \\\n"
