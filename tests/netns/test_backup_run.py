@@ -18,6 +18,7 @@ import pytest
 from harness.site import AGENT_PORT
 from harness.splitd import BIN
 from harness.writer import records
+from tests.agents.backup.helpers import file_digests
 from tests.netns import test_backup_prepare as prepare_tests
 from tests.netns.test_backup_prepare import (
     SIZE,
@@ -66,15 +67,6 @@ def restored_file_checked(site, store: Path, sid: str, tmp: Path, log: Path, nam
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
     return image
-
-
-def file_digests(path: Path) -> list[bytes]:
-    import hashlib
-    out = []
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            out.append(hashlib.sha256(data).digest())
-    return out
 
 
 @pytest.mark.parametrize("when", ["--wait-copy", "--now"])

@@ -1,6 +1,7 @@
 """The backup agent when things go wrong: the daemon killed mid-backup (the
 run fails with the reason, nothing committed, the next run reuses what was
-stored), and the progress bar, drawn on a terminal only."""
+stored); two runs into one store at once; the progress bar, drawn on a
+terminal only."""
 from __future__ import annotations
 
 import json
@@ -89,3 +90,20 @@ def test_progress_on_a_terminal_only(daemon, tmp_path):
     assert proc.returncode == 0
     text = seen.decode(errors="replace")
     assert "backup [" in text and "ETA" in text and "/s" in text, text
+
+
+def test_two_backups_into_one_store_at_once(daemon, tmp_path):
+    for name, seed in (("a", 1), ("b", 2)):
+        daemon.create_volume(name, 64 * MiB)
+        write_blocks(daemon, name, [0], seed=seed, length=32 * MiB)
+    store = tmp_path / "store"
+    backup(daemon, "init", str(store))
+    procs = [subprocess.Popen([str(BIN / "splitctl"), "backup", "run", "--volume", daemon.uri(name),
+                               "--to", str(store), "--json"], env=splitctl_env(daemon),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    made = {json.loads(out)["snapshot"] for out, _ in results}
+    assert {m["id"] for m in backup(daemon, "list", "--store", str(store))["snapshots"]} == made
+    assert backup(daemon, "check", "--store", str(store))["ok"]
