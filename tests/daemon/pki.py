@@ -1,6 +1,6 @@
 """Throw-away certificates for TLS tests: harness/pki.py (a CA and a server
 certificate for localhost / 127.0.0.1 by default), named here for the tests
-that import them from this module."""
+that import them from this module, and make_pki() for the agent's tests."""
 from __future__ import annotations
 
 from pathlib import Path
