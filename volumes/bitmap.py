@@ -289,6 +289,25 @@ class Bitmap:
                 break
             i = self.next_set(j, last)
 
+    def idle_clears(self, cutoff: int) -> dict[int, int]:
+        """The lazy clears made before copy sequence `cutoff`, by whole file
+        bytes: a region whose byte has a newer lazy clear keeps its bit (a
+        write to a region sets its whole byte in the file, intent_mirrored:
+        clearing one bit of a byte still written to would make the next
+        write there wait for a bitmap sync again)."""
+        entries: dict[int, int] = {}
+        # Lazy clears are kept in the order they were made (a region set
+        # again leaves the dict; copied again, it comes back at the end):
+        # the old ones are a prefix.
+        rest = iter(self.lazy.items())
+        for r, seq in rest:
+            if seq >= cutoff:
+                busy = {r >> 3}
+                busy.update(n >> 3 for n, _ in rest)
+                return {n: s for n, s in entries.items() if n >> 3 not in busy}
+            entries[r] = seq
+        return entries
+
     def lazy_in(self, first: int, last: int) -> bool:
         """Is any region of first..last copied but its clear not yet durable?"""
         lazy = self.lazy
