@@ -16,7 +16,10 @@ DESIGN.md "Crash safety", as this module keeps it:
   that region's copy and its cleared pending bit are durable (the check of
   the held write asks for exactly that).
 - Lazily. In the mirroring states a copied region keeps its bit in the file
-  for LAZY_DELAY seconds: a region written again meanwhile needs no new sync.
+  until its whole bitmap byte (8 regions, what a write sets) has been idle
+  for LAZY_DELAY seconds: a region written again meanwhile needs no new
+  sync. Those clears are applied in one batch per LAZY_DELAY (each batch
+  costs an fdatasync of P and S), not in every round a held write asks for.
 
 A round, on the event loop with the blocking parts in a thread:
 
