@@ -23,6 +23,7 @@ from splitctl.client import (
     RemoteAdminClient,
     parse_connect,
 )
+from splitctl.commands import backup_agent
 from splitctl.commands.port import port_name
 from splitctl.output import print_fields
 
@@ -138,9 +139,11 @@ def show_prepare(result: dict[str, Any], args: Namespace) -> None:
 
 def add_commands(commands: Commands) -> None:
     backup = commands.group(
-        "backup", "backup commands", help="backups: prepare a consistent image on a host",
+        "backup", "backup commands", help="backups: prepare, run, list, verify, prune, restore",
         description="Backups of directories on application hosts. `prepare` asks the\n"
-                    "host agent there (splitd-host serve) for a consistent split image.",
+                    "host agent there (splitd-host serve) for a consistent split image;\n"
+                    "`run` streams it (or a pair, or any export) into a backup store;\n"
+                    "the other commands look after the store and restore from it.",
         examples="  splitctl backup prepare --host app1 --dir /srv/db --port backup \\\n"
                  "      --token-file app1.token --tls-ca ca.pem",
         daemon_options=False)
@@ -182,3 +185,4 @@ def add_commands(commands: Commands) -> None:
     sub.add_argument("--tls-ca", metavar="PEM", default=argparse.SUPPRESS,
                      help=f"CA certificate that signed the agent's (default: ${ENV_HOST_TLS_CA}, "
                           "else the system's CAs)")
+    backup_agent.add_commands(backup)

@@ -1,0 +1,26 @@
+"""The backup store: deduplicated, compressed, optionally encrypted snapshots
+of volume images, in a directory (S3 comes next, behind backend.Backend).
+
+Start here:
+    store.py     Store: init/open, list, show, read (iter_image, restore_to_file),
+                 verify, check, forget, prune, gc; the object layout
+    writer.py    SnapshotWriter: stream an image in, in any order; commit
+    gc.py        mark-and-sweep safe beside running writers; retention rules
+    index.py     the index format and the image digest
+    envelope.py  the stored-object format: compression, encryption, keys
+    backend.py   the backend interface and the directory backend
+    catalog.py   the SQLite cache of manifests
+    errors.py    what can go wrong, by what to do next
+"""
+from agents.store.envelope import new_key_file
+from agents.store.errors import (
+    ConcurrentSweep,
+    CorruptObject,
+    KeyRefused,
+    ObjectMissing,
+    StoreBadInput,
+    StoreError,
+)
+from agents.store.gc import GcReport, PrunePlan, RetentionPolicy
+from agents.store.store import Extent, Store, VerifyReport, init_dir, open_dir
+from agents.store.writer import MANIFEST_FIELDS, SnapshotWriter

@@ -1,0 +1,207 @@
+"""The format of every stored object but `config`, and the keys that seal it.
+
+An object is a fixed 8-byte header, then the body:
+
+    magic    4  b"SPLB"
+    version  1  1
+    kind     1  1 chunk, 2 index, 3 manifest
+    flags    1  bit 0: body is zstd-compressed; bit 1: body is AES-256-GCM
+                sealed; bit 2: a 16-byte checksum follows the body
+    reserved 1  0
+
+- Plain store, chunk:     header | body               (the chunk's name is its
+                                                       keyed hash: reading re-hashes)
+- Plain store, otherwise: header | body | BLAKE3-128(header | name | body)
+- Encrypted store:        header | nonce(12) | AES-256-GCM(body) | tag(16), with
+                          associated data header | name, so a header cannot be
+                          altered and an object cannot be swapped for another
+                          (an index moved under another snapshot's name fails).
+
+The nonce is random per object (96 bits; a store would need ~2^32 objects
+under one key before a collision is a concern, NIST SP 800-38D 8.3).
+
+Keys. A store has a random 32-byte `id_seed` in its config. Plain store: chunk
+names are BLAKE3 keyed with `id_seed`. Encrypted store: the key file holds a
+32-byte secret S; the AES key and the chunk-name key are both derived from S
+(BLAKE3 derive_key, distinct contexts, mixed with id_seed), so names reveal
+nothing to whoever lacks S, and two stores with different secrets name the same
+data differently. The config keeps only a check value derived from S, to
+refuse a wrong key before anything is read or written.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+import blake3
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from agents.store.errors import CorruptObject, KeyRefused
+
+MAGIC = b"SPLB"
+VERSION = 1
+KIND_CHUNK, KIND_INDEX, KIND_MANIFEST = 1, 2, 3
+F_ZSTD, F_SEALED, F_CHECKSUM = 1, 2, 4
+# magic, version, kind, flags, reserved
+HEADER = struct.Struct(">4sBBBB")
+NONCE_LEN, TAG_LEN, SUM_LEN = 12, 16, 16
+KEY_FILE_LEN = 32
+
+_CTX_AES = "splitd backup store 2026 aes-256-gcm key"
+_CTX_ID = "splitd backup store 2026 chunk id key"
+_CTX_CHECK = "splitd backup store 2026 key check"
+
+
+def new_key_file(path: str) -> None:
+    """Write a new random key file (32 bytes, hex, mode 0600); refuses to
+    overwrite one."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(os.urandom(KEY_FILE_LEN).hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_key_file(path: str) -> bytes:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise KeyRefused(f"cannot read key file {path}: {e.strerror}") from e
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        secret = b""
+    if len(secret) != KEY_FILE_LEN:
+        raise KeyRefused(f"key file {path} is not a store key (64 hex digits expected)")
+    return secret
+
+
+def _derive(context: str, secret: bytes, seed: bytes) -> bytes:
+    return blake3.blake3(secret + seed, derive_key_context=context).digest()
+
+
+def key_check(secret: bytes, seed: bytes) -> str:
+    return _derive(_CTX_CHECK, secret, seed).hex()
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What seals and names a store's objects: `id_key` always, `aes` only for
+    an encrypted store."""
+    id_key: bytes
+    aes: AESGCM | None
+
+    @classmethod
+    def for_store(cls, seed: bytes, secret: bytes | None) -> Keys:
+        if secret is None:
+            return cls(id_key=seed, aes=None)
+        return cls(id_key=_derive(_CTX_ID, secret, seed), aes=AESGCM(_derive(_CTX_AES, secret, seed)))
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # zstandard's (de)compressor objects are not thread-safe: one per thread.
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+_PROBE, _PROBES = 16384, 4
+
+
+def _worth_compressing(plain: bytes, level: int) -> bool:
+    """False when four 16 KiB samples spread over a big object do not shrink
+    by 2% together: random or already-compressed data, which zstd would take
+    about a third of the hashing time to fail on. Small objects are always
+    tried."""
+    if len(plain) < 16 * _PROBE:
+        return True
+    step = len(plain) // _PROBES
+    c = _compressor(level)
+    packed = sum(len(c.compress(plain[i * step:i * step + _PROBE])) for i in range(_PROBES))
+    return packed < 0.98 * _PROBES * _PROBE
+
+
+def seal(keys: Keys, kind: int, name: str, plain: bytes, level: int | None) -> bytes:
+    """The stored form of `plain`: compressed at zstd `level` (None: not at
+    all) when that shrinks it (and, for a big object, when a sample says it
+    might), then sealed or checksummed."""
+    flags = 0
+    body = plain
+    if level is not None and _worth_compressing(plain, level):
+        packed = _compressor(level).compress(plain)
+        if len(packed) < len(plain):
+            body, flags = packed, F_ZSTD
+    if keys.aes is not None:
+        flags |= F_SEALED
+        header = HEADER.pack(MAGIC, VERSION, kind, flags, 0)
+        nonce = os.urandom(NONCE_LEN)
+        return header + nonce + keys.aes.encrypt(nonce, body, header + name.encode())
+    if kind != KIND_CHUNK:
+        flags |= F_CHECKSUM
+    header = HEADER.pack(MAGIC, VERSION, kind, flags, 0)
+    if flags & F_CHECKSUM:
+        return header + body + blake3.blake3(header + name.encode() + body).digest(SUM_LEN)
+    return header + body
+
+
+def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) -> bytes:
+    """The plaintext of a stored object; raises CorruptObject if it fails any
+    check, KeyRefused if the store's encryption and the keys disagree."""
+    if len(stored) < HEADER.size:
+        raise CorruptObject(name, "shorter than its header")
+    magic, version, got_kind, flags, _ = HEADER.unpack_from(stored)
+    if magic != MAGIC:
+        raise CorruptObject(name, "bad magic")
+    if version != VERSION:
+        raise CorruptObject(name, f"format version {version}, this splitd reads {VERSION}")
+    if got_kind != kind:
+        raise CorruptObject(name, f"kind {got_kind}, expected {kind}")
+    header = stored[:HEADER.size]
+    if flags & F_SEALED:
+        if keys.aes is None:
+            raise CorruptObject(name, "sealed, in a store opened without encryption")
+        if len(stored) < HEADER.size + NONCE_LEN + TAG_LEN:
+            raise CorruptObject(name, "shorter than its nonce and tag")
+        nonce = stored[HEADER.size:HEADER.size + NONCE_LEN]
+        try:
+            body = keys.aes.decrypt(nonce, stored[HEADER.size + NONCE_LEN:], header + name.encode())
+        except InvalidTag:
+            raise CorruptObject(name, "authentication failed (altered, or not this store's)") from None
+    else:
+        if keys.aes is not None:
+            raise CorruptObject(name, "not sealed, in an encrypted store")
+        body = stored[HEADER.size:]
+        if flags & F_CHECKSUM:
+            if len(body) < SUM_LEN:
+                raise CorruptObject(name, "shorter than its checksum")
+            body, mac = body[:-SUM_LEN], body[-SUM_LEN:]
+            if blake3.blake3(header + name.encode() + body).digest(SUM_LEN) != mac:
+                raise CorruptObject(name, "checksum mismatch")
+    if flags & F_ZSTD:
+        try:
+            # -1: size not recorded; decompress() then stops at max_output_size.
+            if zstandard.frame_content_size(body) > max_size:
+                raise CorruptObject(name, f"claims more than {max_size} bytes")
+            return _decompressor().decompress(body, max_output_size=max_size)
+        except zstandard.ZstdError as e:
+            raise CorruptObject(name, f"zstd: {e}") from None
+    return body

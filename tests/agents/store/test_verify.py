@@ -1,0 +1,100 @@
+"""Corruption is found and named: a flipped byte in a chunk, an index or a
+manifest, and a missing chunk; verify and check name the object and every
+snapshot it breaks; reading that snapshot refuses."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from agents.store import CorruptObject, ObjectMissing, init_dir, new_key_file
+from agents.store.names import chunk_name, index_name, manifest_name
+
+from .conftest import backup, image_of
+
+CS = 65536
+
+
+def flip(path: str, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def three(request, store_dir):
+    """A store with three snapshots: A and B share chunk `shared`, C does not."""
+    key = None
+    if request.param == "encrypted":
+        key = os.path.join(store_dir, "key")
+        new_key_file(key)
+    s = init_dir(os.path.join(store_dir, "s"), chunk_size=CS, key_file=key)
+    rnd = random.Random(10)
+    shared, a_only, b_only = rnd.randbytes(CS), b"a" * CS, rnd.randbytes(CS)
+    a = backup(s, shared + a_only)
+    b = backup(s, b_only + shared)
+    c = backup(s, rnd.randbytes(CS) + bytes(CS))
+    yield s, (a, b, c), s.chunk_id(shared)
+    s.close()
+
+
+def path_of(s, name):
+    return os.path.join(s.backend.root, name)
+
+
+def test_clean_store_verifies(three):
+    s, sids, _ = three
+    for sid in sids:
+        assert s.verify(sid).ok
+    report = s.check()
+    assert report.ok and report.chunks_checked == 4 and report.unreferenced_chunks == 0
+
+
+@pytest.mark.parametrize("where", [0, 3, 8, 100, -1])
+def test_flipped_byte_in_a_shared_chunk(three, where):
+    s, (a, b, c), shared = three
+    path = path_of(s, chunk_name(shared))
+    flip(path, where % os.path.getsize(path))
+    report = s.verify(a)
+    assert [(p.object, p.what, p.snapshots) for p in report.problems] == \
+        [(chunk_name(shared), "corrupt", [a, b])]
+    assert report.broken_snapshots == [a, b]
+    whole = s.check()
+    assert whole.broken_snapshots == [a, b] and len(whole.problems) == 1
+    assert s.verify(c).ok
+    with pytest.raises(CorruptObject, match=chunk_name(shared)):
+        image_of(s, b)
+
+
+def test_missing_chunk(three):
+    s, (a, b, c), shared = three
+    os.unlink(path_of(s, chunk_name(shared)))
+    report = s.verify(b)
+    assert [(p.what, p.snapshots) for p in report.problems] == [("missing", [a, b])]
+    assert s.check(read_data=False).broken_snapshots == [a, b]
+    with pytest.raises(ObjectMissing, match=chunk_name(shared)):
+        s.restore_to_file(a, path_of(s, "../restored"))
+
+
+@pytest.mark.parametrize("name_of", [index_name, manifest_name])
+@pytest.mark.parametrize("where", [2, 12, -3])
+def test_flipped_byte_in_an_index_or_manifest(three, name_of, where):
+    s, (a, b, c), _ = three
+    path = path_of(s, name_of(b))
+    flip(path, where % os.path.getsize(path))
+    report = s.verify(b)
+    assert [(p.object, p.what, p.snapshots) for p in report.problems] == [(name_of(b), "corrupt", [b])]
+    assert s.check().broken_snapshots == [b]
+    assert s.verify(a).ok and s.verify(c).ok
+    with pytest.raises(CorruptObject, match=name_of(b)):
+        image_of(s, b)
+
+
+def test_sampled_verify_reads_a_share(store):
+    rnd = random.Random(11)
+    sid = backup(store, rnd.randbytes(40 * CS))
+    report = store.verify(sid, sample_pct=10, seed=1)
+    assert report.ok and report.chunks_checked == 4
