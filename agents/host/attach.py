@@ -12,6 +12,8 @@ Two ways to a block device:
 - otherwise `nbdfuse` shows the export as a file (FUSEDIR/nbd, FUSEDIR in
   the state directory) and `losetup --find --show` makes that file
   /dev/loopN. nbdfuse runs in its own session so it outlives this command.
+  TLS to the export (nbds://) is libnbd's: the system's CAs, or the URI's
+  own ?tls-certificates=DIR; nbd-client is given --tls-ca as -cacertfile.
 
 One record per device, STATE_DIR/attachments/DEVICE.json (written
 atomically): {device, devno, volume, daemon, token_file, tls_ca, nbd_uri,
@@ -31,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from agents.host.daemon import ConfigError, admin_client
 from agents.host.mounts import device_number, mounted_at
@@ -211,7 +213,7 @@ def attach(attachments: Attachments, volume: str, daemon: str, *, nbd_uri: str |
     undo: list = []
     try:
         if _kernel_nbd_available():
-            att = _attach_kernel(volume, daemon, uri, read_only, undo)
+            att = _attach_kernel(volume, daemon, uri, read_only, tls_ca, undo)
         else:
             att = _attach_fuse(attachments.state_dir, volume, daemon, uri, read_only, undo)
         att.token_file = os.path.abspath(token_file) if token_file else None
@@ -274,22 +276,28 @@ def _free_nbd_device() -> str:
     raise AttachError("busy", "every /dev/nbd* device is in use")
 
 
-def _attach_kernel(volume: str, daemon: str, uri: str, read_only: bool,
+def _attach_kernel(volume: str, daemon: str, uri: str, read_only: bool, tls_ca: str | None,
                    undo: list) -> Attachment:
-    """nbd-client (untested: no nbd module where this was written)."""
+    """nbd-client (nbd-client(8): `HOST PORT DEVICE -name EXPORT`, `-unix PATH
+    DEVICE -name EXPORT`; TLS with -cacertfile). NOT TESTED: no nbd module
+    where this was written."""
     device = _free_nbd_device()
     parts = urlsplit(uri)
     export = parts.path.lstrip("/")
     if parts.scheme == "nbd+unix":
         query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
-        args = ["nbd-client", "-unix", query.get("socket", ""), device, "-N", export]
+        args = ["nbd-client", "-unix", unquote(query.get("socket", "")), device]
     elif parts.scheme in ("nbd", "nbds"):
-        args = ["nbd-client", parts.hostname or "", str(parts.port or 10809), device, "-N", export]
+        args = ["nbd-client", parts.hostname or "", str(parts.port or 10809), device]
         if parts.scheme == "nbds":
-            args.append("-enable-tls")
+            if not tls_ca:
+                raise AttachError("bad-input", f"{uri} needs TLS: give --tls-ca (nbd-client's "
+                                               "-cacertfile)")
+            args += ["-cacertfile", tls_ca, "-tlshostname", parts.hostname or ""]
     else:
         raise AttachError("bad-input", f"nbd-client cannot reach {uri}")
-    _run(args + (["-readonly"] if read_only else []), f"nbd-client {device} failed")
+    args += ["-name", unquote(export)] + (["-readonly"] if read_only else [])
+    _run(args, f"nbd-client {device} failed")
     undo.append(lambda: _run(["nbd-client", "-d", device], "nbd-client -d"))
     return Attachment(device=device, devno=list(device_number(os.stat(device).st_rdev)),
                       volume=volume, daemon=daemon, nbd_uri=uri, method="nbd-client",

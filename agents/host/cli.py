@@ -28,7 +28,7 @@ from agents.host.state import (
     HostState,
     default_state_dir,
 )
-from agents.host.watchdog import thaw_leftovers
+from agents.host.watchdog import WatchdogError, thaw_leftovers
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES", "emit", "fail", "EXIT_FAILED",
            "EXIT_USAGE", "EXIT_UNREACHABLE"]
@@ -114,8 +114,9 @@ def _prepare(args: argparse.Namespace) -> int:
             return fail(args, e.code, e.message, EXIT_UNREACHABLE if e.code ==
                         "daemon-unreachable" else EXIT_FAILED)
     answer["thawed_at_start"] = state.thawed_at_start
+    split_gen = "-" if answer["split_gen"] is None else answer["split_gen"]
     return emit(args, answer, f"{answer['uri']}\n  pair {answer['pair']}, split generation "
-                              f"{answer['split_gen']}; froze {answer['mountpoint']} for "
+                              f"{split_gen}; froze {answer['mountpoint']} for "
                               f"{answer['window_ms']} ms (FIFREEZE {answer['freeze_ms']} ms), "
                               f"prepare {answer['prepare_ms']} ms"
                 + "".join(f"\n  warning: {w}" for w in answer["warnings"]))
@@ -154,7 +155,7 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                "      --tls-ca ca.pem --port app --mount /srv/db\n"
                "  splitd-host attach db --daemon /run/splitd/admin.sock \\\n"
                "      --nbd 'nbd+unix:///db?socket=/run/splitd/nbd.sock'")
-    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("volume", metavar="VOLUME", help="the volume's name in the daemon")
     p.add_argument("--daemon", metavar="ADMIN", required=True,
                    help="the daemon's admin endpoint: its Unix socket path, or tcp://HOST:PORT "
                         "(TLS, with --token-file)")
@@ -188,8 +189,18 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                     "thaw, run the post-thaw hook, and print the secondary's NBD URI\n"
                     "through the daemon's port NAME. Runs here, without the service; a\n"
                     "watchdog process thaws after --timeout whatever happens.",
-        epilog="example:\n  splitd-host prepare /srv/db --port backup --json")
-    p.add_argument("directory", metavar="DIR")
+        epilog="the answer (--json): uri, uris, port, tls (of the secondary through the\n"
+               "port), pair, group, volume, directory, mountpoint, device, split_gen,\n"
+               "delta_base, generation, split_at, state, frozen_at (epoch s), freeze_ms (the FIFREEZE\n"
+               "call), window_ms (FIFREEZE start to FITHAW end), prepare_ms, warnings\n"
+               "(a failed post-thaw hook), thawed_at_start (what a dead agent had left\n"
+               "frozen, thawed before this prepare).\n\n"
+               "error codes (--json: {\"error\": {\"code\", \"message\"}}): not-found,\n"
+               "not-splitd, busy, bad-config, daemon-unreachable (exit 4), daemon-refused,\n"
+               "pair-error, pair-state, hook-failed, freeze-failed, split-failed,\n"
+               "watchdog-thawed, watchdog-failed. Nothing is left frozen after any of them.\n\n"
+               "example:\n  splitd-host prepare /srv/db --port backup --json")
+    p.add_argument("directory", metavar="DIR", help="a directory on an attached volume")
     p.add_argument("--port", metavar="NAME", required=True,
                    help="the daemon's port whose URI of the secondary to answer with")
     p.add_argument("--timeout", type=_positive, default=DEFAULT_FREEZE_TIMEOUT, metavar="S",
@@ -251,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except (OSError, WatchdogError) as e:
+        # The state directory cannot be written, the watchdog cannot start.
+        what = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return fail(args, "failed", f"{what}{reason}")
 
 
 if __name__ == "__main__":

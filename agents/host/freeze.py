@@ -59,6 +59,8 @@ class Window:
     freeze_ms: float = 0.0      # the FIFREEZE call: writing out what was dirty
     window_ms: float = 0.0      # FIFREEZE start -> FITHAW end: writes blocked
     frozen_at: float = 0.0      # wall clock (time.time()) at FIFREEZE start
+    frozen: bool = False        # our FIFREEZE succeeded
+    thawed: bool = False        # and our FITHAW after it (or it was thawed already)
     watchdog_fired: dict | None = None
 
 
@@ -122,7 +124,7 @@ def frozen(mountpoint: str, watchdog, timeout: float) -> Iterator[Window]:
             window.frozen_at = time.time()
             started = time.perf_counter()
             freeze_fd(fd, mountpoint)
-            need_thaw = True
+            need_thaw = window.frozen = True
             window.freeze_ms = (time.perf_counter() - started) * 1000
             try:
                 yield window
@@ -130,6 +132,7 @@ def frozen(mountpoint: str, watchdog, timeout: float) -> Iterator[Window]:
                 with contextlib.suppress(OSError):
                     thaw_fd(fd)     # False: the watchdog thawed first (see disarm)
                     need_thaw = False
+                    window.thawed = True
                 window.window_ms = (time.perf_counter() - started) * 1000
         finally:
             window.watchdog_fired = watchdog.disarm(mountpoint, thaw=need_thaw)

@@ -17,6 +17,13 @@ In order, each step refusing with a PrepareError before anything is frozen:
      reported in "warnings", the split image is good;
   7. `locate` again: the secondary's URI through the port, its generation.
 
+The answer: uri, uris, port, tls (the secondary through the port, from
+locate), pair, group, volume, directory, mountpoint, device, split_gen and
+delta_base (from the split reply or locate when the daemon gives them, else
+None), generation (the pair's bitmap generation), split_at, state, frozen_at (wall clock at
+FIFREEZE), freeze_ms (the FIFREEZE call), window_ms (FIFREEZE start to FITHAW
+end: how long writers were blocked), prepare_ms (all of it), warnings.
+
 A split that fails after the freeze still thaws (frozen() thaws whatever
 the block raises) and raises "split-failed" with the daemon's message.
 
@@ -45,7 +52,7 @@ from typing import Any
 
 from agents.host.attach import Attachments, summary
 from agents.host.daemon import ConfigError
-from agents.host.freeze import FreezeError, frozen
+from agents.host.freeze import FreezeError, Window, frozen
 from agents.host.hooks import HookFailed, run_hook
 from agents.host.mounts import NotFound, find_filesystem
 from agents.host.state import Busy, HostState
@@ -89,22 +96,18 @@ def prepare(state: HostState, directory: str, port: str, *, timeout: float = 10.
         raise PrepareError("not-splitd", f"{directory} is on {fs.describe()}, not on a splitd "
                                          f"volume; attached: {summary(attachments.list())}")
     try:
-        lock = state.filesystem_lock(fs.devno)
-        lock.__enter__()
+        with state.filesystem_lock(fs.devno):
+            try:
+                # Its socket timeout bounds every call, the split inside the
+                # window too: past it we thaw ourselves, as the watchdog would.
+                client = att.admin_client(timeout=timeout)
+            except ConfigError as e:
+                raise PrepareError("bad-config", f"{att.describe()}: {e}") from None
+            with client:
+                answer = _prepare(state, client, fs, att, directory, port, timeout)
     except Busy:
         raise PrepareError("busy", f"{fs.mountpoint} is being prepared already: one prepare "
                                    "per filesystem at a time") from None
-    try:
-        try:
-            # Its socket timeout bounds every call, the split inside the
-            # window too: past it we thaw ourselves, as the watchdog would.
-            client = att.admin_client(timeout=timeout)
-        except ConfigError as e:
-            raise PrepareError("bad-config", f"{att.describe()}: {e}") from None
-        with client:
-            answer = _prepare(state, client, fs, att, directory, port, timeout)
-    finally:
-        lock.__exit__(None, None, None)
     answer["prepare_ms"] = _ms(time.perf_counter() - started)
     return answer
 
@@ -139,14 +142,15 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         run_hook(state.hook, "freeze", fs.mountpoint)
     except HookFailed as e:
         raise PrepareError("hook-failed", str(e)) from None
-    watchdog = state.watchdog
+    method, params = (("group.split", {"name": group}) if group
+                      else ("pair.split", {"name": pair["name"]}))
+    window = Window()
     try:
+        watchdog = state.watchdog
         if watchdog is None:
             raise WatchdogError("no watchdog was started")
         if not watchdog.alive:
             watchdog.start()
-        method, params = (("group.split", {"name": group}) if group
-                          else ("pair.split", {"name": pair["name"]}))
         with frozen(fs.mountpoint, watchdog, timeout) as window:
             try:
                 split = client.call(method, **params)
@@ -158,15 +162,20 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         raise PrepareError("freeze-failed", e.message) from None
     except WatchdogError as e:
         _thaw_hook_quietly(state, fs.mountpoint)
-        raise PrepareError("watchdog-failed", f"nothing was frozen: {e}") from None
-    except PrepareError:
+        if not window.frozen:
+            raise PrepareError("watchdog-failed", f"nothing was frozen: {e}") from None
+        after = ("thawed" if window.thawed else "NOT thawed: run splitd-host thaw-all, or "
+                 f"fsfreeze -u {fs.mountpoint}")
+        raise PrepareError("watchdog-failed", f"lost the watchdog during the freeze of "
+                                              f"{fs.mountpoint} ({e}); {after}") from None
+    except PrepareError as e:
         _thaw_hook_quietly(state, fs.mountpoint)
+        if _watchdog_thawed(window):
+            raise PrepareError("watchdog-thawed", _late(fs, timeout) + f" ({e.message})") from None
         raise
-    if window.watchdog_fired and window.watchdog_fired.get("result") == "thawed":
+    if _watchdog_thawed(window):
         _thaw_hook_quietly(state, fs.mountpoint)
-        raise PrepareError("watchdog-thawed", f"the split took longer than the freeze timeout "
-                           f"({timeout:g} s): the watchdog thawed {fs.mountpoint} first, so the "
-                           "split image is not known to be consistent")
+        raise PrepareError("watchdog-thawed", _late(fs, timeout))
     warnings = []
     try:
         run_hook(state.hook, "thaw", fs.mountpoint)
@@ -180,7 +189,11 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "uri": after["uri"], "uris": after.get("uris", [after["uri"]]), "port": after["port"],
         "tls": after.get("tls"), "pair": pair["name"], "group": group, "volume": att.volume,
         "directory": fs.directory, "mountpoint": fs.mountpoint, "device": att.device,
-        "split_gen": mine.get("split_gen", after.get("split_gen", after.get("generation"))),
+        # split_gen counts a pair's splits, delta_base the split its delta
+        # is against; a daemon without them gives None (not `generation`,
+        # the pair's bitmap generation, which is another count).
+        "split_gen": mine.get("split_gen", after.get("split_gen")),
+        "generation": after.get("generation"),
         "delta_base": mine.get("delta_base", after.get("delta_base")),
         "split_at": after.get("split_at", mine.get("split_at")),
         "state": after.get("state"),
@@ -191,6 +204,15 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
         "warnings": warnings,
     }
+
+
+def _watchdog_thawed(window: Window) -> bool:
+    return bool(window.watchdog_fired and window.watchdog_fired.get("result") == "thawed")
+
+
+def _late(fs, timeout: float) -> str:
+    return (f"the split took longer than the freeze timeout ({timeout:g} s): the watchdog "
+            f"thawed {fs.mountpoint} first, so the split image is not known to be consistent")
 
 
 def _check_token(client: AdminClient, pair: dict, group: str | None) -> None:

@@ -1,23 +1,22 @@
 """`locate` against the real daemon: the primary side (role "primary",
 `splitctl locate --primary`) opened with libnbd through the URI it gives,
 and the split generations it reports (split_gen, delta_base, group), kept
-across a clean restart and a kill -9."""
+across a clean restart and a kill -9, and matching the x-splitd:delta that
+nbdinfo reads."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from splitctl.client import AdminError
-from tests.daemon.test_ports import read_through, split_pair
+from tests.conftest import need
+from tests.daemon.test_ports import locate, read_through, split_pair
 
 nbd = pytest.importorskip("nbd")
 
 MiB = 1 << 20
-
-
-def locate(d, *args: str) -> dict:
-    return json.loads(d.splitctl("locate", *args, "--json").stdout)
 
 
 def test_locate_primary_gives_the_primary_volume(make_daemon):
@@ -112,3 +111,40 @@ def test_locate_and_pair_show_report_split_generations_across_restarts(make_daem
     assert (show["split_gen"], show["delta_base"], show["split_at"]) == (2, 1, split["split_at"])
     text = " ".join(d.splitctl("pair", "show", "snap").stdout.split())
     assert "split gen: 2 (delta since split 1)" in text
+
+
+def delta_map(d, export: str) -> list[tuple[int, int]]:
+    """(offset, length) of every x-splitd:delta extent flagged changed, as
+    nbdinfo --map sees it."""
+    cp = subprocess.run(["nbdinfo", "--json", "--map=x-splitd:delta", d.uri(export)],
+                        check=True, capture_output=True, text=True, timeout=60)
+    return [(e["offset"], e["length"]) for e in json.loads(cp.stdout) if e["type"] & 1]
+
+
+def test_the_delta_served_is_what_delta_base_says(make_daemon):
+    """Over NBD, as a backup agent sees it: after split 2 (delta_base 1),
+    x-splitd:delta is exactly the regions changed since split 1."""
+    need("nbdinfo")
+    d = make_daemon()
+    d.create_volume("db", "4M", region_size="64K")
+    d.call("pair.create", primary="db", secondary="snap", create_secondary=True)
+    with d.admin() as a:
+        a.wait_pair("snap", "synced", timeout=50, interval=0.1)
+    assert d.call("pair.split", name="snap")["delta_base"] is None
+    assert delta_map(d, "snap") == [(0, 4 * MiB)]        # the first split: everything
+
+    def write(export: str, offset: int, data: bytes) -> None:
+        h = nbd.NBD()
+        h.connect_uri(d.uri(export))
+        h.pwrite(data, offset)
+        h.shutdown()
+
+    write("db", MiB, b"p" * 4096)             # P while split
+    write("snap", 2 * MiB + 100, b"s" * 10)   # S while split
+    d.call("pair.resync", name="snap")
+    with d.admin() as a:
+        a.wait_pair("snap", "synced", timeout=50, interval=0.1)
+    write("db", 3 * MiB, b"q" * (128 << 10))  # P while mirroring: two regions
+    split = d.call("pair.split", name="snap")
+    assert (split["split_gen"], split["delta_base"]) == (2, 1)
+    assert delta_map(d, "snap") == [(MiB, 64 << 10), (2 * MiB, 64 << 10), (3 * MiB, 128 << 10)]

@@ -8,6 +8,7 @@ writable: every test ends asserting writes to it succeed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from agents.host.prepare import PrepareError, prepare
+from agents.host.state import HostState
 from tests.agents.host.conftest import (
     hook_script,
     journal,
@@ -81,7 +84,9 @@ def test_prepare_end_to_end_with_a_writer(host, daemon, paired, tmp_path):
     assert answer["pair"] == "s" and answer["volume"] == "p" and answer["group"] is None, answer
     assert answer["uri"] == daemon.uri("s") and answer["port"] == "unix", answer
     assert answer["mountpoint"] == str(mnt) and answer["directory"] == str(mnt / "w")
-    assert answer["state"] == "split" and answer["split_gen"] is not None, answer
+    assert answer["state"] == "split" and answer["generation"] is not None, answer
+    info = daemon.call("pair.show", name="s")
+    assert answer["split_gen"] == info.get("split_gen"), (answer, info)
     assert 0 <= answer["freeze_ms"] <= answer["window_ms"] <= answer["prepare_ms"], answer
     assert answer["warnings"] == [] and answer["thawed_at_start"] == [], answer
     print(f"freeze {answer['freeze_ms']} ms, window {answer['window_ms']} ms, "
@@ -219,7 +224,7 @@ def test_kill9_of_the_agent_while_frozen(host, stalling):
     entry = wait_frozen(host, agent, mnt)
     assert entry["agent_pid"] == agent.pid and entry["mountpoint"] == str(mnt), entry
     assert proxy.held.wait(10)
-    agent.kill()
+    os.killpg(agent.pid, signal.SIGKILL)    # its whole process group: not the watchdog's
     agent.wait(10)
     thawed_in = wait_writable(mnt, 8)
     print(f"thawed {thawed_in:.2f} s after kill -9 of the agent")
@@ -227,6 +232,29 @@ def test_kill9_of_the_agent_while_frozen(host, stalling):
     assert not journal(host)
     _, report, _ = host.json("thaw-all")
     assert report == {"thawed": []}
+    assert writable(mnt)
+
+
+def test_a_hung_agent_is_thawed_at_the_deadline(host, stalling):
+    """The agent is stopped (SIGSTOP) inside the window: its socket stays
+    open, so the watchdog waits for the deadline, then thaws. The agent,
+    continued, reports that the watchdog thawed first."""
+    mnt, proxy = stalling
+    proxy.stall.set()
+    agent = host.popen("prepare", mnt, "--port", "unix", "--timeout", "2", "--json")
+    entry = wait_frozen(host, agent, mnt)
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        since = time.time() - entry["frozen_at"]
+        thawed_in = since + wait_writable(mnt, 6)
+        assert 1.5 < thawed_in < 4, thawed_in
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    out, _ = agent.communicate(timeout=30)
+    error = json.loads(out)["error"]
+    assert agent.returncode == 1 and error["code"] == "watchdog-thawed", out
+    assert "the watchdog thawed" in error["message"] and "failed after the freeze" in error["message"]
+    assert not journal(host)
     assert writable(mnt)
 
 
@@ -282,6 +310,21 @@ def test_a_split_that_hangs_is_thawed_at_the_timeout(host, stalling):
     assert 2 <= took < 10, took
     assert writable(mnt)
     assert not journal(host)
+
+
+def test_the_library_restarts_a_dead_watchdog(host, daemon, paired):
+    """prepare() as the service calls it, in this process: a watchdog that
+    died since is started again before anything is frozen."""
+    with HostState.open(host.state_dir) as state:
+        old = state.watchdog.pid
+        os.kill(old, signal.SIGKILL)
+        state.watchdog.proc.wait(10)
+        answer = prepare(state, str(paired), "unix", timeout=5)
+        assert answer["pair"] == "s" and state.watchdog.alive and state.watchdog.pid != old
+        with pytest.raises(PrepareError) as e:
+            prepare(state, str(paired), "unix")
+        assert e.value.code == "pair-state", e.value
+    assert writable(paired)
 
 
 def test_the_daemon_unreachable(host, daemon, paired, tmp_path):
