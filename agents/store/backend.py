@@ -15,15 +15,18 @@ Rules every backend keeps:
   leaves a partial object under the final name.
 - `put` replaces atomically (readers see the old or the new object, never a
   mix); used only for small mutable objects (leases, gc markers).
-- `sync()` makes the *names* of objects created since the last sync durable
-  (the directory backend defers its directory fsyncs to it; a commit calls it
-  before writing anything that refers to those objects).
+- `sync()` makes durable the *names* of objects this handle created, or
+  found existing (put_if_absent False, touch True: another writer may have
+  created them and died before its sync), since the last sync. The
+  directory backend defers its directory fsyncs to it; a commit calls it
+  before writing anything that refers to those objects.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -66,10 +69,20 @@ class DirBackend:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        # Directories whose entries a commit relies on and that may not be
+        # durable yet: names we created, and names we found (another writer,
+        # perhaps killed, may have created them and not synced). Writers'
+        # threads add; sync() takes them all under the lock, so none is lost.
         self._dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
 
     def describe(self) -> str:
         return self.root
+
+    def _mark_dirty(self, directory: str) -> None:
+        with self._dirty_lock:
+            self._dirty.add(directory)
 
     def _path(self, name: str) -> str:
         _check_name(name)
@@ -96,7 +109,7 @@ class DirBackend:
             fd = os.open(tmp, flags, 0o600)
         except FileNotFoundError:
             os.makedirs(directory, exist_ok=True)
-            self._dirty.add(os.path.dirname(directory))
+            self._mark_dirty(os.path.dirname(directory))
             fd = os.open(tmp, flags, 0o600)
         try:
             write_all(fd, data, 0)
@@ -111,16 +124,18 @@ class DirBackend:
     def put_if_absent(self, name: str, data: bytes) -> bool:
         path = self._path(name)
         if os.path.exists(path):
+            self._mark_dirty(os.path.dirname(path))
             return False
         with self._writing(name):
             tmp = self._write_temp(path, data)
             try:
                 os.link(tmp, path)
             except FileExistsError:
+                self._mark_dirty(os.path.dirname(path))
                 return False
             finally:
                 os.unlink(tmp)
-        self._dirty.add(os.path.dirname(path))
+        self._mark_dirty(os.path.dirname(path))
         return True
 
     def put(self, name: str, data: bytes) -> None:
@@ -141,10 +156,12 @@ class DirBackend:
         return os.path.exists(self._path(name))
 
     def touch(self, name: str) -> bool:
+        path = self._path(name)
         try:
-            os.utime(self._path(name))
+            os.utime(path)
         except FileNotFoundError:
             return False
+        self._mark_dirty(os.path.dirname(path))
         return True
 
     def mtime(self, name: str) -> float:
@@ -177,16 +194,20 @@ class DirBackend:
                 os.unlink(path)
         except FileNotFoundError:
             return
-        self._dirty.add(os.path.dirname(path))
+        self._mark_dirty(os.path.dirname(path))
 
     def sync(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for d in sorted(dirty):
-            try:
-                with self._writing(os.path.relpath(d, self.root)):
-                    fsync_dir(d)
-            except FileNotFoundError:
-                pass
+        # One sync at a time: a second caller returns only once the first
+        # caller's fsyncs, which may cover its own entries, are done.
+        with self._sync_lock:
+            with self._dirty_lock:
+                dirty, self._dirty = self._dirty, set()
+            for d in sorted(dirty):
+                try:
+                    with self._writing(os.path.relpath(d, self.root)):
+                        fsync_dir(d)
+                except FileNotFoundError:
+                    pass
 
     def remove_stale_temporaries(self, older_than: float) -> int:
         """Remove temporary files a killed writer left (older than

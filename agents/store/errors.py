@@ -6,8 +6,9 @@
      |    |                         give the right key file (nothing was read or written)
      |    +-- CorruptObject         an object failed its checksum, tag or format check:
      |    |                         run `verify`/`check`; the store must be repaired
-     |    +-- ConcurrentSweep       a garbage collection removed a chunk this backup
-     |                              reused; nothing was committed: run the backup again
+     |    +-- ConcurrentSweep       a garbage collection removed chunks this backup
+     |                              reused; nothing was committed: give the writer
+     |                              those chunks again (e.offsets), commit again
      +-- (NotFound) ObjectMissing   an object the caller named is not in the store
      +-- (BadInput) StoreBadInput   the call itself is wrong (offset, size, policy)
 
@@ -33,7 +34,11 @@ class CorruptObject(StoreError):
 
 
 class ConcurrentSweep(StoreError):
-    pass
+    """`offsets`: the chunks to give the writer again before committing again."""
+
+    def __init__(self, message: str, offsets: list[int]) -> None:
+        super().__init__(message)
+        self.offsets = offsets
 
 
 class ObjectMissing(NotFound):

@@ -28,9 +28,10 @@ Why a running writer loses nothing:
    ended: every deletion decided on an mtime read before the writer's
    touches is then done, and later ones see the touches. If any sweep ran
    since the writer started, it then checks that every chunk its index
-   names still exists; if one is gone it commits nothing and raises
-   ConcurrentSweep (the data is not lost: no snapshot refers to it; the next
-   run writes it again). A sweep that starts after that check sees the
+   names still exists; if some are gone it commits nothing and raises
+   ConcurrentSweep with their offsets (no data is lost: no snapshot refers
+   to them); the caller reads those chunks again from its source, gives them
+   to the writer and commits again. A sweep that starts after that check sees the
    lease, so (1) covers it. The wait is about a second, however long the
    sweep.
 3. A lease or marker whose heartbeat is older than LEASE_EXPIRY belongs to a

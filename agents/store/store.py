@@ -18,6 +18,25 @@ Snapshot ids sort by creation time: "20261202T130501.042Z-1a2b3c4d".
 Reading always checks: a chunk is re-hashed after it is opened and must match
 its name; indexes and manifests carry a checksum (or a GCM tag). A problem is
 reported as CorruptObject/ObjectMissing naming the object.
+
+What `splitctl backup ...` maps to (every error is a common.errors.SplitdError
+with a `code` and a one-line message naming what is at fault):
+
+    backup init          init_dir(path, key_file=...)   (envelope.new_key_file)
+    backup run           w = store.writer(size, parent=...); w.add/zero/
+                         take_from_parent/fill_from_parent; w.commit(**fields)
+                         (writer.py; stats for progress in w.stats)
+    backup list          store.list()                   manifests, oldest first
+    backup show ID       store.show(id)                 manifest + sizes
+    backup verify ID     store.verify(id, sample_pct).to_json()
+    backup check         store.check(read_data=...).to_json()
+    backup forget ID...  store.forget(ids)
+    backup prune         store.prune(gc.RetentionPolicy(last=, daily=, ...),
+                         dry_run=...)                   -> (PrunePlan, GcReport)
+    backup gc            store.gc(dry_run=...)
+    backup restore       --to FILE: store.restore_to_file(id, path);
+                         --to URI/volume: for ext in store.iter_image(id):
+                         NBD WRITE of ext.data, or WRITE_ZEROES when it is None
 """
 from __future__ import annotations
 
@@ -238,9 +257,12 @@ class Store:
 
     # -- snapshots ----------------------------------------------------------------
 
-    def _put_sealed(self, kind: int, name: str, plain: bytes) -> None:
-        sealed = envelope.seal(self.keys, kind, name, plain, self.level)
-        if not self.backend.put_if_absent(name, sealed):
+    def put_sealed(self, kind: int, name: str, plain: bytes) -> None:
+        """Store a new index or manifest, sealed (create-exclusive). Indexes
+        are compressed; manifests are not (small, and readable with `less`
+        in a plain store)."""
+        level = self.level if kind == KIND_INDEX else None
+        if not self.backend.put_if_absent(name, envelope.seal(self.keys, kind, name, plain, level)):
             raise StoreError(f"{name} exists already")
 
     def manifest(self, sid: str) -> dict[str, Any]:
@@ -308,21 +330,23 @@ class Store:
         it refers to, shared ones included)."""
         manifest = self.manifest(sid)
         index = self.index(sid)
+        lengths = _lengths(index)
         referenced = 0
-        for cid in index.data_ids():
+        for cid in lengths:
             try:
                 referenced += self.backend.size(chunk_name(cid))
             except ObjectMissing:
                 pass
+        zero = sum(index.chunk_len(i) for i in range(index.count) if index.id_at(i) == ZERO_ID)
         stats = manifest["stats"]
         return {"manifest": manifest, "sizes": {
             "logical": manifest["size"],
-            "zero": stats["zero_chunks_bytes"],
+            "zero": zero,
             "new_data": stats["new_bytes"],
             "stored_new": stats["stored_bytes"],
             "referenced_stored": referenced,
             "chunks": index.count,
-            "distinct_chunks": len(index.data_ids()),
+            "distinct_chunks": len(lengths),
         }}
 
     # -- reading an image ---------------------------------------------------------

@@ -26,7 +26,17 @@ create-exclusive. At most `max_pending` chunks are in flight: `add` blocks
 `commit` waits for every chunk, makes their names durable, fences against
 concurrent sweeps (gc.py), writes the index, then the manifest: the manifest
 is the commit point, so a writer that dies (even kill -9) leaves no snapshot,
-only chunks and perhaps an index that gc removes later.
+only chunks and perhaps an index that gc removes later. A commit that finds
+reused chunks removed by a concurrent sweep raises ConcurrentSweep naming
+their offsets and stays open:
+
+    while True:
+        try:
+            sid = w.commit(**fields)
+            break
+        except ConcurrentSweep as e:
+            for off in e.offsets:
+                w.add(off, read_from_source(off, w.chunk_size))
 """
 from __future__ import annotations
 
@@ -261,18 +271,26 @@ class SnapshotWriter:
     def commit(self, **fields: Any) -> str:
         """Wait for every chunk, then write the index and the manifest;
         returns the new snapshot's id. `fields` are the caller's manifest
-        fields (MANIFEST_FIELDS). On any error nothing is committed, the
-        writer is aborted and the error raised."""
-        unknown = set(fields) - MANIFEST_FIELDS.keys()
+        fields (MANIFEST_FIELDS).
+
+        Nothing is committed on any error. Two errors leave the writer open,
+        to be put right and committed again: StoreBadInput (unknown fields,
+        or chunks never given: `missing()` lists them) and ConcurrentSweep
+        (a garbage collection removed chunks this backup reused: give the
+        chunks at `e.offsets` again, read afresh from the source). Any other
+        error aborts the writer."""
         if self._closed:
             raise StoreError("writer is closed (committed or aborted)")
+        keep_open = False
         try:
+            unknown = set(fields) - MANIFEST_FIELDS.keys()
             if unknown:
+                keep_open = True
                 raise StoreBadInput(f"unknown manifest fields: {', '.join(sorted(unknown))}")
-            self._close()
-            self._raise_error()
+            self.wait()
             missing = self.missing()
             if missing:
+                keep_open = True
                 raise StoreBadInput(f"{len(missing)} chunks never given, the first at offset {missing[0]}")
             backend = self.store.backend
             backend.sync()
@@ -281,10 +299,16 @@ class SnapshotWriter:
             # descheduled: every sweep from here on must see this lease (gc.py).
             self.lease.beat()
             if sweeps_since(backend, self.lease.start):
-                self._recheck(index)
+                gone = self._recheck(index)
+                if gone:
+                    keep_open = True
+                    raise ConcurrentSweep(
+                        f"garbage collection removed {len(gone)} chunks this backup reused "
+                        f"(first at offset {gone[0]}); nothing committed: give them again",
+                        gone)
             now = time.time()
             sid = new_snapshot_id(now)
-            self._put(KIND_INDEX, index_name(sid), index.encode())
+            self.store.put_sealed(KIND_INDEX, index_name(sid), index.encode())
             backend.sync()
             manifest = {
                 "id": sid,
@@ -300,30 +324,30 @@ class SnapshotWriter:
                 "store_id": self.store.id,
                 "stats": {**self.stats, "chunks": self.count, "seconds": round(now - self.started, 3)},
             }
-            self._put(KIND_MANIFEST, manifest_name(sid), json.dumps(manifest, indent=1).encode())
+            self.store.put_sealed(KIND_MANIFEST, manifest_name(sid), json.dumps(manifest, indent=1).encode())
             backend.sync()
             return sid
         finally:
-            self._close()
-            self.lease.release()
+            if not keep_open:
+                self.abort()
 
-    def _put(self, kind: int, name: str, plain: bytes) -> None:
-        sealed = envelope.seal(self.store.keys, kind, name, plain,
-                               self.store.level if kind == KIND_INDEX else None)
-        if not self.store.backend.put_if_absent(name, sealed):
-            raise StoreError(f"{name} exists already")
-
-    def _recheck(self, index: Index) -> None:
-        """A sweep ran while we wrote: make sure it removed nothing we refer
-        to (gc.py explains why only then)."""
+    def _recheck(self, index: Index) -> list[int]:
+        """A sweep ran while we wrote: find what it removed that we refer to
+        (gc.py explains why only then). Those chunks become "not given" again;
+        returns their offsets."""
         backend = self.store.backend
         ids = sorted(index.data_ids())
         with ThreadPoolExecutor(self.workers) as pool:
             present = list(pool.map(lambda c: backend.exists(chunk_name(c)), ids))
-        gone = [c for c, ok in zip(ids, present, strict=True) if not ok]
-        if gone:
-            raise ConcurrentSweep(f"garbage collection removed {len(gone)} chunks this backup reused "
-                                  f"(first {chunk_name(gone[0])}); nothing committed: run it again")
+        gone = {c for c, ok in zip(ids, present, strict=True) if not ok}
+        offsets = []
+        with self._lock:
+            for i in range(self.count):
+                if bytes(self._entries[i * ID_LEN:(i + 1) * ID_LEN]) in gone:
+                    self._entries[i * ID_LEN:(i + 1) * ID_LEN] = ZERO_ID
+                    self._state[i] = _UNSET
+                    offsets.append(i * self.chunk_size)
+        return offsets
 
     def abort(self) -> None:
         """Stop: nothing is committed. Chunks already written stay until gc."""

@@ -57,5 +57,8 @@ def age_everything(root: str, seconds: float = 3600) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             p = os.path.join(dirpath, f)
-            st = os.stat(p)
-            os.utime(p, (st.st_atime - seconds, st.st_mtime - seconds))
+            try:
+                st = os.stat(p)
+                os.utime(p, (st.st_atime - seconds, st.st_mtime - seconds))
+            except FileNotFoundError:       # a concurrent sweep removed it
+                pass

@@ -101,7 +101,8 @@ def test_gc_racing_writers_loses_nothing(store):
     (so each reuses the previous one's chunks, which have just become garbage,
     made old enough to sweep) are written in another: the writer's touches
     race the sweeps' reads of mtimes and deletions. Every committed snapshot
-    must restore exactly; a writer may only fail with ConcurrentSweep."""
+    must restore exactly; a commit may only be refused with ConcurrentSweep,
+    and succeeds once the chunks it names are given again."""
     rnd = random.Random(23)
     base = rnd.randbytes(48 * CS)
     stop = threading.Event()
@@ -120,9 +121,9 @@ def test_gc_racing_writers_loses_nothing(store):
     t.start()
     committed, refused, reused = {}, 0, 0
     try:
-        for round_ in range(8):
+        for round_ in range(24):
             image = bytearray(base)
-            image[round_ * CS:round_ * CS + 10] = bytes([round_ + 1]) * 10
+            image[round_ % 48 * CS:round_ % 48 * CS + 10] = bytes([round_ + 1]) * 10
             if committed:
                 store.forget(list(committed))
                 age_everything(store.backend.root)   # the forgotten chunks are sweepable now
@@ -133,11 +134,14 @@ def test_gc_racing_writers_loses_nothing(store):
                 w.add(i * CS, bytes(image[i * CS:(i + 1) * CS]))
                 if i % 8 == 0:
                     time.sleep(0.01)
-            try:
-                sid = w.commit()
-            except ConcurrentSweep:
-                refused += 1
-                continue
+            while True:
+                try:
+                    sid = w.commit()
+                    break
+                except ConcurrentSweep as e:     # give those chunks again (writer.py)
+                    refused += 1
+                    for off in e.offsets:
+                        w.add(off, bytes(image[off:off + CS]))
             assert image_of(store, sid) == image
             committed = {sid: bytes(image)}
             reused += w.stats["reused_chunks"]
@@ -150,7 +154,7 @@ def test_gc_racing_writers_loses_nothing(store):
         assert image_of(store, sid) == image
     assert store.check().ok
     print(f"sweeps {len(sweeps)}, chunks swept {sum(sweeps)}, chunks reused {reused}, "
-          f"commits refused {refused}")
+          f"commits sent back {refused}")
 
 
 _CHILD = r"""
@@ -251,8 +255,8 @@ def test_commit_refuses_when_a_reused_chunk_vanished_during_a_sweep(store):
     """The writer's fence: it reused (touched) a chunk; a sweep ran; the chunk
     is gone at commit (what a sweep that read the chunk's mtime just before
     the touch would do; here removed by hand, as that interleaving cannot be
-    forced from outside). Commit must refuse and commit nothing; the next
-    backup writes the chunk again."""
+    forced from outside). Commit must refuse, commit nothing, name the
+    offsets, and succeed once those chunks are given again."""
     rnd = random.Random(25)
     image = rnd.randbytes(4 * CS)
     old = backup(store, image)
@@ -262,12 +266,14 @@ def test_commit_refuses_when_a_reused_chunk_vanished_during_a_sweep(store):
     w.wait()
     assert w.stats["reused_chunks"] == 4
     assert store.gc(margin=0).deleted_chunks == 0     # young: touched by the writer
-    os.unlink(os.path.join(store.backend.root, chunk_name_of(store, image[:CS])))
-    with pytest.raises(ConcurrentSweep, match="removed 1 chunks this backup reused"):
+    os.unlink(os.path.join(store.backend.root, chunk_name_of(store, image[2 * CS:3 * CS])))
+    with pytest.raises(ConcurrentSweep, match="removed 1 chunks this backup reused") as e:
         w.commit()
+    assert e.value.offsets == [2 * CS] and w.missing() == [2 * CS]
     assert store.snapshot_ids() == []
-    again = backup(store, image)
-    assert image_of(store, again) == image and store.check().ok
+    w.add(2 * CS, image[2 * CS:3 * CS])
+    sid = w.commit()
+    assert image_of(store, sid) == image and store.check().ok
 
 
 def test_no_sweep_no_recheck(store):

@@ -98,6 +98,8 @@ def test_incremental_takes_parent_entries_and_restores_both(store):
     assert m["parent"] == sid1 and m["stats"]["parent_chunks"] == 6
     shown = store.show(sid2)["sizes"]
     assert shown["new_data"] == 2 * CS and shown["logical"] == 8 * CS
+    # Chunk 1 is no longer zero; chunks 4 and 7 are, though taken from the parent.
+    assert (store.show(sid1)["sizes"]["zero"], shown["zero"]) == (3 * CS, 2 * CS)
     # fill_from_parent does the same in one call.
     w = store.writer(len(second), parent=sid2)
     w.add(0, bytes(second[:CS]))
@@ -137,6 +139,10 @@ def test_bad_ranges_and_incomplete_images_are_refused(store):
     with pytest.raises(StoreBadInput, match="3 chunks never given, the first at offset 65536"):
         w.commit()
     assert store.snapshot_ids() == []
+    with pytest.raises(StoreBadInput, match="unknown manifest fields: colour"):
+        w.commit(colour="blue")
+    w.zero(CS, 3 * CS)                  # the writer stayed open: complete it
+    assert image_of(store, w.commit()) == b"x" * CS + bytes(3 * CS)
 
 
 def test_restore_to_file_is_sparse_and_exact(store, store_dir):
@@ -288,3 +294,16 @@ def test_two_backups_at_once_both_complete(store):
     for image in images:
         assert any(image_of(store, sid) == image for sid in sids)
     assert len(list(store.backend.list("chunks/"))) == 26 and store.check().ok
+
+
+def test_big_chunks_skip_zstd_only_when_a_sample_does_not_shrink(store_dir):
+    mib = 1 << 20
+    s = init_dir(os.path.join(store_dir, "big"), chunk_size=mib)
+    rnd = random.Random(12)
+    chunks = [rnd.randbytes(mib),                                  # incompressible: raw
+              b"splitd " * (mib // 7) + b"x" * (mib % 7),           # text: zstd
+              rnd.randbytes(mib // 2) + bytes(mib // 2)]            # half and half: zstd
+    sid = backup(s, b"".join(chunks))
+    flags = [HEADER.unpack_from(s.backend.get(chunk_name(s.chunk_id(c))))[3] & F_ZSTD for c in chunks]
+    assert flags == [0, F_ZSTD, F_ZSTD]
+    assert image_of(s, sid) == b"".join(chunks)
