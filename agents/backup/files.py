@@ -76,19 +76,25 @@ def with_snapshot_fs(uri: str, subdir: str, request: dict[str, Any]) -> dict[str
     """Run `request` ({"op": "list", "path"} or {"op": "copy", "paths", "to"})
     on the filesystem of the export at `uri`, `subdir` being the backed-up
     directory inside it, in a child in a private mount namespace."""
-    body = json.dumps(dict(request, uri=uri, subdir=subdir)).encode()
+    # The temporary directory is the parent's: removed even if the child is killed.
+    tmp = tempfile.mkdtemp(prefix=f"splitd-files-{os.getpid()}-")
+    body = json.dumps(dict(request, uri=uri, subdir=subdir, tmp=tmp)).encode()
     cmd = ["unshare", "-m", "--propagation", "private", sys.executable, "-m", "agents.backup.files"]
     try:
         cp = subprocess.run(cmd, input=body, capture_output=True, timeout=24 * 3600)
     except FileNotFoundError:
         raise FilesError("unshare is not installed (util-linux)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         reply: dict[str, Any] = json.loads(cp.stdout)
     except ValueError:
         err = " ".join(cp.stderr.decode(errors="replace").split())[-400:]
         raise FilesError(f"file access failed (exit {cp.returncode}): {err or 'no message'}") from None
     if "error" in reply:
-        raise FilesError(reply["error"])
+        failure = FilesError(reply["error"])
+        failure.code = reply.get("code", failure.code)      # bad-input stays bad-input
+        raise failure
     return reply
 
 
@@ -109,9 +115,9 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def mounted(uri: str) -> Iterator[str]:
-    """The export's filesystem mounted read-only; yields its mount point."""
-    tmp = tempfile.mkdtemp(prefix=f"splitd-files-{os.getpid()}-")
+def mounted(uri: str, tmp: str) -> Iterator[str]:
+    """The export's filesystem mounted read-only under directory `tmp`
+    (empty); yields its mount point."""
     fuse_dir, mnt = os.path.join(tmp, "fuse"), os.path.join(tmp, "mnt")
     os.mkdir(fuse_dir, 0o700)
     os.mkdir(mnt, 0o700)
@@ -150,7 +156,6 @@ def mounted(uri: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.terminate()
                 proc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _inside(root: str, rel: str) -> str:
@@ -206,7 +211,7 @@ def copy_files(root: str, rels: list[str], to: str) -> dict[str, Any]:
 
 
 def _child(request: dict[str, Any]) -> dict[str, Any]:
-    with mounted(request["uri"]) as mnt:
+    with mounted(request["uri"], request["tmp"]) as mnt:
         root = os.path.realpath(os.path.join(mnt, request["subdir"]))
         if not os.path.isdir(root):
             raise FilesError(f"the backed-up directory {request['subdir']!r} is not in the snapshot's "
@@ -219,7 +224,9 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     try:
         reply = _child(json.load(sys.stdin))
-    except (SplitdError, OSError, subprocess.SubprocessError) as e:
+    except SplitdError as e:
+        reply = {"error": str(e), "code": str(e.code)}
+    except (OSError, subprocess.SubprocessError) as e:
         reply = {"error": str(e)}
     json.dump(reply, sys.stdout)
     return 1 if "error" in reply else 0

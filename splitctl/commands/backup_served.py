@@ -126,7 +126,9 @@ def _with_files(client: AdminClient, args: Namespace, request: dict[str, Any]) -
 
 def run_files(client: AdminClient, args: Namespace) -> Any:
     from agents.backup.files import clean_path
-    return _with_files(client, args, {"op": "list", "path": clean_path(args.path)})
+    with _errors():
+        path = clean_path(args.path)
+    return _with_files(client, args, {"op": "list", "path": path})
 
 
 def show_files(r: dict[str, Any], args: Namespace) -> None:
@@ -142,7 +144,8 @@ def show_files(r: dict[str, Any], args: Namespace) -> None:
 
 def run_restore_files(client: AdminClient, args: Namespace) -> Any:
     from agents.backup.files import clean_path
-    paths = [clean_path(p) for p in args.paths]
+    with _errors():
+        paths = [clean_path(p) for p in args.paths]
     return _with_files(client, args, {"op": "copy", "paths": paths, "to": os.path.abspath(args.to)})
 
 
