@@ -12,8 +12,8 @@ adds an export `name` whose backend is a SnapshotBackend:
   served meanwhile;
 - the cache is an LRU of whole chunks keyed by chunk id (equal chunks are
   held once), bounded in bytes (`cache_size`, DEFAULT_CACHE);
-- a READ that starts where the previous one ended is sequential: the next
-  READAHEAD chunks are fetched before they are asked for;
+- a READ that starts where one of the last few ended is sequential: the
+  next READAHEAD chunks are fetched before they are asked for;
 - a chunk that is missing or does not match its name fails the READ with
   EIO, and the reason (the store's CorruptObject/ObjectMissing message) is
   logged: never wrong bytes, and never cached, so a repaired store serves it;
@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,9 @@ class SnapshotBackend:
         self.pool = pool
         self.loop = loop
         self._loading: dict[bytes, asyncio.Future[bytes]] = {}
-        self._next_sequential = -1
+        # Where recent reads ended: a read starting at one is sequential
+        # (several connections or many requests in flight interleave).
+        self._ends: deque[int] = deque(maxlen=16)
         self.errors = 0
         self.closed = False
 
@@ -120,8 +122,8 @@ class SnapshotBackend:
             raise OSError(errno.ESHUTDOWN, f"snapshot {self.sid} is no longer served")
         cs = self.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs
-        sequential = offset == self._next_sequential
-        self._next_sequential = offset + length
+        sequential = offset in self._ends
+        self._ends.append(offset + length)
         parts: list[bytes | asyncio.Future[bytes]] = []
         ready = True
         for i in range(first, last + 1):

@@ -315,3 +315,46 @@ def test_restore_files_killed_leaves_nothing(daemon, ext4_snapshot, tmp_path):
     assert backup(daemon, "served")["served"] == []
     assert not [d for d in os.listdir("/tmp") if d.startswith("splitd-files-")]
     assert not subprocess.run(["pgrep", "-f", "nbdfuse.*splitd-files-"], capture_output=True).stdout
+
+
+def test_daemon_answers_while_a_chunk_loads(daemon, image):
+    """A chunk whose fetch blocks (its file replaced by a FIFO nobody writes
+    yet) holds only the reads that need it: other chunks of the snapshot,
+    another export and the admin API answer meanwhile; then the read gets
+    the right bytes."""
+    import threading
+
+    import nbd
+    store, sid, plain = image
+    from agents.store import open_dir
+    from agents.store.names import chunk_name
+    with open_dir(str(store)) as st:
+        path = store / chunk_name(st.index(sid).id_at(17))
+    stored = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "snap")
+    slow = nbd.NBD()
+    slow.connect_uri(daemon.uri("snap"))
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(slow.pread(4096, 17 * MiB + 8192)))
+    reader.start()
+    try:
+        other = nbd.NBD()
+        other.connect_uri(daemon.uri("snap"))
+        vol = nbd.NBD()
+        vol.connect_uri(daemon.uri("v"))
+        with open(plain, "rb") as f:
+            f.seek(SIZE - MiB)
+            assert other.pread(MiB, SIZE - MiB) == f.read(MiB)
+            f.seek(0)
+            assert vol.pread(MiB, 0) == f.read(MiB)
+        assert daemon.call("status")["volumes"] == 1
+        assert reader.is_alive() and not got, "the read of the blocked chunk was answered"
+    finally:
+        with open(path, "wb") as fifo:       # release the fetch
+            fifo.write(stored)
+        reader.join(30)
+    with open(plain, "rb") as f:
+        f.seek(17 * MiB + 8192)
+        assert got == [f.read(4096)]
