@@ -358,3 +358,15 @@ def test_daemon_answers_while_a_chunk_loads(daemon, image):
     with open(plain, "rb") as f:
         f.seek(17 * MiB + 8192)
         assert got == [f.read(4096)]
+
+
+def test_cache_is_bounded(daemon, image, tmp_path):
+    need("nbdcopy")
+    store, sid, _ = image
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "small", "--cache-size", "16M")
+    subprocess.run(["nbdcopy", daemon.uri("small"), "null:"], check=True)
+    shown = backup(daemon, "served")["served"][0]
+    assert 0 < shown["cached"] <= 16 * MiB and shown["cache_size"] == 16 * MiB, shown
+    code, err, _ = backup_fails(daemon, "serve", sid, "--from", str(store), "--as", "tiny",
+                                "--cache-size", "1M")
+    assert err["code"] == "bad-input" and "cache_size" in err["message"], err
