@@ -14,11 +14,12 @@ A connection, in order (Phase):
              revoked since -> "unauthorized" and closed; outside its scope
              or volumes (controller/access.py) -> "forbidden"
 
-What a client without a token can make the daemon hold is bounded: at most
-MAX_UNAUTHENTICATED connections between accept and a good token (more are
-closed at once), the handshake timeout (--handshake-timeout) for TLS and the
-token line together, and AUTH_LINE bytes for that line. An authenticated
-connection's lines are limited to MAX_REMOTE_LINE (admin requests are small).
+What a client without a token can make the daemon hold is bounded
+(remoteapi/server.py's constants): at most MAX_UNAUTHENTICATED connections
+between accept and a good token (more are closed at once), the handshake
+timeout (--handshake-timeout) for TLS and the token line together, and
+AUTH_LINE bytes for that line. An authenticated connection's lines are
+limited to MAX_LINE (admin requests are small).
 
 The connection itself (TLS over memory buffers, the token line, the bounds)
 is remoteapi/server.py, shared with the host agent; this module is what is

@@ -29,10 +29,11 @@ def openssl(*args: str, cwd: Path) -> None:
         raise PKIError(f"openssl {' '.join(args)} failed:\n{cp.stderr}")
 
 
-def make_ca(d: Path, name: str = "ca") -> Path:
-    """A self-signed CA in `d`: NAME-cert.pem (returned) and NAME-key.pem."""
+def make_ca(d: Path, name: str = "ca", cn: str | None = None) -> Path:
+    """A self-signed CA in `d`: NAME-cert.pem (returned) and NAME-key.pem;
+    its subject CN=`cn` (default "splitd test NAME")."""
     openssl("req", "-x509", *KEY, "-keyout", f"{name}-key.pem", "-out", f"{name}-cert.pem",
-            "-days", "2", "-subj", f"/CN=splitd test {name}",
+            "-days", "2", "-subj", f"/CN={cn or f'splitd test {name}'}",
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     return d / f"{name}-cert.pem"

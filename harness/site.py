@@ -160,18 +160,14 @@ class Site:
                              f"{cp.stdout}{cp.stderr}")
         return cp
 
-    def splitctl(self, ns: str, *args: str, token: Path | None = None, connect: str | None = None,
+    def splitctl(self, ns: str, *args: str, token: Path | None = None,
                  **kw: Any) -> subprocess.CompletedProcess:
         """splitctl run in `ns` against the daemon's remote admin API (as
-        `ns` reaches it, unless `connect`) with the test CA and `token`."""
-        opts = ["--connect", connect or self.admin_uri(ns), "--tls-ca", str(self.ca)]
+        `ns` reaches it) with the test CA and `token`."""
+        opts = ["--connect", self.admin_uri(ns), "--tls-ca", str(self.ca)]
         if token is not None:
             opts += ["--token-file", str(token)]
         return self.net.run(ns, [str(BIN / "splitctl"), *opts, *args], env=self.env, **kw)
-
-    def python(self, ns: str, module: str, *args: str, **kw: Any) -> subprocess.CompletedProcess:
-        """`python -m module args` in `ns` with this tree's packages."""
-        return self.net.run(ns, [sys.executable, "-m", module, *args], env=self.env, **kw)
 
     # -- the host agent (splitd-host, agents/host) --------------------------------------
 
@@ -224,3 +220,53 @@ class Site:
             str(BIN / "splitctl"), "--json", "backup", "prepare",
             "--host", f"{self.app_addr}:{AGENT_PORT}", "--dir", str(directory), "--port", port,
             "--token-file", str(token), "--tls-ca", str(self.ca)], env=self.env, **kw)
+
+    # -- the application host's filesystem ----------------------------------------------
+
+    def ext4_pair(self, primary: str, secondary: str, size: int, mkfs_args: tuple[str, ...] = (),
+                  sync_timeout: float = 60) -> None:
+        """Volume `primary` of `size` bytes holding an empty ext4 (made in a
+        sparse file here and copied in through the Unix socket, holes
+        skipped), paired with `secondary` and mirrored."""
+        d = self.daemon
+        assert d is not None
+        d.call("volume.create", name=primary, size=size)
+        image = self.base / f"{primary}.raw"
+        try:
+            with open(image, "wb") as f:
+                f.truncate(size)
+            subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_args, str(image)], check=True,
+                           capture_output=True, timeout=600)
+            subprocess.run(["nbdcopy", str(image), d.uri(primary)], check=True,
+                           capture_output=True, timeout=600)
+        finally:
+            image.unlink(missing_ok=True)
+        d.call("pair.create", primary=primary, secondary=secondary, create_secondary=True)
+        with d.admin(timeout=60) as a:
+            a.wait_pair(secondary, "synced", timeout=sync_timeout, interval=0.1)
+
+    def attach_primary(self, state_dir: Path, volume: str, mount: Path) -> None:
+        """`splitd-host attach VOLUME --port app --mount MOUNT` in `app`: the
+        agent reaches the daemon's admin API by the management address with
+        a split token for VOLUME*, the data by the app port."""
+        token = self.daemon_token(f"app-host-{volume}", "split", f"{volume}*")
+        self.agent("app", state_dir, "attach", volume, "--daemon", self.admin_uri("app"),
+                   "--token-file", token, "--tls-ca", self.ca, "--port", "app", "--mount", mount)
+
+    def writer(self, folder: Path, log: Path, *args: str, files: int = 10,
+               timeout: float = 30) -> subprocess.Popen:
+        """harness/writer.py in `app`, writing into `folder`; returns once it
+        has completed `files` files (close() stops it, or net.stop())."""
+        from harness.writer import records
+
+        proc = self.net.popen("app", [sys.executable, "-m", "harness.writer", str(folder), str(log),
+                                      *args],
+                              env=self.env, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while not log.exists() or len(records(str(log))) < files:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.net.stop(proc)
+                raise NetnsError(f"the writer completed fewer than {files} files in {timeout:g} s"
+                                 f" (exit {proc.returncode}): {proc.communicate()[1]!r}")
+            time.sleep(0.05)
+        return proc

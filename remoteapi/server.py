@@ -94,9 +94,17 @@ class TokenServer:
         await bind(self.listener, lambda: TokenConnection(self))
 
     async def stop(self) -> None:
+        await self.stop_listening()
+        self.drop_connections(abort=True)
+
+    async def stop_listening(self) -> None:
+        """No new connections; those open go on (to be answered, then dropped)."""
         await close_all([self.listener])
+
+    def drop_connections(self, abort: bool) -> None:
+        """Close every connection: at once (abort), or after what was written."""
         for conn in list(self.connections):
-            conn.close(abort=True)
+            conn.close(abort=abort)
 
 
 class TokenConnection(asyncio.Protocol):

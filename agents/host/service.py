@@ -46,13 +46,12 @@ from typing import Any
 from agents.host.attach import Attachments, status as attachment_status
 from agents.host.prepare import PrepareError, prepare
 from agents.host.state import DEFAULT_HOOK_TIMEOUT, HookConfig, HostState
-from agents.host.tokens import HostTokens, TokenDB, authorize, required_scope
-from common.errors import BadInput, Conflict, Forbidden, Unauthorized, UnknownMethod
-from common.scopes import Scope
+from agents.host.tokens import HostScope, HostTokens, TokenDB, authorize, required_scope
+from common.errors import BadInput, Conflict, Forbidden, SplitdError, Unauthorized, UnknownMethod
 from daemon.listeners import BindError
 from daemon.notify import sd_notify
 from daemon.tls import TLSConfigError, server_context
-from remoteapi.lines import Request, answer, parse_request
+from remoteapi.lines import Request, answer, error, parse_request
 from remoteapi.server import LOCAL, TokenConnection, TokenServer
 from splitctl.client import DEFAULT_AGENT_PORT
 
@@ -164,6 +163,7 @@ class Service:
         self.failed = 0
         self.last: dict[str, Any] | None = None
         self.listeners: list[str] = []
+        self.stopping = False
         self._ids = 0
 
     # -- the Gate ---------------------------------------------------------------------------
@@ -188,12 +188,8 @@ class Service:
             self._authorize(conn, request)
             if request.method == "prepare":
                 return self._start_prepare(request)
-        except (BadInput, Conflict, Forbidden, Unauthorized) as e:
-            refusal = e
-
-            def refuse() -> Any:
-                raise refusal
-            return answer(request, refuse, log)
+        except SplitdError as e:
+            return error(request.id, e.code, str(e))
         return answer(request, lambda: self.call(request.method, request.params or {}), log)
 
     def _authorize(self, conn: TokenConnection, request: Request) -> None:
@@ -211,9 +207,10 @@ class Service:
         except Forbidden as e:
             log.warning("%s (token %s): %s refused: %s", conn.peer, token.name, request.method, e)
             raise
-        if required_scope(request.method) is not Scope.READ:
-            log.info("%s (token %s): %s %s", conn.peer, token.name, request.method,
-                     request.params)
+        if required_scope(request.method) is not HostScope.READ:
+            # Who asked for what, from where: the audit trail of remote prepares.
+            shown = {k: str(v)[:200] for k, v in list((request.params or {}).items())[:4]}
+            log.info("%s (token %s): %s %s", conn.peer, token.name, request.method, shown)
 
     # -- methods ----------------------------------------------------------------------------
 
@@ -250,6 +247,8 @@ class Service:
                            "splitd volume")
         if not isinstance(port, str) or not port:
             raise BadInput("prepare needs \"port\": the daemon's port to reach the secondary by")
+        if self.stopping:
+            raise Conflict("splitd-host is stopping: no new prepare")
         if len(self.running) >= MAX_PREPARES:
             raise Conflict(f"busy: {MAX_PREPARES} prepares are running already ("
                            + ", ".join(r["directory"] for r in self.running.values()) + ")")
@@ -350,12 +349,16 @@ async def serve(cfg: ServeConfig, state_dir: str) -> int:
 
     log.info("stopping")
     sd_notify("STOPPING=1")
+    service.stopping = True
     for server in servers:
-        await server.stop()
+        await server.stop_listening()
     if service.running:
         log.info("waiting for %d prepares to finish", len(service.running))
-    # Each prepare is bounded: the hook timeout, then the watchdog's.
+    # Each prepare is bounded: the hook timeout, then the watchdog's. Their
+    # answers go out as they finish; then every connection is closed.
     await loop.run_in_executor(None, service.pool.shutdown)
+    for server in servers:
+        server.drop_connections(abort=False)
     await loop.run_in_executor(None, state.close)
     tokens.db.close()
     log.info("stopped")
@@ -381,13 +384,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{PROG} serve: {e.strerror or e}{': ' + e.filename if e.filename else ''}",
               file=sys.stderr)
         return 1
-
-
-def _seconds_arg(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
 
 
 EPILOG = f"""\
@@ -421,6 +417,9 @@ examples:
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    # Here, not at the top: cli imports this module to register it.
+    from agents.host.cli import _positive as seconds
+
     p = commands.add_parser(
         "serve", parents=[common], help="run the agent's service (prepare over TCP/TLS)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -437,15 +436,15 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", metavar="PATH", help=f"local Unix socket (default {DEFAULT_SOCKET})")
     p.add_argument("--tls-cert", metavar="PEM", help="the agent's certificate (with --listen)")
     p.add_argument("--tls-key", metavar="PEM", help="its private key")
-    p.add_argument("--watchdog-timeout", type=_seconds_arg, metavar="S",
+    p.add_argument("--watchdog-timeout", type=seconds, metavar="S",
                    help="longest freeze: the watchdog thaws after S seconds (default 10)")
     p.add_argument("--hook", metavar="PATH",
                    help="run `PATH freeze MOUNTPOINT` before each freeze and `PATH thaw "
                         "MOUNTPOINT` after each thaw (as qemu-ga's fsfreeze-hook)")
-    p.add_argument("--hook-timeout", type=_seconds_arg, metavar="S",
+    p.add_argument("--hook-timeout", type=seconds, metavar="S",
                    help=f"kill the hook after S seconds and refuse the prepare (default "
                         f"{DEFAULT_HOOK_TIMEOUT:g})")
-    p.add_argument("--handshake-timeout", type=_seconds_arg, metavar="S",
+    p.add_argument("--handshake-timeout", type=seconds, metavar="S",
                    help="a TCP client must finish TLS and send its token within S seconds "
                         "(default 10)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")

@@ -5,13 +5,13 @@ authentication or request."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from typing import Any
 
 from agents.host.tokens import HOST_SCOPES, HostTokens, TokenDB, describe
 from common.errors import SplitdError
 from common.names import validate_name
+from splitctl.output import print_table, time_text
 
 SCOPE_HELP = """\
 scopes:
@@ -54,15 +54,10 @@ def _list(args: argparse.Namespace) -> int:
         tokens.db.close()
     if args.json:
         return emit(args, {"tokens": rows}, "")
-    if not rows:
-        print("no tokens")
-        return 0
-    table = [("NAME", "SCOPE", "DIRS", "CREATED", "LAST USED")]
-    table += [(r["name"], r["scope"], r["dirs"], _when(r["created"]),
-               _when(r["last_used"]) if r["last_used"] is not None else "never") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print_table(["NAME", "SCOPE", "DIRS", "CREATED", "LAST USED"],
+                [[r["name"], r["scope"], r["dirs"], time_text(r["created"]),
+                  time_text(r["last_used"]) if r["last_used"] is not None else "never"]
+                 for r in rows], empty="no tokens")
     return 0
 
 
@@ -78,10 +73,6 @@ def _revoke(args: argparse.Namespace) -> int:
         tokens.db.close()
     return emit(args, describe(rec), f"revoked token {rec.name}: connections using it are "
                                      "refused from their next request")
-
-
-def _when(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _name(text: str) -> str:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,6 +79,7 @@ def drive(argv: list[str]) -> int:
 def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
     from harness.site import AGENT_PORT, Site
     from harness.writer import records
+
     base = ctx.tempdir("/dev/shm", "splitd-bench-prepare.")
     site = Site(base)
     ctx.defer(f"site in {base}", lambda: _close(site))
@@ -87,43 +87,24 @@ def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
     d = site.daemon
     assert d is not None
     ctx.note(f"{label}: ext4 on the primary")
-    d.call("volume.create", name="db", size=size)
-    image = base / "db.raw"
-    with open(image, "wb") as f:
-        f.truncate(size)
     # Few inodes, a small journal, nothing left to lazy init: mkfs writes
     # ~100 MiB even for 1 TiB, and no background zeroing runs during the bench.
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-N", "4096", "-J", "size=64",
-                    "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", str(image)],
-                   check=True, capture_output=True, timeout=600)
-    subprocess.run(["nbdcopy", str(image), d.uri("db")], check=True, capture_output=True,
-                   timeout=600)
-    image.unlink()
-    d.call("pair.create", primary="db", secondary="db-snap", create_secondary=True)
-    with d.admin(timeout=60) as a:
-        a.wait_pair("db-snap", "synced", timeout=600, interval=0.2)
-
+    site.ext4_pair("db", "db-snap", size, ("-N", "4096", "-J", "size=64", "-E",
+                                           "lazy_itable_init=0,lazy_journal_init=0,nodiscard"),
+                   sync_timeout=600)
     state = base / "agent"
     mnt = base / "mnt"
     mnt.mkdir()
-    split_token = site.daemon_token("app-host", "split", "db*")
     ctx.note(f"{label}: attach, mount, serve")
-    site.agent("app", state, "attach", "db", "--daemon", site.admin_uri("app"),
-               "--token-file", split_token, "--tls-ca", site.ca, "--port", "app", "--mount", mnt)
+    site.attach_primary(state, "db", mnt)
     ctx.defer("detach db", lambda: _detach(site, state))
     served = site.serve_agent(state)
     ctx.defer("splitd-host serve", lambda: site.net.stop(served, timeout=15))
     agent_token = site.agent_token(state, "bench", "prepare")
     resync_token = site.daemon_token("bench-resync", "admin")
     log = base / "writer.log"
-    writer = site.net.popen("app", [sys.executable, "-m", "harness.writer", mnt / "data",
-                                    log, "--keep", "200"], env=site.env)
+    writer = site.writer(mnt / "data", log, "--keep", "200")
     ctx.defer("writer", lambda: site.net.stop(writer, timeout=15))
-    deadline = time.monotonic() + 30
-    while not log.exists() or log.stat().st_size < 4096:
-        if writer.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"the writer did not start (exit {writer.poll()})")
-        time.sleep(0.05)
 
     ctx.note(f"{label}: {n} prepares")
     here = Path(__file__).resolve()

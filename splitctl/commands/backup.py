@@ -123,7 +123,10 @@ def show_prepare(result: dict[str, Any], args: Namespace) -> None:
     print(result["uri"])
     fields = [
         ("pair", result["pair"] + (f" (group {result['group']})" if result.get("group") else "")),
-        ("split gen", str(result.get("split_gen"))),
+        # split_gen counts the pair's splits (None from a daemon that does not
+        # count them); generation is its bitmap generation.
+        ("split gen", "-" if result.get("split_gen") is None else str(result["split_gen"])),
+        ("generation", str(result.get("generation"))),
         ("frozen", f"{result.get('window_ms')} ms (FIFREEZE {result.get('freeze_ms')} ms)"),
         ("prepare", f"{result.get('prepare_ms')} ms"),
         ("directory", f"{result.get('directory')} on {result.get('mountpoint')} "
@@ -157,8 +160,9 @@ def add_commands(commands: Commands) -> None:
                     "the split generation, how long the filesystem was frozen (FIFREEZE to\n"
                     "FITHAW) and how long the prepare took on the host. With --json, the\n"
                     "agent's answer: uri, uris, port, tls, pair, group, volume, directory,\n"
-                    "mountpoint, device, split_gen, delta_base, split_at, state, freeze_ms,\n"
-                    "window_ms, prepare_ms, warnings.\n\n"
+                    "mountpoint, device, split_gen, delta_base, generation, split_at, state,\n"
+                    "freeze_ms, window_ms, prepare_ms, warnings (split_gen and delta_base\n"
+                    "are null from a daemon that does not count splits).\n\n"
                     "The agent is reached over TCP with TLS, with a token made there by\n"
                     "'splitd-host token create NAME --scope prepare' (a splitctl token does\n"
                     f"not work). Its port defaults to {DEFAULT_AGENT_PORT}.",

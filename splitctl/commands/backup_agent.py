@@ -246,6 +246,8 @@ def check_run(args: Namespace) -> None:
         raise BadInput("--wait-copy and --now: give one")
     if args.connections < 1 or args.connections > 64:
         raise BadInput(f"--connections {args.connections}: give 1 to 64")
+    if args.wait_timeout is not None and (args.wait_timeout <= 0 or not args.wait_copy):
+        raise BadInput("--wait-timeout goes with --wait-copy and must be positive")
 
 
 # -- list / show ----------------------------------------------------------------------
@@ -472,9 +474,17 @@ def check_restore(args: Namespace) -> None:
         raise BadInput("--create goes with --to-volume")
     if args.port and not args.to_volume:
         raise BadInput("--port goes with --to-volume")
+    if args.connections < 1 or args.connections > 64:
+        raise BadInput(f"--connections {args.connections}: give 1 to 64")
 
 
 # -- the commands ---------------------------------------------------------------------
+
+
+def _no_daemon(args: Namespace) -> AdminClient:
+    """The store commands ask no daemon: a client never connected (it
+    connects at its first call), and none of the daemon's options."""
+    return AdminClient()
 
 
 def _key_option(sub: argparse.ArgumentParser) -> None:
@@ -524,7 +534,7 @@ def add_commands(backup: Commands) -> None:
                     "store cannot be read.",
         examples="  splitctl backup init /srv/backup\n"
                  "  splitctl backup init /srv/backup-enc --encrypt /etc/splitd/backup.key",
-        exit_status=EXIT_STATUS)
+        exit_status=EXIT_STATUS, client=_no_daemon)
     sub.add_argument("dir", metavar="DIR", help="the store's directory")
     sub.add_argument("--encrypt", metavar="KEYFILE", default=None,
                      help="encrypt with this key file (made if absent)")
@@ -606,7 +616,8 @@ def add_commands(backup: Commands) -> None:
                     "pair (or volume), the split generation, full or incremental, the\n"
                     "image size, the data it added and what that takes after dedup and\n"
                     "compression. --json: the manifests.",
-        examples="  splitctl backup list --store /srv/backup", exit_status=EXIT_STATUS)
+        examples="  splitctl backup list --store /srv/backup",
+        exit_status=EXIT_STATUS, client=_no_daemon)
     _store_option(sub)
 
     sub = backup.command(
@@ -615,7 +626,7 @@ def add_commands(backup: Commands) -> None:
                     "stored), new data (what it added to the store) and stored new (that\n"
                     "after dedup and compression), and what every chunk it refers to takes.",
         examples="  splitctl backup show 20261202T130501.042Z-1a2b3c4d --store /srv/backup",
-        exit_status=EXIT_STATUS)
+        exit_status=EXIT_STATUS, client=_no_daemon)
     sub.add_argument("id", metavar="ID", help="snapshot id (backup list)")
     _store_option(sub)
 
@@ -626,7 +637,8 @@ def add_commands(backup: Commands) -> None:
                     "random --sample percent). Every missing or corrupt object is named with\n"
                     "the snapshots it breaks; then exit 1.",
         examples="  splitctl backup verify 20261202T130501.042Z-1a2b3c4d --store /srv/backup\n"
-                 "  splitctl backup verify ID --sample 5", exit_status=EXIT_STATUS)
+                 "  splitctl backup verify ID --sample 5",
+        exit_status=EXIT_STATUS, client=_no_daemon)
     sub.add_argument("id", metavar="ID", help="snapshot id")
     sub.add_argument("--sample", metavar="PCT", type=float, default=100.0,
                      help="check this percentage of its distinct chunks (default 100)")
@@ -637,7 +649,8 @@ def add_commands(backup: Commands) -> None:
         description="Verify every snapshot of the store (each chunk once), and count the\n"
                     "chunks no snapshot refers to (what gc would remove). Problems are\n"
                     "named with the snapshots they break; then exit 1.",
-        examples="  splitctl backup check --store /srv/backup", exit_status=EXIT_STATUS)
+        examples="  splitctl backup check --store /srv/backup",
+        exit_status=EXIT_STATUS, client=_no_daemon)
     sub.add_argument("--no-read-data", action="store_true",
                      help="only check that every chunk is there (do not read them)")
     _store_option(sub)
@@ -647,7 +660,8 @@ def add_commands(backup: Commands) -> None:
         description="Remove snapshots by id (their manifests; every other snapshot stays\n"
                     "complete: each has a full index). Their data goes at the next gc (or\n"
                     "now, with --gc).",
-        examples="  splitctl backup forget ID1 ID2 --store /srv/backup --gc", exit_status=EXIT_STATUS)
+        examples="  splitctl backup forget ID1 ID2 --store /srv/backup --gc",
+        exit_status=EXIT_STATUS, client=_no_daemon)
     sub.add_argument("ids", metavar="ID", nargs="+", help="snapshot ids")
     sub.add_argument("--gc", action="store_true", help="collect garbage afterwards")
     _store_option(sub)
@@ -660,7 +674,8 @@ def add_commands(backup: Commands) -> None:
                     "last N days that have one (likewise hourly, weekly, monthly, yearly).\n"
                     "At least one rule is needed. --dry-run: only say what would go.",
         examples="  splitctl backup prune --keep-last 3 --keep-daily 7 --keep-weekly 4 \\\n"
-                 "      --keep-monthly 12 --store /srv/backup --dry-run", exit_status=EXIT_STATUS)
+                 "      --keep-monthly 12 --store /srv/backup --dry-run",
+        exit_status=EXIT_STATUS, client=_no_daemon)
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         sub.add_argument(f"--keep-{rule}", metavar="N", type=_keep, default=0,
                          help=KEEP_HELP[rule])
@@ -672,7 +687,8 @@ def add_commands(backup: Commands) -> None:
         description="Mark every chunk an index of a snapshot (or of a running backup's\n"
                     "parent) refers to, and delete the others that are older than the\n"
                     "oldest running backup: safe while backups are being written.",
-        examples="  splitctl backup gc --store /srv/backup", exit_status=EXIT_STATUS)
+        examples="  splitctl backup gc --store /srv/backup",
+        exit_status=EXIT_STATUS, client=_no_daemon)
     sub.add_argument("--dry-run", action="store_true", help="only count")
     _store_option(sub)
 

@@ -33,7 +33,7 @@ def pki(tmp_path_factory):
     client-key.pem)."""
     need("openssl")
     d = tmp_path_factory.mktemp("pki")
-    ca = make_ca(d)
+    ca = make_ca(d, cn="splitd test CA")    # tests/agents/test_nbd_uri looks for it
     cert, key = make_server_cert(d)
     make_client_cert(d)
     with_cert = libnbd_cert_dir(d / "client", ca)

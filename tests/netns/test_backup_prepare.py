@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,32 +59,14 @@ def app(site, tmp_path_factory):
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing")
     base = tmp_path_factory.mktemp("app")
-    d = site.daemon
-    d.call("volume.create", name="db", size=SIZE)
-    image = base / "db.raw"
-    with open(image, "wb") as f:
-        f.truncate(SIZE)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True,
-                   timeout=60)
-    subprocess.run(["nbdcopy", str(image), d.uri("db")], check=True, capture_output=True,
-                   timeout=60)
-    image.unlink()
-    d.call("pair.create", primary="db", secondary="db-snap", create_secondary=True)
-    with d.admin() as a:
-        a.wait_pair("db-snap", "synced", timeout=50, interval=0.1)
-
+    site.ext4_pair("db", "db-snap", SIZE)
     state = base / "agent"
     host = Host(state)
     mnt = base / "mnt"
     mnt.mkdir()
     served = None
     try:
-        # The agent splits with a daemon token limited to db*; it reaches the
-        # daemon's admin API by the management address, the data by the app port.
-        split_token = site.daemon_token("app-host", "split", "db*")
-        site.agent("app", state, "attach", "db", "--daemon", site.admin_uri("app"),
-                   "--token-file", split_token, "--tls-ca", site.ca, "--port", "app",
-                   "--mount", mnt)
+        site.attach_primary(state, "db", mnt)
         (mnt / "data").mkdir()
         # The pre-freeze hook runs ACTION when a test has written it: a way
         # to act after the agent has connected to the daemon, before the freeze.
@@ -107,14 +88,8 @@ def writer(site, app, name: str):
     """The writer (harness/writer.py) in `app`, writing into DATA/NAME; yields
     its log's path once it has written a few files."""
     log = app.base / f"{name}.log"
-    proc = site.net.popen("app", [sys.executable, "-m", "harness.writer", app.data / name, log],
-                          env=site.env, stderr=subprocess.PIPE)
+    proc = site.writer(app.data / name, log)
     try:
-        deadline = time.monotonic() + 20
-        while not log.exists() or len(records(str(log))) < 10:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the writer wrote nothing in 20 s"
-            time.sleep(0.05)
         yield log
     finally:
         site.net.stop(proc, timeout=15)

@@ -102,3 +102,28 @@ def test_app_port_is_unreachable_from_the_backup_host(site):
     # ...and on the address it does reach, only the backup port listens.
     assert connect_from_backup(site, site.storage_backup, APP_PORT) == errno.ECONNREFUSED
     assert connect_from_backup(site, site.storage_backup, BACKUP_PORT) == 0
+
+
+def test_daemon_tokens_from_the_backup_host(site, split_image, reader):
+    """The daemon's remote admin API, from the backup host: a read token
+    locates but does not split; a split token for other volumes, a revoked
+    or a wrong one are refused, each in one line with its code."""
+    def refused(token, *args: str) -> dict:
+        cp = site.splitctl("backup", "--json", *args, token=token)
+        assert cp.returncode == 1 and cp.stderr.count("\n") == 1, cp.stderr
+        return json.loads(cp.stdout)["error"]
+
+    site.daemon.call("pair.resync", name="s")
+    assert refused(reader, "pair", "split", "s")["code"] == "forbidden"
+    other = site.daemon_token("other-volumes", "split", "web*")
+    assert refused(other, "pair", "split", "s")["code"] == "forbidden"
+    revoked = site.daemon_token("revoked", "split", "*")
+    site.splitctl_local("token", "revoke", "revoked")
+    assert refused(revoked, "pair", "split", "s")["code"] == "unauthorized"
+    wrong = site.base / "wrong.token"
+    wrong.write_text("x" * 43 + "\n")
+    assert refused(wrong, "locate", "s", "--port", "backup")["code"] == "unauthorized"
+    assert site.daemon.call("pair.show", name="s")["state"] in ("resync", "pair")   # not split
+    good = site.daemon_token("splitter", "split", "*")
+    cp = site.splitctl("backup", "--json", "pair", "split", "s", token=good)
+    assert cp.returncode == 0 and json.loads(cp.stdout)["state"] == "split", cp.stderr

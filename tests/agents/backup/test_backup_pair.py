@@ -235,3 +235,24 @@ def test_generation_gap_and_full(daemon, pair, store, tmp_path):
     assert forced["mode"] == "full" and "--full" in forced["reason"] and forced["new_bytes"] == 0, forced
     check_restores(daemon, store, tmp_path, {r["snapshot"]: image_digests(daemon.uri("s"))})
     assert first["snapshot"] != r["snapshot"]
+
+
+def test_pair_made_again_is_not_chained_onto(daemon, pair, store, tmp_path):
+    """A pair deleted and made again counts splits from 0: its split 3 (delta
+    since 2) must not chain onto the old pair's backup of split 2."""
+    daemon.call("pair.split", name="s")
+    run(daemon, store)
+    resplit(daemon, "s")
+    old = run(daemon, store)
+    assert old["mode"] == "incremental" and old["split_gen"] == 2, old
+    daemon.call("pair.delete", name="s")
+    daemon.call("pair.create", primary="p", secondary="s")
+    wait_mirrored(daemon, "s")
+    daemon.call("pair.split", name="s")
+    resplit(daemon, "s")
+    write_blocks(daemon, "p", changed_regions(8, 3), seed=8)
+    info = resplit(daemon, "s")
+    assert (info["split_gen"], info["delta_base"]) == (3, 2), info
+    r = run(daemon, store)
+    assert r["mode"] == "full" and "made again" in r["reason"], r
+    check_restores(daemon, store, tmp_path, {r["snapshot"]: image_digests(daemon.uri("s"))})

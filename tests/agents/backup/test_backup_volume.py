@@ -134,3 +134,30 @@ def test_corrupt_chunk_named_and_restore_refused(daemon, volume, tmp_path):
     status, err, _ = backup_fails(daemon, "restore", r["snapshot"], "--from", str(store),
                                   "--to", str(tmp_path / "x.img"))
     assert status == 1 and victim.name in err["message"], err
+
+
+def test_human_output(daemon, volume, tmp_path):
+    """Every command's text output, once: the facts people look for."""
+    store = str(tmp_path / "store")
+
+    def text(*args: str) -> str:
+        return daemon.splitctl("backup", *args).stdout
+
+    assert "created backup store" in text("init", store)
+    out = text("run", "--volume", daemon.uri(volume), "--to", store)
+    sid = out.splitlines()[0]
+    assert "mode:" in out and "full" in out and "after dedup and compression" in out, out
+    text("run", "--volume", daemon.uri(volume), "--to", store)
+    listed = text("list", "--store", store)
+    assert listed.startswith("ID") and sid in listed and "full" in listed, listed
+    shown = text("show", sid, "--store", store)
+    assert "logical:    64 MiB" in shown and "stored new:" in shown, shown
+    assert text("verify", sid, "--store", store, "--sample", "50").startswith("ok: 1 snapshots")
+    assert text("check", "--store", store).startswith("ok: 2 snapshots")
+    pruned = text("prune", "--keep-last", "1", "--store", store, "--dry-run")
+    assert "would remove 1 snapshots, kept 1" in pruned, pruned
+    assert "gc:" in text("gc", "--store", store, "--dry-run")
+    assert f"forgot 1 snapshots: {sid}" in text("forget", sid, "--store", store)
+    restored = text("restore", text("list", "--store", store).splitlines()[1].split()[0], "--from",
+                    store, "--to", str(tmp_path / "r.img"))
+    assert "image digest read back and matched" in restored, restored

@@ -29,17 +29,13 @@ from tests.agents.host.conftest import (
     writable,
 )
 from tests.conftest import ROOT, free_tcp_port, need
-from tests.daemon.pki import make_ca, make_server_cert
+from tests.daemon.pki import make_pki
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     need("openssl")
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_ca(d)
-    cert, key = make_server_cert(d)
-    other_ca = make_ca(d, "other-ca")     # trusted by nobody here
-    return {"ca": ca, "cert": cert, "key": key, "other_ca": other_ca}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class Agent:
@@ -203,11 +199,15 @@ def test_configuration_file_and_refusals(host, make_agent, tmp_path, pki):
         (["--config", str(tmp_path / "missing.toml")], "cannot read the configuration"),
         (["--listen", "tcp://127.0.0.1:1"], "--listen needs --tls-cert and --tls-key"),
         (["--listen", "127.0.0.1:1", "--tls-cert", "c", "--tls-key", "k"], "tcp://HOST:PORT"),
-        (["--watchdog-timeout", "0"], "--watchdog-timeout: give seconds"),
     ]:
         cp = host.run("serve", "--socket", tmp_path / "x.sock", *args, check=False)
         assert cp.returncode == 2, cp.stderr
         assert words in one_line_error(cp)
+    cp = host.run("serve", "--watchdog-timeout", "0", check=False)
+    assert cp.returncode == 2 and "--watchdog-timeout: 0 s: give more than 0" in cp.stderr
+    config.write_text("watchdog_timeout = 0\n")
+    cp = host.run("serve", "--config", config, check=False)
+    assert cp.returncode == 2 and "watchdog_timeout: give seconds" in one_line_error(cp)
     config.write_text('listn = "tcp://127.0.0.1:1"\n')
     cp = host.run("serve", "--config", config, check=False)
     assert cp.returncode == 2 and "unknown key 'listn'" in one_line_error(cp)
@@ -318,6 +318,29 @@ def test_plaintext_and_unauthenticated_connections_are_bounded(agent):
         assert c.call("ping") == {"pong": True}
 
 
+def test_long_lines_and_bad_requests(agent):
+    from remoteapi.server import MAX_LINE
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(agent.socket))
+        s.settimeout(10)
+        f = s.makefile("rwb")
+        for line, code in [(b"not json", "bad-request"), (b'{"id": 7, "method": 5}', "bad-request"),
+                           (b'{"id": 8, "method": "prepare", "params": {"port": "x"}}', "bad-input"),
+                           (b'{"id": 9, "method": "auth", "params": {"token": "x"}}', "conflict"),
+                           (b'{"id": 10, "method": "volume.delete"}', "unknown-method")]:
+            f.write(line + b"\n")
+            f.flush()
+            assert json.loads(f.readline())["error"]["code"] == code, line
+        f.write(b'{"id": 11, "method": "ping", "params": {"x": "' + b"y" * MAX_LINE + b'"}}\n')
+        f.flush()
+        reply = json.loads(f.readline())
+        assert reply["error"]["code"] == "bad-request" and "longer than" in reply["error"]["message"]
+        assert f.readline() == b""      # and closed
+    with agent.local() as c:
+        assert c.call("ping") == {"pong": True}
+
+
 def test_splitctl_backup_prepare_errors(agent, make_daemon, tmp_path, pki):
     read = agent.token("monitor", "read")
     prep = agent.token("backup", "prepare")
@@ -388,7 +411,7 @@ def test_prepare_end_to_end(host, paired, daemon, make_agent, tmp_path):
     lines = cp.stdout.splitlines()
     assert lines[0].startswith("nbd+unix:///s?socket=")
     text = "\n".join(lines[1:])
-    for words in ("pair", "split gen", "frozen", "FIFREEZE", "prepare", str(mnt)):
+    for words in ("pair", "split gen", "generation", "frozen", "FIFREEZE", "prepare", str(mnt)):
         assert words in text, words
     (mnt / "hello").write_text("after the split\n")
     # The next backup: the pair mirrors again first (the backup agent's job).
@@ -401,7 +424,7 @@ def test_prepare_end_to_end(host, paired, daemon, make_agent, tmp_path):
     reply = json.loads(cp.stdout)
     assert reply["pair"] == "s" and reply["volume"] == "p" and reply["mountpoint"] == str(mnt)
     assert reply["uri"] == lines[0] and reply["window_ms"] < 5000 and reply["prepare_ms"] > 0
-    assert reply["split_gen"] is not None
+    assert "split_gen" in reply and isinstance(reply["generation"], int)
 
     # The secondary holds the filesystem as it was at the second prepare: clean,
     # with the file written in between.
@@ -498,6 +521,43 @@ def test_leftovers_thawed_at_start_show_in_status(host, stalling, make_agent):
     assert f"{mnt} was left frozen by agent pid {agent.proc.pid}" in again.log()
     assert not journal(host)
     wait_writable(mnt, within=5)
+
+
+def test_sigterm_during_a_prepare_waits_for_it_and_thaws(host, stalling, make_agent):
+    """SIGTERM while a split hangs inside the window: the service closes its
+    listeners, lets the prepare end (thawed at the watchdog timeout, and
+    answered), stops its watchdog and exits 0; nothing stays frozen."""
+    mnt, proxy = stalling
+    agent = make_agent("--watchdog-timeout", "2")
+    proxy.stall.set()
+    replies: list[object] = []
+    client = agent.local(timeout=30)
+
+    def call() -> None:
+        try:
+            replies.append(client.call("prepare", directory=str(mnt), port="unix"))
+        except AdminError as e:
+            replies.append(e)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    try:
+        wait_frozen(host, agent.proc, mnt)
+        assert proxy.held.wait(10)
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.stop(timeout=20) == 0
+        took = time.monotonic() - started
+    finally:
+        proxy.stall.clear()
+        worker.join(30)
+        client.close()
+    assert took < 10, took
+    [reply] = replies
+    assert isinstance(reply, AdminError), reply
+    assert reply.code in ("split-failed", "watchdog-thawed"), reply.message
+    assert "waiting for 1 prepares to finish" in agent.log()
+    assert writable(mnt) and not journal(host)
 
 
 # -- the unit and the example configuration ------------------------------------------------------
