@@ -72,13 +72,21 @@ def clean_path(path: str) -> str:
 # -- the parent side ---------------------------------------------------------------------
 
 
-def with_snapshot_fs(uri: str, subdir: str, request: dict[str, Any]) -> dict[str, Any]:
+def with_snapshot_fs(uri: str, subdir: str, request: dict[str, Any],
+                     tls_ca: str | None = None) -> dict[str, Any]:
     """Run `request` ({"op": "list", "path"} or {"op": "copy", "paths", "to"})
     on the filesystem of the export at `uri`, `subdir` being the backed-up
-    directory inside it, in a child in a private mount namespace."""
+    directory inside it, in a child in a private mount namespace. An nbds://
+    URI is checked against `tls_ca` (else the system's CAs)."""
     # The temporary directory is the parent's: removed even if the child is killed.
     tmp = tempfile.mkdtemp(prefix=f"splitd-files-{os.getpid()}-")
-    body = json.dumps(dict(request, uri=uri, subdir=subdir, tmp=tmp)).encode()
+    certs = None
+    if tls_ca and uri.startswith("nbds"):
+        # libnbd's tls-certificates DIR: it looks for DIR/ca-cert.pem.
+        certs = os.path.join(tmp, "certs")
+        os.mkdir(certs, 0o700)
+        shutil.copyfile(tls_ca, os.path.join(certs, "ca-cert.pem"))
+    body = json.dumps(dict(request, uri=uri, subdir=subdir, tmp=tmp, certs=certs)).encode()
     cmd = ["unshare", "-m", "--propagation", "private", sys.executable, "-m", "agents.backup.files"]
     try:
         cp = subprocess.run(cmd, input=body, capture_output=True, timeout=24 * 3600)
@@ -115,9 +123,10 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def mounted(uri: str, tmp: str) -> Iterator[str]:
+def mounted(uri: str, tmp: str, certs: str | None = None) -> Iterator[str]:
     """The export's filesystem mounted read-only under directory `tmp`
-    (empty); yields its mount point."""
+    (empty); yields its mount point. `certs`: libnbd's tls-certificates
+    directory for an nbds:// URI."""
     fuse_dir, mnt = os.path.join(tmp, "fuse"), os.path.join(tmp, "mnt")
     os.mkdir(fuse_dir, 0o700)
     os.mkdir(mnt, 0o700)
@@ -127,7 +136,7 @@ def mounted(uri: str, tmp: str) -> Iterator[str]:
     try:
         with open(log_path, "wb") as log:
             try:
-                proc = subprocess.Popen(["nbdfuse", "-r", "-P", pidfile, fuse_dir, uri],
+                proc = subprocess.Popen(["nbdfuse", "-r", "-P", pidfile, fuse_dir, *_source(uri, certs)],
                                         stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
             except FileNotFoundError:
@@ -156,6 +165,17 @@ def mounted(uri: str, tmp: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.terminate()
                 proc.wait(10)
+
+
+def _source(uri: str, certs: str | None) -> list[str]:
+    """nbdfuse's arguments for the export. libnbd refuses a URI naming local
+    files (tls-certificates=DIR) unless the program allows it, and nbdfuse
+    does not: with `certs`, nbdkit's nbd plugin connects (on nbdfuse's
+    stdin/stdout, --command), given the directory as its own parameter."""
+    if certs is None:
+        return [uri]
+    return ["--command", "nbdkit", "-s", "--exit-with-parent", "-r", "nbd", f"uri={uri}",
+            f"tls-certificates={certs}"]
 
 
 def _inside(root: str, rel: str) -> str:
@@ -211,7 +231,7 @@ def copy_files(root: str, rels: list[str], to: str) -> dict[str, Any]:
 
 
 def _child(request: dict[str, Any]) -> dict[str, Any]:
-    with mounted(request["uri"], request["tmp"]) as mnt:
+    with mounted(request["uri"], request["tmp"], request.get("certs")) as mnt:
         root = os.path.realpath(os.path.join(mnt, request["subdir"]))
         if not os.path.isdir(root):
             raise FilesError(f"the backed-up directory {request['subdir']!r} is not in the snapshot's "

@@ -112,7 +112,8 @@ def _with_files(client: AdminClient, args: Namespace, request: dict[str, Any]) -
                 raise AdminError(ErrorCode.NOT_FOUND, f"the daemon has no port {args.port or ''} "
                                  "to reach the served snapshot through (splitctl port list)")
             with _errors():
-                reply = with_snapshot_fs(uris[0], subdir, request)
+                reply = with_snapshot_fs(uris[0], subdir, request,
+                                         tls_ca=args.nbd_tls_ca or args.tls_ca)
         finally:
             client.call("backup.unserve", name=name, force=True)
     except _Stop:
@@ -222,6 +223,8 @@ def add_commands(backup: Commands) -> None:
     _from_option(sub)
     sub.add_argument("--port", metavar="NAME", type=port_name, default=None,
                      help="the daemon's port to read through (default: its first)")
+    sub.add_argument("--nbd-tls-ca", metavar="PEM", default=None,
+                     help="CA of the NBD server's certificate on a TLS port (default: --tls-ca)")
 
     sub = backup.command(
         "restore-files", run_restore_files, show_restore_files,
@@ -240,3 +243,5 @@ def add_commands(backup: Commands) -> None:
     sub.add_argument("--to", metavar="DIR", required=True, help="where to (made if absent)")
     sub.add_argument("--port", metavar="NAME", type=port_name, default=None,
                      help="the daemon's port to read through (default: its first)")
+    sub.add_argument("--nbd-tls-ca", metavar="PEM", default=None,
+                     help="CA of the NBD server's certificate on a TLS port (default: --tls-ca)")
