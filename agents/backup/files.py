@@ -32,10 +32,10 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
+from agents.tools import ToolFailed, run_tool, start_nbdfuse
 from common.errors import BadInput, SplitdError
 
 NBDFUSE_START_TIMEOUT = 30.0
@@ -110,12 +110,10 @@ def with_snapshot_fs(uri: str, subdir: str, request: dict[str, Any],
 
 
 def _run(args: list[str], what: str) -> str:
-    cp = subprocess.run(args, capture_output=True, text=True, timeout=CMD_TIMEOUT,
-                        stdin=subprocess.DEVNULL)
-    if cp.returncode != 0:
-        err = " ".join((cp.stderr or cp.stdout).split()) or f"exit status {cp.returncode}"
-        raise FilesError(f"{what}: {err}")
-    return cp.stdout.strip()
+    try:
+        return run_tool(args, what, CMD_TIMEOUT)
+    except ToolFailed as e:
+        raise FilesError(str(e)) from None
 
 
 def _die_with_parent() -> None:
@@ -134,20 +132,12 @@ def mounted(uri: str, tmp: str, certs: str | None = None) -> Iterator[str]:
     proc: subprocess.Popen[bytes] | None = None
     is_mounted = False
     try:
-        with open(log_path, "wb") as log:
-            try:
-                proc = subprocess.Popen(["nbdfuse", "-r", "-P", pidfile, fuse_dir, *_source(uri, certs)],
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-            except FileNotFoundError:
-                raise FilesError("nbdfuse is not installed") from None
-        deadline = time.monotonic() + NBDFUSE_START_TIMEOUT
-        while not os.path.exists(pidfile):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with open(log_path, errors="replace") as f:
-                    tail = " ".join(f.read().split())[-300:]
-                raise FilesError(f"nbdfuse could not open {uri}: {tail or 'no message'}")
-            time.sleep(0.05)
+        try:
+            proc = start_nbdfuse(fuse_dir, _source(uri, certs), uri, read_only=True, pidfile=pidfile,
+                                 log_path=log_path, timeout=NBDFUSE_START_TIMEOUT,
+                                 preexec_fn=_die_with_parent)
+        except ToolFailed as e:
+            raise FilesError(str(e)) from None
         image = os.path.join(fuse_dir, "nbd")
         fstype = _run(["blkid", "-p", "-o", "value", "-s", "TYPE", image],
                       f"no filesystem found on {uri} (blkid)")
