@@ -370,3 +370,12 @@ def test_cache_is_bounded(daemon, image, tmp_path):
     code, err, _ = backup_fails(daemon, "serve", sid, "--from", str(store), "--as", "tiny",
                                 "--cache-size", "1M")
     assert err["code"] == "bad-input" and "cache_size" in err["message"], err
+
+
+def test_scopes():
+    """Serving opens files on the daemon's host: admin only; the list is read."""
+    from common.scopes import Scope
+    from controller.access import required_scope
+    assert required_scope("backup.serve") == Scope.ADMIN
+    assert required_scope("backup.unserve") == Scope.ADMIN
+    assert required_scope("backup.served") == Scope.READ
