@@ -379,3 +379,22 @@ def test_scopes():
     assert required_scope("backup.serve") == Scope.ADMIN
     assert required_scope("backup.unserve") == Scope.ADMIN
     assert required_scope("backup.served") == Scope.READ
+
+
+def test_last_chunk_shorter(daemon, tmp_path):
+    """An image that is not a whole number of chunks: the last, short chunk
+    reads and maps right."""
+    need("nbdcopy", "cmp", "nbdinfo")
+    size = 9 * MiB + 4096
+    daemon.create_volume("odd", size)
+    write_blocks(daemon, "odd", [size - 8192], seed=5, length=8192)
+    store = tmp_path / "store"
+    backup(daemon, "init", str(store))
+    sid = backup(daemon, "run", "--volume", daemon.uri("odd"), "--to", str(store))["snapshot"]
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "odd-snap")
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    subprocess.run(["nbdcopy", daemon.uri("odd"), str(a)], check=True)
+    subprocess.run(["nbdcopy", daemon.uri("odd-snap"), str(b)], check=True)
+    subprocess.run(["cmp", str(a), str(b)], check=True)
+    assert [(e["offset"], e["length"], e["type"]) for e in _map(daemon.uri("odd-snap"))] == \
+        [(0, 8 * MiB, 3), (8 * MiB, MiB + 4096, 0)]
