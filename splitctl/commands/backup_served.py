@@ -17,9 +17,9 @@ import uuid
 from argparse import Namespace
 from typing import Any
 
-from common.errors import BadInput, ErrorCode
-from common.names import format_size, parse_size
-from splitctl.args import Commands
+from common.errors import ErrorCode
+from common.names import format_size
+from splitctl.args import Commands, size as args_size
 from splitctl.client import AdminClient, AdminError
 from splitctl.commands.backup_agent import ENV_KEY, EXIT_STATUS, _errors, _key_option, _open
 from splitctl.commands.port import port_name
@@ -155,14 +155,6 @@ def show_restore_files(r: dict[str, Any], args: Namespace) -> None:
           f"into {r['to']}")
 
 
-def _cache_size(text: str) -> int:
-    import argparse
-    try:
-        return parse_size(text, "cache size")
-    except (BadInput, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _from_option(sub: Any) -> None:
     sub.add_argument("--from", dest="source_store", metavar="DIR",
                      help="the backup store (default: $SPLITD_BACKUP_STORE); the daemon opens it")
@@ -187,7 +179,7 @@ def add_commands(backup: Commands) -> None:
     sub.add_argument("id", metavar="ID", help="snapshot id (backup list)")
     _from_option(sub)
     sub.add_argument("--as", dest="as_name", metavar="NAME", help="the export's name")
-    sub.add_argument("--cache-size", metavar="SIZE", type=_cache_size, default=None,
+    sub.add_argument("--cache-size", metavar="SIZE", type=args_size, default=None,
                      help="chunk cache bound (default 256M; 16M..64G)")
 
     sub = backup.command(
