@@ -28,6 +28,7 @@ restore >= 1.5x restic restore; stored size <= restic's repository.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -346,7 +347,7 @@ def section_backup(ctx: Context) -> dict:
         for name in order:
             runs[name].append(full_variants[name]())
         snap = runs["splitd"][-1]["result"]["snapshot"]
-        restores = [("splitd_restore", lambda: peers.splitd_restore(snap)),
+        restores = [("splitd_restore", functools.partial(peers.splitd_restore, snap)),
                     ("restic_restore", peers.restic_restore)]
         for name, fn in (restores if r % 2 == 0 else restores[::-1]):
             runs[name].append(fn())
