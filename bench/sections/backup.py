@@ -14,11 +14,12 @@ the image as a raw file there (written by nbdcopy from the secondary's export;
 a sparse file: nbdcopy writes zeroes as holes), while splitd reads the export.
 
 Per round (--backup-rounds / $BACKUP_ROUNDS, default 1), in an order that
-rotates from round to round, each into a fresh store: nbdcopy URI FILE;
+rotates from round to round, each into a fresh store: nbdcopy --flush URI FILE;
 `splitctl backup run --pair`; `restic backup FILE` (compression auto, always
 encrypted); `borg create` (--compression zstd,1, --encryption none, default
 chunker); then `splitctl backup restore --to FILE` (digest read back included)
-and `restic restore` (0.14: no --sparse), interleaved. Then as many incrementals: 1% of
+and `restic restore` (0.14: no --sparse; then `sync --data` of the file:
+durable like splitd's, which fsyncs), interleaved. Then as many incrementals: 1% of
 the regions written on the primary (4 KiB each), resync, split, `backup run`.
 Times are wall-clock of the whole command (process start included), medians.
 
@@ -64,6 +65,7 @@ CHANGED_FRACTION = 0.01
 FULL_RATIO_TARGET = 1.5
 RESTORE_RATIO_TARGET = 1.5
 INCR_TIME_TARGET = 0.05
+CHUNK = 4 * MiB                     # the store's default chunk size (backup init)
 PASSWORD = "splitd-bench"           # restic's repository password (it always encrypts)
 TIMEOUT = 1800
 
@@ -184,9 +186,10 @@ def dir_bytes(path: Path) -> int:
 
 
 def timed(ctx: Context, what: str, args: list, env: dict | None = None,
-          daemon_pid: int | None = None) -> dict:
-    """Run one command to the end: wall seconds, its CPU seconds (user+sys of
-    it and its children), the daemon's CPU seconds meanwhile; its stdout."""
+          daemon_pid: int | None = None, then: list | None = None) -> dict:
+    """Run one command to the end (and `then`, a second one, in the same
+    time): wall seconds, its CPU seconds (user+sys of it and its children),
+    the daemon's CPU seconds meanwhile; its stdout."""
     subprocess.run(["sync"], check=False, timeout=600)     # earlier writes not billed here
     ctx.note(f"{what}: {' '.join(str(a) for a in args)}")
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -194,6 +197,8 @@ def timed(ctx: Context, what: str, args: list, env: dict | None = None,
     t0 = time.monotonic()
     cp = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=TIMEOUT,
                         env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL)
+    if cp.returncode == 0 and then:
+        subprocess.run([str(a) for a in then], check=True, timeout=TIMEOUT)
     wall = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if cp.returncode != 0:
@@ -228,7 +233,8 @@ class Peers:
 
     def nbdcopy(self) -> dict:
         out = self.fresh("nbdcopy.img")
-        r = timed(self.ctx, "nbdcopy", ["nbdcopy", self.uri, out], daemon_pid=self.d.pid)
+        r = timed(self.ctx, "nbdcopy", ["nbdcopy", "--flush", self.uri, out],
+                  daemon_pid=self.d.pid)
         out.unlink()
         return r
 
@@ -278,7 +284,8 @@ class Peers:
         target = self.fresh("restic-restore")
         r = timed(self.ctx, "restic restore",
                   ["restic", "restore", "--repo", self.work / "restic-repo",
-                   "--target", target, "latest"], env=self.restic_env)
+                   "--target", target, "latest"], env=self.restic_env,
+                  then=["sync", "--data", target / str(self.image).lstrip("/")])
         r.pop("stdout")
         restored = target / str(self.image).lstrip("/")
         if not restored.is_file() or restored.stat().st_size != self.image.stat().st_size:
@@ -405,7 +412,7 @@ def report(size: int, rounds: int, data: dict, region_size: int, runs: dict[str,
             extra += f"  daemon CPU {med(runs[k], 'daemon_cpu_s'):.2f} s"
         if "repo_bytes" in runs[k][0]:
             extra += f"  stored {med(runs[k], 'repo_bytes') / MiB:7.1f} MiB"
-        label = {"nbdcopy": "nbdcopy URI FILE (no hash, no zip)",
+        label = {"nbdcopy": "nbdcopy --flush URI FILE",
                  "splitd": "splitctl backup run --pair",
                  "restic": "restic backup FILE", "borg": "borg create FILE"}[k]
         row(label, s, cpu, extra)
@@ -433,7 +440,7 @@ def report(size: int, rounds: int, data: dict, region_size: int, runs: dict[str,
     print("\n  restore to a raw file")
     rest = {}
     for k, label in (("splitd_restore", "splitctl backup restore --to FILE"),
-                     ("restic_restore", "restic restore (writes zeroes)")):
+                     ("restic_restore", "restic restore; sync --data FILE")):
         s, cpu = med(runs[k], "s"), med(runs[k], "cpu_s")
         row(label, s, cpu)
         rest[k] = {"s": round(s, 3), "mb_s": round(mb / s, 1), "cpu_s": round(cpu, 2),
@@ -466,7 +473,9 @@ def report(size: int, rounds: int, data: dict, region_size: int, runs: dict[str,
           f"{med(incr, 'cpu_s'):.2f} s  mode {'/'.join(modes)}")
     print(f"  read {last['result']['bytes_read']} B (daemon served {last['daemon_read_bytes']} B)"
           f", delta {last['result']['delta_bytes']} B in {last['delta_extents']} extents of "
-          f"{last['changed_regions']} regions of {region_size // 1024} KiB")
+          f"{last['changed_regions']} regions of {region_size // 1024} KiB; chunks re-stored "
+          f"(parent's chunk patched, hashed, compressed) {last['result']['chunks_read']} of "
+          f"{-(-size // CHUNK)} ({CHUNK // MiB} MiB chunks)")
     t["incremental_reads"] = reads_ok and modes == ["incremental"]
     frac = inc_s / fig["splitd"]["s"]
     t["incremental_time"] = frac <= INCR_TIME_TARGET
