@@ -78,6 +78,12 @@ MANIFEST_FIELDS = {
 }
 
 
+# The writer's threads compress and hash (CPU, the GIL released) and then
+# wait on each chunk's fsync: with only one per CPU, a slow disk leaves the
+# CPUs idle. Memory: about 2 x this many chunks in flight.
+WRITER_THREADS = 8
+
+
 class SnapshotWriter:
     def __init__(self, store: Store, size: int, *, chunk_size: int | None = None,
                  parent: str | None = None, workers: int | None = None,
@@ -95,7 +101,7 @@ class SnapshotWriter:
         self._entries = bytearray(self.count * ID_LEN)
         self._state = bytearray(self.count)
         self._zeroes = {n: bytes(n) for n in {chunk_size, size - (self.count - 1) * chunk_size}}
-        self.workers = workers or store.workers
+        self.workers = workers or max(store.workers, WRITER_THREADS)
         self.max_pending = max_pending or 2 * self.workers
         self._slots = threading.BoundedSemaphore(self.max_pending)
         self._lock = threading.Lock()
