@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backup-size", metavar="SIZE",
                     help="backup: the secondary's size, a multiple of 64M (default: "
                          "$BACKUP_SIZE, else 4G)")
+    ap.add_argument("--backup-dir", metavar="DIR",
+                    help="backup: where the stores, repositories, image and restores go "
+                         "(default: $BACKUP_DIR, else /var/tmp)")
     ap.add_argument("--backup-rounds", type=int, metavar="N",
                     help="backup: rounds of each variant, interleaved; medians (default: "
                          "$BACKUP_ROUNDS, else 1)")
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in chosen:
         print(f"\n== {s.name}: {s.title}  (load average {loadavg()})")
         ctx = Context(rt, args.verbose, args.builtin_referee,
-                      {"backup_size": args.backup_size, "backup_rounds": args.backup_rounds})
+                      {"backup_size": args.backup_size, "backup_rounds": args.backup_rounds,
+                       "backup_dir": args.backup_dir})
         t0 = time.monotonic()
         try:
             report["sections"][s.name] = s.run(ctx)

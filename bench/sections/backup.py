@@ -8,10 +8,11 @@ is, in 16 MiB stripes repeating data, hole, data, zero: one quarter holes
 regular files concatenated (repeated only if /usr/lib holds less than that;
 how much is distinct is printed).
 
-Every store, repository, image file and restore target is on one file system,
-PEERS_PARENT (/var/tmp, a disk): restic and borg cannot read NBD, so they get
-the image as a raw file there (written by nbdcopy from the secondary's export;
-a sparse file: nbdcopy writes zeroes as holes), while splitd reads the export.
+Every store, repository, image file and restore target is on one file system:
+--backup-dir / $BACKUP_DIR, default /var/tmp (a disk; /dev/shm for tmpfs):
+restic and borg cannot read NBD, so they get the image as a raw file there
+(written by nbdcopy from the secondary's export; a sparse file: nbdcopy
+writes zeroes as holes), while splitd reads the export.
 
 Per round (--backup-rounds / $BACKUP_ROUNDS, default 1), in an order that
 rotates from round to round, each into a fresh store: nbdcopy --flush URI FILE;
@@ -309,10 +310,12 @@ def section_backup(ctx: Context) -> dict:
             raise BenchError(f"{tool} not found: run scripts/install-deps as root "
                              "(Debian packages restic, borgbackup, libnbd-bin)")
     need_free(DAEMON_PARENT, 2 * 0.75 * size / GiB + 0.5, "primary and secondary volumes")
-    need_free(PEERS_PARENT, 5 * 0.5 * size / GiB + 1, "image, stores, repositories, restores")
+    peers_parent = str(ctx.options.get("backup_dir") or os.environ.get("BACKUP_DIR")
+                       or PEERS_PARENT)
+    need_free(peers_parent, 5 * 0.5 * size / GiB + 1, "image, stores, repositories, restores")
 
     work_d = ctx.tempdir(DAEMON_PARENT, "splitd-bench-backup.")
-    work = ctx.tempdir(PEERS_PARENT, "splitd-bench-backup.")
+    work = ctx.tempdir(peers_parent, "splitd-bench-backup.")
     d = BenchSplitd(ctx, work_d).start()
     a = d.admin(timeout=120)
     ctx.defer("admin connection", a.close)
@@ -336,7 +339,8 @@ def section_backup(ctx: Context) -> dict:
           f"{', repeated' if data['content_repeated'] else ''}), "
           f"{data['zero_bytes'] / GiB:g} GiB written zeroes, {data['hole_bytes'] / GiB:g} GiB "
           f"holes; copy engine mirrored it in {mirror_s:.1f} s")
-    print(f"stores, repositories, the image file and restores on {PEERS_PARENT} (disk); restic "
+    print(f"stores, repositories, the image file and restores on {peers_parent} "
+          f"({fs_type(peers_parent)}); restic "
           "and borg read the image as a file (nbdcopy of the export; they cannot read NBD); "
           f"{rounds} round(s), order rotated, medians; times are the whole command's wall clock")
     print("restic: default compression (auto), encrypted (always); borg: --compression zstd,1 "
@@ -380,7 +384,7 @@ def section_backup(ctx: Context) -> dict:
                  daemon_read_bytes=s_read_bytes(a) - before)
         incr.append(t)
 
-    return report(size, rounds, data, region_size, runs, incr)
+    return report(size, rounds, data, region_size, runs, incr, peers_parent)
 
 
 def s_read_bytes(a) -> int:
@@ -389,8 +393,21 @@ def s_read_bytes(a) -> int:
                if c["export"] == "s")
 
 
+def fs_type(path: str) -> str:
+    """The file system type of the mount holding `path` (/proc/self/mounts)."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[1]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, fields[2]
+    return kind
+
+
 def report(size: int, rounds: int, data: dict, region_size: int, runs: dict[str, list[dict]],
-           incr: list[dict]) -> dict:
+           incr: list[dict], peers_parent: str) -> dict:
     mb = size / 1e6
 
     def row(label: str, s: float, cpu: float, extra: str = "") -> None:
@@ -398,7 +415,8 @@ def report(size: int, rounds: int, data: dict, region_size: int, runs: dict[str,
               f"({cpu / (size / GiB):5.2f} s/GiB){extra}")
 
     out: dict = {"size": size, "rounds": rounds, "data": data, "region_size": region_size,
-                 "daemon_parent": DAEMON_PARENT, "peers_parent": PEERS_PARENT,
+                 "daemon_parent": DAEMON_PARENT, "peers_parent": peers_parent,
+                 "peers_fs": fs_type(peers_parent),
                  "settings": {"restic": "compression auto (default), encrypted",
                               "borg": "--compression zstd,1 --encryption none",
                               "splitd": "4 MiB chunks, zstd 1, not encrypted"},
@@ -436,6 +454,9 @@ def report(size: int, rounds: int, data: dict, region_size: int, runs: dict[str,
     print(f"  splitd vs borg    {r_borg:5.2f}x   (target >= {FULL_RATIO_TARGET}x)  "
           f"{verdict(t['full_vs_borg'])}")
     print(f"  splitd vs nbdcopy {fig['nbdcopy']['s'] / fig['splitd']['s']:5.2f}x   (information)")
+    print(f"  CPU time (information; wall times on a busy machine follow the CPU share): "
+          f"restic/splitd {fig['restic']['cpu_s'] / fig['splitd']['cpu_s']:.2f}x, borg/splitd "
+          f"{fig['borg']['cpu_s'] / fig['splitd']['cpu_s']:.2f}x")
 
     print("\n  restore to a raw file")
     rest = {}
