@@ -236,7 +236,10 @@ class Peers:
         out = self.fresh("nbdcopy.img")
         r = timed(self.ctx, "nbdcopy", ["nbdcopy", "--flush", self.uri, out],
                   daemon_pid=self.d.pid)
-        out.unlink()
+        if self.image.exists():
+            out.unlink()
+        else:
+            out.rename(self.image)          # the first copy is restic's and borg's image
         return r
 
     def splitd(self) -> dict:
@@ -330,8 +333,7 @@ def section_backup(ctx: Context) -> dict:
     region_size = size // pair["regions"]
     uri = d.uri("s")
 
-    image = work / "image.raw"
-    subprocess.run(["nbdcopy", uri, image], check=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    image = work / "image.raw"              # made by the first nbdcopy run (it runs first)
     print(f"{size / GiB:g} GiB secondary of a split pair (daemon on tmpfs {DAEMON_PARENT}), "
           f"{STRIPE // MiB} MiB stripes {'/'.join(PATTERN)}: "
           f"{data['data_bytes'] / GiB:g} GiB of {CONTENT_DIR} content "
