@@ -376,23 +376,17 @@ def section_backup(ctx: Context) -> dict:
         a.call("pair.resync", name="s")
         wait_pair_state(a, "s", "pair", timeout=600, poll=0.05)
         a.call("pair.split", name="s")
-        before = s_read_bytes(a)
+        before = d.export_read_bytes("s")
         t = timed(ctx, "splitctl backup run (incremental)",
                   [SPLITCTL, "backup", "run", "--pair", "s", "--port", "unix", "--to",
                    work / "splitd-store", "--incremental", "--json"],
                   env=peers.splitctl_env, daemon_pid=d.pid)
         res = json.loads(t.pop("stdout"))
         t.update(result=res, changed_regions=len(changed), delta_extents=extents(changed),
-                 daemon_read_bytes=s_read_bytes(a) - before)
+                 daemon_read_bytes=d.export_read_bytes("s") - before)
         incr.append(t)
 
     return report(size, rounds, data, region_size, runs, incr, peers_parent)
-
-
-def s_read_bytes(a) -> int:
-    conns = a.call("connections")
-    return sum(c["read_bytes"] for c in conns["connections"] + conns["closed"]
-               if c["export"] == "s")
 
 
 def fs_type(path: str) -> str:
