@@ -236,7 +236,7 @@ class Store:
 
     # -- chunks -------------------------------------------------------------------
 
-    def chunk_id(self, data: bytes) -> bytes:
+    def chunk_id(self, data: bytes | bytearray) -> bytes:
         """The keyed BLAKE3-256 of `data`: its name in this store. Thread-safe."""
         return blake3.blake3(data, key=self.keys.id_key).digest()
 

@@ -58,8 +58,7 @@ def run(daemon, store, *extra: str) -> dict:
 
 def s_read_bytes(daemon) -> int:
     """READ bytes the daemon served on connections to export s (open or closed)."""
-    conns = daemon.call("connections")
-    return sum(c["read_bytes"] for c in conns["connections"] + conns["closed"] if c["export"] == "s")
+    return daemon.export_read_bytes("s")
 
 
 def changed_regions(seed: int, n: int) -> list[int]:
