@@ -43,8 +43,8 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every package we ship, and the tests and tools beside them.
-LINT_PATHS := common daemon controller volumes splitctl nbdwire harness agents tests bench scripts
-TYPED_PATHS := common daemon controller volumes splitctl nbdwire harness agents
+LINT_PATHS := agents common daemon controller volumes splitctl nbdwire harness tests bench scripts
+TYPED_PATHS := agents common daemon controller volumes splitctl nbdwire harness
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(TYPED_PATHS)

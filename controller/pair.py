@@ -8,7 +8,8 @@ Bitmaps (one bit per region of the primary's region size):
                all to be copied P->S once the restore is done.
     changed_p  split: regions P wrote since the split.
     changed_s  split: regions S wrote since the split.
-    delta      regions changed since the previous split (all, before the first).
+    delta      regions changed since the previous split (all, before the first);
+               exactly those since split `delta_base` when that is not None.
     restore    restore: regions still to copy S->P.
 
 Pending is disjoint from changed_p and changed_s: a write to a pending region
@@ -61,7 +62,8 @@ class NotReady(Exception):
 class Pair:
     def __init__(self, name: str, primary, secondary, state: str, read_policy: str,
                  rate: int, group: str | None, generation: int, bitmaps: dict[str, Bitmap],
-                 reason: str = "", created: float = 0.0, split_at: float | None = None):
+                 reason: str = "", created: float = 0.0, split_at: float | None = None,
+                 split_gen: int = 0, delta_base: int | None = None):
         self.name = name                # = the secondary volume's name
         self.primary = primary          # volumes.volume.Volume
         self.secondary = secondary      # volumes.volume.Volume
@@ -74,6 +76,11 @@ class Pair:
         self.unrecorded = False         # in error, but the error could not be recorded
         self.created = created
         self.split_at = split_at
+        # Splits the pair has had, and the split_gen that the delta bitmap
+        # covers the changes since (None: "all" or unknown); PairManager keeps
+        # both with the state (controller/pairs.py, "Split generations").
+        self.split_gen = split_gen
+        self.delta_base = delta_base
         self.region_size = primary.region_size
         self.size = primary.size
         self.nregions = (self.size + self.region_size - 1) // self.region_size
@@ -526,6 +533,8 @@ class Pair:
             "generation": self.generation,
             "created": self.created,
             "split_at": self.split_at,
+            "split_gen": self.split_gen,
+            "delta_base": self.delta_base,
         }
 
 

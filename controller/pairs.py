@@ -18,6 +18,24 @@ Crash safety (DESIGN.md "Crash safety"):
   that refuses the commit still leaves the reason where a restart finds it.
 - A pair whose bitmap files are missing or unreadable at start goes to
   `error` with the reason; only a full resync leaves it.
+
+Split generations (DESIGN.md "Backup" 5, incremental forever): `split_gen`
+counts a pair's splits; `delta_base` is the split_gen whose split the delta
+bitmap covers the changes since, or None where the delta is "all" or unknown.
+Both are columns of the pair's row, changed by _transition in the same
+commit as the state, so a crash never separates them from it. The delta
+bitmap is set in three places only, and each says what it then covers:
+- create: every region (no base);
+- resync: from split N, the regions changed on P or S since split N (base
+  N); from error, every region (no base);
+- restore: the regions changed since the split, but P then takes S's image:
+  no base, so that a backup chain restarts with a full read.
+From then on every change of P sets its delta bit before it is issued
+(Pair.primary_change_ready), except in error, which therefore drops the
+base too (and only a full resync leaves it). A split leaves the delta as it
+is: after split N+1, the delta covers split delta_base to split N+1, and a
+backup of split N+1 is a true incremental of the backup of split N exactly
+when delta_base == N.
 """
 from __future__ import annotations
 
@@ -25,6 +43,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from volumes.bitmap import Bitmap
 from volumes.errors import BadInput, Conflict, NotFound, SplitdError
@@ -39,6 +58,9 @@ from .layers import ClientOps, ManagedVolume
 from .pair import BITMAPS, INLINE_FILL, READ_POLICIES, Pair
 
 log = logging.getLogger("splitd.pairs")
+
+# _transition's delta_base when the transition leaves it as it is.
+_KEEP = object()
 
 
 class Refused(SplitdError):
@@ -134,7 +156,8 @@ class PairManager:
                 bitmaps = self.files.write_generation(rec.secondary, nbits, generation, {})
             # The pair as its row says; the bitmaps may already be the fresh ones.
             pair = Pair(rec.secondary, p_vol, s_vol, rec.state, rec.read_policy, rec.rate,
-                        rec.grp, rec.generation, bitmaps, rec.reason, rec.created, rec.split_at)
+                        rec.grp, rec.generation, bitmaps, rec.reason, rec.created, rec.split_at,
+                        rec.split_gen, rec.delta_base)
             if unreadable:
                 self._transition([pair], "fail", reason=unreadable,
                                  generation=(generation, bitmaps))
@@ -233,8 +256,9 @@ class PairManager:
             bitmaps = self.files.write_generation(secondary, nbits, generation,
                                              {"diff": diff, "delta": _all_bits(nbits)})
             now = time.time()
+            # The delta is every region: no base (module docstring).
             rec = PairRecord(secondary, primary, st.COPY, read_policy, rate, group, generation,
-                             "", now, None)
+                             "", now, None, split_gen=0, delta_base=None)
             self.store.add_pair(rec)
         except BaseException:
             self.files.remove_all(secondary)
@@ -334,14 +358,17 @@ class PairManager:
     def _transition(self, pairs: Sequence[Pair], action: str, *, split_at: float | None = None,
                     reason: str | None = None,
                     generation: tuple[int, dict[str, Bitmap]] | None = None,
+                    delta_base: int | None | object = _KEEP,
                     force: bool = False) -> None:
         """Move `pairs` by `action`, the one place where a pair's state changes:
 
         1. check every pair against the table before anything changes (a
            refused member of a group changes no pair of it);
         2. record one SQLite transaction holding every pair's new row: the
-           state, and split_at, reason and generation when given. A group
-           split is one commit: its pairs split at one instant;
+           state, and split_at, reason, generation and delta_base when
+           given; a split counts one more split_gen, a fail drops the delta
+           base (module docstring, "Split generations"). A group split is
+           one commit: its pairs split at one instant;
         3. apply it in memory: state, those fields, the new bitmap
            `generation` (number, bitmaps; the caller closes and removes the
            old one once this returns). A state with something to copy starts
@@ -361,20 +388,31 @@ class PairManager:
             columns["reason"] = reason
         if generation is not None:
             columns["generation"] = generation[0]
+        if action == "fail":
+            delta_base = None   # changes in error are not tracked
+        if delta_base is not _KEEP:
+            columns["delta_base"] = delta_base
+        rows: list[dict[str, Any]] = [{"state": new, **columns} for new in news]
+        if action == "split":
+            for pair, row in zip(pairs, rows, strict=True):
+                row["split_gen"] = pair.split_gen + 1
         unrecorded: Exception | None = None
         try:
-            self.store.update_pairs([(pair.name, {"state": new, **columns})
-                                     for pair, new in zip(pairs, news, strict=True)])
+            self.store.update_pairs([(pair.name, row) for pair, row in zip(pairs, rows, strict=True)])
         except Exception as e:
             if not force:
                 raise
             unrecorded = e
-        for pair, new in zip(pairs, news, strict=True):
+        for pair, new, row in zip(pairs, news, rows, strict=True):
             pair.state = new
             if split_at is not None:
                 pair.split_at = split_at
             if reason is not None:
                 pair.reason = reason
+            if "split_gen" in row:
+                pair.split_gen = row["split_gen"]
+            if "delta_base" in row:
+                pair.delta_base = row["delta_base"]
             if generation is not None:
                 pair.use_generation(*generation)
             if new != st.ERROR:
@@ -402,15 +440,20 @@ class PairManager:
         pair = self.get(name)
         self._check(pair, "resync")
         nbits = pair.nregions
+        delta_base: int | None
         if pair.state == st.ERROR:
             full = _all_bits(nbits)
             contents = {"diff": full, "delta": full}
+            delta_base = None
         else:
             changed = _or(pair.bm["changed_p"], pair.bm["changed_s"])
             # The diff as the file has it: a region copied but not yet durably
             # is copied again.
             contents = {"diff": _or(pair.diff.file_bits(), changed), "delta": changed}
-        self._rewrite(pair, "resync", contents)
+            # Exactly the regions changed since this split (S's changes are
+            # copied back over them): the next split's delta is based here.
+            delta_base = pair.split_gen
+        self._rewrite(pair, "resync", contents, delta_base)
         return pair
 
     def restore(self, name: str) -> Pair:
@@ -425,22 +468,26 @@ class PairManager:
         # P becomes S's image, which differs from this split's image where S
         # wrote: the next split's delta must name those regions (and what P
         # writes from now on). Keeping the old delta (the previous split to
-        # this one) lost S's writes from incremental backups.
+        # this one) lost S's writes from incremental backups. P's image jumps
+        # back, though: the next split's backup starts a new chain (no base).
         contents = {"diff": pair.diff.file_bits(), "delta": changed, "restore": changed}
-        self._rewrite(pair, "restore", contents)
+        self._rewrite(pair, "restore", contents, None)
         return pair
 
-    def _rewrite(self, pair: Pair, action: str, contents: Mapping[str, bytes | None]) -> None:
+    def _rewrite(self, pair: Pair, action: str, contents: Mapping[str, bytes | None],
+                 delta_base: int | None) -> None:
         """A transition with a new bitmap generation (resync, restore): the
         new files and their directory entry durable, then the row naming
-        them committed, then the old files removed. A crash in between
-        leaves the old row and files, or the new ones."""
+        them (and the split_gen the new delta is based on) committed, then
+        the old files removed. A crash in between leaves the old row and
+        files, or the new ones."""
         generation = pair.generation + 1
         bitmaps = self.files.write_generation(pair.name, pair.nregions, generation, contents)
         leaving_error = pair.state == st.ERROR
         old = pair.bm
         try:
-            self._transition([pair], action, reason="", generation=(generation, bitmaps))
+            self._transition([pair], action, reason="", generation=(generation, bitmaps),
+                             delta_base=delta_base)
         except BaseException:
             if pair.generation != generation:   # not committed: the old one stays
                 for bm in bitmaps.values():

@@ -62,6 +62,12 @@ class Controller:
             result["unavailable_pairs"] = dict(self.pairs.unavailable)
         return result
 
+    def connections(self) -> Reply:
+        """Every open NBD connection: its number, export, peer, port, since
+        when, and how many READs it made and bytes it asked for; and the
+        last ones to close, with their final counts (daemon/connections.py)."""
+        return {"connections": self.registry.snapshot(), "closed": self.registry.closed()}
+
     # -- volumes ----------------------------------------------------------
 
     def volume_create(self, name: Param, size: Param, region_size: Param = None,
@@ -146,18 +152,60 @@ class Controller:
     def port_list(self) -> Reply:
         return {"ports": ports.port_list(self.info()["listeners"])}
 
-    def locate(self, name: Param, port: Param) -> Reply:
-        """The NBD URI of a pair's secondary through one port. `name` is a
-        pair (or its secondary), or a primary volume that is in one pair."""
+    def locate(self, name: Param, port: Param, role: Param = "secondary") -> Reply:
+        """The NBD URI of a volume through one port, with its pair's state.
+
+        role "secondary": a pair's secondary; `name` is a pair (or its
+        secondary), or a primary volume that is in one pair.
+        role "primary": the volume a host attaches; `name` is a pair (its
+        primary is meant), or any volume that is no pair's secondary (a
+        primary, or a volume in no pair: itself).
+
+        `generation` is the pair's bitmap generation; `split_gen` counts its
+        splits and `delta_base` is the split_gen its delta covers the
+        changes since (controller/pairs.py, "Split generations"). A pair
+        deleted and made again counts from 0 again: `created` tells the two
+        apart."""
         if not isinstance(port, str):
             raise BadInput(f"port must be a port name, not {quoted(port)}")
+        if role not in LOCATE_ROLES:
+            raise BadInput(f"role must be one of {', '.join(LOCATE_ROLES)}, not {quoted(role)}")
         listener = ports.find_port(self.info()["listeners"], port)
-        pair = self._pair_to_locate(validate_name(name))
-        uris = ports.export_uris(listener, pair.secondary.name)
-        return {"uri": uris[0], "uris": uris, "port": listener["name"],
-                "tls": listener.get("tls", "off"), "pair": pair.name,
-                "primary": pair.primary.name, "secondary": pair.secondary.name,
-                "state": pair.state, "generation": pair.generation, "split_at": pair.split_at}
+        name = validate_name(name)
+        pair: Pair | None
+        if role == "primary":
+            volume, pair = self._primary_to_locate(name)
+        else:
+            pair = self._pair_to_locate(name)
+            volume = pair.secondary.name
+        uris = ports.export_uris(listener, volume)
+        reply = {"uri": uris[0], "uris": uris, "port": listener["name"],
+                 "tls": listener.get("tls", "off"), "role": role, "volume": volume}
+        facts = ("pair", "primary", "secondary", "state", "group", "generation", "split_gen",
+                 "delta_base", "split_at", "created")
+        if pair is None:
+            reply.update(dict.fromkeys(facts))
+        else:
+            reply.update({"pair": pair.name, "primary": pair.primary.name,
+                          "secondary": pair.secondary.name, "state": pair.state,
+                          "group": pair.group, "generation": pair.generation,
+                          "split_gen": pair.split_gen, "delta_base": pair.delta_base,
+                          "split_at": pair.split_at, "created": pair.created})
+        return reply
+
+    def _primary_to_locate(self, name: str) -> tuple[str, Pair | None]:
+        """(the volume, its one pair or None) for locate(role="primary")."""
+        pm = self.pairs
+        pair = pm.pairs.get(name) if pm is not None else None
+        if pair is not None:
+            return pair.primary.name, pair
+        if pm is not None and name in pm.unavailable:
+            raise Conflict(f"pair {name!r} is unavailable: {pm.unavailable[name]}")
+        if self.manager.find(name) is None:
+            raise NotFound(f"no volume or pair named {name!r}")
+        primary_of = [] if pm is None else [p for p in pm.pairs.values() if p.primary.name == name]
+        # A primary of several pairs is still one volume: its URI, no one pair.
+        return name, primary_of[0] if len(primary_of) == 1 else None
 
     def _pair_to_locate(self, name: str) -> Pair:
         pm = self._pair_manager
@@ -216,9 +264,13 @@ class Controller:
         }
 
 
+# The volumes `locate` can name: a pair's secondary, or the primary side.
+LOCATE_ROLES = ("secondary", "primary")
+
 # Admin method name -> Controller method. The one place requests are named.
 METHODS: dict[str, Callable[..., Any]] = {
     "status": Controller.status,
+    "connections": Controller.connections,
     "volume.create": Controller.volume_create,
     "volume.list": Controller.volume_list,
     "volume.show": Controller.volume_show,

@@ -211,6 +211,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.read_only = True
         self.structured = False
         self.meta: dict[int, ContextFn] = {}
+        # Counters the admin API shows (daemon/connections.py): READs served
+        # and the bytes they asked for, however they were sent.
+        self.read_requests = 0
+        self.read_bytes = 0
         # Flow control.
         self.inflight = 0           # requests handed to threads, not yet replied
         self.held = 0               # bytes of requests a layer holds, not yet replied
@@ -625,6 +629,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         # call of their own: they are the hot path.
         try:
             if cmd == _CMD_READ:
+                self.read_requests += 1
+                self.read_bytes += length
                 if length == 0:
                     # An OFFSET_DATA chunk must carry at least one byte: plain
                     # success, structured if negotiated (a READ never gets a

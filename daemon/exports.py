@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import nbdwire as c
 from controller.states import SECONDARY_SERVED
 from volumes.volume import Volume
 
@@ -50,11 +51,9 @@ class Backend(Protocol):
 # flags)], at most `limit` of them (0: no limit) from the start of the range.
 ContextFn = Callable[[int, int, int], list[tuple[int, int]]]
 
-BASE_ALLOCATION = "base:allocation"
-# Our own contexts live in an "x-" namespace: proto.md "Metadata querying"
-# allows only base, nbd-server, x-* and registered third-party namespaces.
-PENDING = "x-splitd:pending"   # regions of a secondary not yet copied (flag 1)
-DELTA = "x-splitd:delta"       # regions changed since the previous split (flag 1)
+BASE_ALLOCATION = c.BASE_ALLOCATION
+PENDING = c.SPLITD_PENDING     # regions of a secondary not yet copied (flag 1)
+DELTA = c.SPLITD_DELTA         # regions changed since the previous split (flag 1)
 
 
 class ExportUnknown(Exception):

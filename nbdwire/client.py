@@ -78,6 +78,7 @@ __all__ = [
     "decode_rep_meta_context",
     "decode_rep_server",
     "decode_reply",
+    "decode_reply_header",
     "encode_client_flags",
     "encode_info_request_data",
     "encode_meta_context_request_data",
@@ -323,11 +324,13 @@ class NoneChunk(NamedTuple):
 Chunk = OffsetData | OffsetHole | BlockStatus | ErrorChunk | NoneChunk
 
 
-def decode_reply(buf: Buffer, pos: int = 0, max_payload: int = MAX_CHUNK_PAYLOAD
-                 ) -> tuple[SimpleReply | Chunk, int] | None:
-    """The next reply message from buf[pos:]: a simple reply header (16
-    bytes; a READ's data, if any, is the caller's to take next) or a whole
-    structured chunk. (message, bytes consumed), or None for "need more"."""
+def decode_reply_header(buf: Buffer, pos: int = 0, max_payload: int = MAX_CHUNK_PAYLOAD
+                        ) -> tuple[SimpleReply | ChunkHeader, int] | None:
+    """The next reply header from buf[pos:], without its payload: a simple
+    reply (16 bytes) or a structured chunk header (20 bytes) whose payload
+    length is checked against max_payload. (header, bytes consumed), or None.
+    For a client that puts an OFFSET_DATA payload straight where it belongs
+    instead of copying it out of a buffer."""
     if len(buf) - pos < 4:
         return None
     (magic,) = U32.unpack_from(buf, pos)
@@ -343,12 +346,25 @@ def decode_reply(buf: Buffer, pos: int = 0, max_payload: int = MAX_CHUNK_PAYLOAD
     _, flags, rtype, cookie, length = STRUCTURED_REPLY.unpack_from(buf, pos)
     if length > max_payload:
         raise ProtocolError(f"reply chunk of {length} bytes is longer than {max_payload}")
-    start = pos + STRUCTURED_REPLY.size
-    if len(buf) - start < length:
+    return ChunkHeader(flags, rtype, cookie, length), STRUCTURED_REPLY.size
+
+
+def decode_reply(buf: Buffer, pos: int = 0, max_payload: int = MAX_CHUNK_PAYLOAD
+                 ) -> tuple[SimpleReply | Chunk, int] | None:
+    """The next reply message from buf[pos:]: a simple reply header (16
+    bytes; a READ's data, if any, is the caller's to take next) or a whole
+    structured chunk. (message, bytes consumed), or None for "need more"."""
+    got = decode_reply_header(buf, pos, max_payload)
+    if got is None:
         return None
-    chunk = decode_chunk(ChunkHeader(flags, rtype, cookie, length),
-                         bytes(buf[start:start + length]))
-    return chunk, STRUCTURED_REPLY.size + length
+    header, used = got
+    if isinstance(header, SimpleReply):
+        return header, used
+    start = pos + used
+    if len(buf) - start < header.length:
+        return None
+    chunk = decode_chunk(header, bytes(buf[start:start + header.length]))
+    return chunk, used + header.length
 
 
 def decode_chunk(header: ChunkHeader, payload: bytes) -> Chunk:

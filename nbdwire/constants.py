@@ -130,6 +130,11 @@ ESHUTDOWN = 108
 
 # -- Meta contexts ("Metadata querying", "Block status") ---------------------
 BASE_ALLOCATION = "base:allocation"
+# splitd's own contexts, in an "x-" namespace ("Metadata querying" allows only
+# base, nbd-server, x-* and registered namespaces). Status flag 1: the region
+# of a secondary is not copied yet / changed since the previous split.
+SPLITD_PENDING = "x-splitd:pending"
+SPLITD_DELTA = "x-splitd:delta"
 # base:allocation status flags.
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1

@@ -28,6 +28,7 @@ __all__ = [
     "progress_text",
     "rate_text",
     "regions_text",
+    "split_gen_text",
     "stdout_gone",
     "terminal_width",
     "time_text",
@@ -104,6 +105,14 @@ def regions_text(n: int, region_size: int, short: bool = False) -> str:
     if short:
         return "0" if n == 0 else f"{n} ({format_size(n * region_size)})"
     return f"{n} region{'s' if n != 1 else ''} ({format_size(n * region_size)})"
+
+
+def split_gen_text(pair: Mapping[str, Any]) -> str:
+    """"3 (delta since split 2)": a pair's split generation and its delta's base
+    (controller/pairs.py, "Split generations")."""
+    base = pair.get("delta_base")
+    return (f"{pair['split_gen']} (delta since split {base})" if base is not None
+            else f"{pair['split_gen']} (delta: every region, no base)")
 
 
 def percent(pair: Mapping[str, Any]) -> float:

@@ -64,6 +64,17 @@ MIGRATIONS: list[str] = [
         last_used     REAL
     );
     """,
+    # 3 -> 4: split generations, for incremental backups (DESIGN.md "Backup"
+    # 5). `split_gen` counts the pair's splits; `delta_base` is the split_gen
+    # that the delta bitmap covers the changes since (NULL: the delta is "all"
+    # or unknown). A split does not touch the delta, so after split N the
+    # delta covers split delta_base to split N. A pair from before v4 that
+    # was split counts that split as its first, and has no delta base.
+    """
+    ALTER TABLE pairs ADD COLUMN split_gen INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pairs ADD COLUMN delta_base INTEGER;
+    UPDATE pairs SET split_gen = 1 WHERE split_at IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -176,13 +187,12 @@ class MetadataStore:
 
     def add_pair(self, rec: PairRecord) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO pairs (secondary, primary_vol, state, read_policy, rate, grp, "
-                       "generation, reason, created, split_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rec)
+            db.execute(f"INSERT INTO pairs ({_PAIR_COLUMNS}) VALUES "
+                       f"({', '.join('?' * len(PairRecord._fields))})", rec)
 
     def list_pairs(self) -> list[PairRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT secondary, primary_vol, state, read_policy, rate, grp, "
-                                    "generation, reason, created, split_at FROM pairs "
+            rows = self._db.execute(f"SELECT {_PAIR_COLUMNS} FROM pairs "
                                     "ORDER BY secondary").fetchall()
         return [PairRecord(*r) for r in rows]
 
@@ -246,6 +256,11 @@ class PairRecord(NamedTuple):
     reason: str
     created: float
     split_at: float | None
+    split_gen: int = 0              # splits the pair has had
+    delta_base: int | None = None   # the split_gen the delta covers changes since
+
+
+_PAIR_COLUMNS = ", ".join(PairRecord._fields)
 
 
 def _volume(row) -> VolumeRecord:

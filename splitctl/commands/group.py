@@ -19,8 +19,10 @@ def show_group_split(result: dict[str, Any], args: Namespace) -> None:
     print(f"split group {result['group']}: {len(pairs)} pair{'s' if len(pairs) != 1 else ''} "
           "at one single point")
     rows = [[p["name"], p["primary"], p["secondary"],
-             regions_text(p["remaining"], p["region_size"], short=True)] for p in pairs]
-    print_table(["NAME", "PRIMARY", "SECONDARY", "TO COPY"], rows, right={3}, indent=2)
+             regions_text(p["remaining"], p["region_size"], short=True), p["split_gen"],
+             "-" if p["delta_base"] is None else p["delta_base"]] for p in pairs]
+    print_table(["NAME", "PRIMARY", "SECONDARY", "TO COPY", "SPLIT GEN", "DELTA BASE"], rows,
+                right={3, 4, 5}, indent=2)
 
 
 def run_group_list(client: AdminClient, args: Namespace) -> Any:

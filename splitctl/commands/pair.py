@@ -20,6 +20,7 @@ from splitctl.output import (
     progress_text,
     rate_text,
     regions_text,
+    split_gen_text,
     terminal_width,
     time_text,
 )
@@ -94,6 +95,7 @@ def show_pair_show(result: dict[str, Any], args: Namespace) -> None:
         ("copy-on-read", str(p["copy_on_read"])),
         ("staged reads", str(p["staged"])),
     ]
+    fields.append(("split gen", split_gen_text(p)))
     if p.get("split_at"):
         fields.append(("split at", time_text(p["split_at"])))
     if p.get("created"):
@@ -111,7 +113,7 @@ def show_pair_split(result: dict[str, Any], args: Namespace) -> None:
             f"(splitctl pair wait {result['name']} --until copied)" if left
             else "nothing left to copy")
     print(f"split pair {result['name']}: {result['secondary']} is now {result['primary']}'s "
-          f"image at the split; {rest}")
+          f"image at the split; {rest}; split gen {split_gen_text(result)}")
 
 
 def run_pair_resync(client: AdminClient, args: Namespace) -> Any:

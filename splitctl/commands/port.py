@@ -10,7 +10,7 @@ from common.names import NAME_PATTERN
 from splitctl import args as types
 from splitctl.args import Commands
 from splitctl.client import AdminClient
-from splitctl.output import print_fields, print_table, time_text
+from splitctl.output import print_fields, print_table, split_gen_text, time_text
 
 PORTS = """\
 ports:
@@ -50,22 +50,31 @@ def show_port_list(result: dict[str, Any], args: Namespace) -> None:
 
 
 def run_locate(client: AdminClient, args: Namespace) -> Any:
+    if args.primary:
+        return client.call("locate", name=args.name, port=args.port, role="primary")
     return client.call("locate", name=args.name, port=args.port)
 
 
 def show_locate(result: dict[str, Any], args: Namespace) -> None:
     # The URI alone on the first line: `splitctl locate ... | head -n1` is it.
     print(result["uri"])
-    state = result["state"]
-    if state != "split":
-        state += " (its secondary is served only once the pair is split)"
-    fields = [
-        ("pair", f"{result['pair']} ({result['primary']} -> {result['secondary']})"),
-        ("state", state),
-        ("generation", str(result["generation"])),
-        ("split at", time_text(result["split_at"]) if result.get("split_at") else "-"),
-        ("port", f"{result['port']} (TLS {result['tls']})"),
-    ]
+    primary = result.get("role") == "primary"
+    fields = [("volume", f"{result['volume']} (the primary side)")] if primary else []
+    if result.get("pair") is None:
+        fields.append(("pair", "- (the volume is in no pair, or in several)"))
+    else:
+        state = result["state"]
+        if state != "split" and not primary:
+            state += " (its secondary is served only once the pair is split)"
+        fields += [
+            ("pair", f"{result['pair']} ({result['primary']} -> {result['secondary']})"),
+            ("state", state),
+            ("group", result.get("group") or "-"),
+            ("split gen", split_gen_text(result)),
+            ("generation", f"{result['generation']} (of the bitmap files)"),
+            ("split at", time_text(result["split_at"]) if result.get("split_at") else "-"),
+        ]
+    fields.append(("port", f"{result['port']} (TLS {result['tls']})"))
     fields += [("also", uri) for uri in result["uris"][1:]]
     print_fields(fields)
 
@@ -87,10 +96,10 @@ def add_commands(commands: Commands) -> None:
 
     sub = commands.command(
         "locate", run_locate, show_locate,
-        help="print the NBD URI of a pair's secondary through a port",
+        help="print the NBD URI of a pair's secondary (or primary) through a port",
         description="Print the NBD URI by which a pair's secondary is reached through\n"
-                    "one port of the daemon, then the pair, its state and generation.\n"
-                    "The URI alone is the first line.\n\n"
+                    "one port of the daemon, then the pair, its group, state, split\n"
+                    "generation and bitmap generation. The URI alone is the first line.\n\n"
                     "NAME is one of:\n"
                     "  a pair (pairs are named by their secondary volume): that pair;\n"
                     "  a primary volume in exactly one pair: that pair.\n"
@@ -98,6 +107,20 @@ def add_commands(commands: Commands) -> None:
                     "a volume in no pair, an unknown name, and an unknown port (the\n"
                     "refusal names the known ones). The URI is given whatever the\n"
                     "pair's state, but the secondary is served only in state split.\n\n"
+                    "With --primary, the URI of the primary side instead, the volume a\n"
+                    "host attaches: NAME is a pair (its primary), or any volume that is\n"
+                    "no pair's secondary (that volume, paired or not). Its pair is shown\n"
+                    "when it has exactly one.\n\n"
+                    "Generations:\n"
+                    "  split gen   how many times the pair has been split (kept across\n"
+                    "              restarts); a backup records the one it read\n"
+                    "  delta base  the split gen whose split the delta (x-splitd:delta)\n"
+                    "              covers the changes since; none after the first\n"
+                    "              split, a full resync, an error or a restore. A backup\n"
+                    "              of this split is an exact incremental of the backup\n"
+                    "              of split gen N only when the delta base is N\n"
+                    "  generation  the pair's bitmap files (changes at every resync and\n"
+                    "              restore); not a split count\n\n"
                     "URIs:\n"
                     "  nbd+unix:///EXPORT?socket=PATH   a Unix socket port\n"
                     "  nbd://ADDR:PORT/EXPORT           a TCP port (IPv6 in brackets)\n"
@@ -106,14 +129,22 @@ def add_commands(commands: Commands) -> None:
                     "is printed (link-local IPv6 last), every one is under 'also' and\n"
                     "in the JSON 'uris'. A port bound to a wildcard address\n"
                     "(tcp://0.0.0.0:PORT) has no one address to give and is refused.\n\n"
-                    "With --json: uri, uris (every address), port, tls, pair, primary,\n"
-                    "secondary, state, generation (as 'splitctl pair show' gives it) and\n"
-                    "split_at (seconds since the epoch, or null).\n\n"
+                    "With --json: uri, uris (every address), port, tls, role\n"
+                    "(secondary or primary), volume (the export the URI names), pair,\n"
+                    "primary, secondary, group, state, generation, split_gen, delta_base\n"
+                    "(as 'splitctl pair show' gives them), split_at and created (seconds\n"
+                    "since the epoch; a pair deleted and made again under the same name\n"
+                    "counts its splits from 0 again, with a new created); the pair's\n"
+                    "fields are null where --primary names a volume with no one pair.\n\n"
                     + PORTS,
         examples="  splitctl locate db-snap --port backup\n"
                  "  splitctl locate db --port backup --json\n"
-                 "  nbdinfo \"$(splitctl locate db-snap --port unix | head -n1)\"")
+                 "  nbdinfo \"$(splitctl locate db-snap --port unix | head -n1)\"\n"
+                 "  splitctl locate db --port backup --primary")
     sub.add_argument("name", metavar="NAME", type=types.name,
                      help="a pair (its secondary volume), or a primary volume in one pair")
     sub.add_argument("--port", metavar="PORT", type=port_name, required=True,
                      help="the port to reach it through (splitctl port list)")
+    sub.add_argument("--primary", action="store_true",
+                     help="the URI of the primary volume (or of NAME itself, a volume in no "
+                          "pair), not of the secondary")

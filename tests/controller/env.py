@@ -21,6 +21,7 @@ class FakeConnection:
 
     def __init__(self) -> None:
         self.closed: str | None = None
+        self.read_requests = self.read_bytes = 0
 
     def close_now(self, reason: str) -> None:
         self.closed = reason

@@ -117,6 +117,8 @@ def test_copy_on_write_failure_suspends_the_pair_not_the_primary(env, monkeypatc
     conn_closed = []
 
     class Conn:
+        read_requests = read_bytes = 0
+
         def close_now(self, reason):
             conn_closed.append(reason)
 

@@ -85,6 +85,43 @@ def test_decode_reply_never_raises_anything_else(raw, kind):
         assert used <= len(raw)
 
 
+
+@given(st.binary(max_size=100) | reply_like(), buffer_kinds, st.integers(0, 8))
+def test_decode_reply_header_agrees_with_decode_reply(raw, kind, pos):
+    # The header alone: the same verdict as decode_reply on the magic and
+    # the length limit, and the header decode_reply's chunk was built from.
+    buf = kind(bytes(pos) + raw)
+    try:
+        got = c.decode_reply_header(buf, pos)
+    except c.ProtocolError:
+        with pytest.raises(c.ProtocolError):
+            c.decode_reply(buf, pos)
+        return
+    if got is None:
+        assert len(raw) < 20
+        return
+    header, used = got
+    if isinstance(header, c.SimpleReply):
+        assert used == 16 and c.decode_reply(buf, pos) == (header, 16)
+        return
+    assert used == 20 and header.length <= c.MAX_CHUNK_PAYLOAD
+    try:
+        whole = c.decode_reply(buf, pos)
+    except c.ProtocolError:
+        return          # the payload broke a rule: decode_chunk's business
+    if whole is not None:
+        chunk, n = whole
+        assert n == 20 + header.length and chunk.cookie == header.cookie
+
+
+def test_decode_reply_header_leaves_the_payload():
+    raw = struct.pack(">IHHQI", c.STRUCTURED_REPLY_MAGIC, 1, 1, 7, 4105) + bytes(8)
+    assert c.decode_reply_header(raw) == (c.ChunkHeader(1, 1, 7, 4105), 20)
+    assert c.decode_reply(raw) is None      # the whole chunk is not there yet
+    assert c.decode_reply_header(raw[:19]) is None
+    with pytest.raises(c.ProtocolError):
+        c.decode_reply_header(raw, max_payload=4096)
+
 @given(st.binary(max_size=30), st.binary(max_size=30) | option_reply_like(),
        st.sampled_from([{}, {"meta_contexts": [c.BASE_ALLOCATION], "list_exports": True},
                         {"tls": "prefer"}, {"info_only": True}, {"export_name": True}]))

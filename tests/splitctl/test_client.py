@@ -22,10 +22,12 @@ from volumes.manager import VolumeManager
 
 
 class NbdConnectionStandIn:
-    """What the registry needs of an NBD connection: something to close."""
+    """What the registry needs of an NBD connection: something to close, and
+    its read counters."""
 
     def __init__(self):
         self.closed_because: str | None = None
+        self.read_requests = self.read_bytes = 0
 
     def close_now(self, reason: str) -> None:
         self.closed_because = reason

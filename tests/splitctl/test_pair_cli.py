@@ -500,7 +500,8 @@ def test_group_split_splits_every_pair_at_one_point(daemon):
 
     out = daemon.splitctl("group", "split", "prod").stdout.splitlines()
     assert out[0] == "split group prod: 2 pairs at one single point"
-    assert out[1].split() == ["NAME", "PRIMARY", "SECONDARY", "TO", "COPY"]
+    assert out[1].split() == ["NAME", "PRIMARY", "SECONDARY", "TO", "COPY", "SPLIT", "GEN",
+                              "DELTA", "BASE"]
     assert [line.split()[0] for line in out[2:]] == ["db-snap", "logs-snap"]
     states = {p["name"]: p for p in daemon.call("pair.list")["pairs"]}
     assert states["db-snap"]["state"] == states["logs-snap"]["state"] == "split"

@@ -1,0 +1,78 @@
+"""What the NBD client tests share: running a coroutine on asyncio's loop or
+uvloop, and real NBD servers other than splitd (nbdkit, qemu-nbd) on a
+temporary Unix socket, stopped by their fixtures whatever happens."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from harness.procs import stop_process
+from tests.conftest import need
+from tests.daemon.test_tls import pki  # noqa: F401  (the fixture: a CA, server and client certs)
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(loop: str, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run coro to the end on a fresh event loop of the kind named."""
+    if loop == "uvloop":
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+@pytest.fixture(params=LOOPS)
+def loop(request) -> str:
+    return request.param
+
+
+class Server:
+    """An NBD server process listening on a Unix socket (`uri(export)`)."""
+
+    def __init__(self, argv: list[str], sock: Path, cwd: Path):
+        self.sock = sock
+        self.log = cwd / f"{sock.stem}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"{argv[0]} did not start:\n{self.log.read_text()}")
+            time.sleep(0.02)
+
+    def uri(self, export: str = "", scheme: str = "nbd+unix") -> str:
+        return f"{scheme}:///{export}?socket={self.sock}"
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+
+
+@pytest.fixture
+def serve(tmp_path) -> Callable[..., Server]:
+    """serve(argv with {sock}) -> Server; every one started is stopped."""
+    started: list[Server] = []
+
+    def start(*argv: str) -> Server:
+        need(argv[0])
+        sock = tmp_path / f"{argv[0]}-{os.getpid()}-{len(started)}.sock"
+        s = Server([a.replace("{sock}", str(sock)) for a in argv], sock, tmp_path)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def nbdkit(serve, *args: str) -> Server:
+    """nbdkit in the foreground on its own Unix socket."""
+    return serve("nbdkit", "--foreground", "--exit-with-parent", "--unix", "{sock}", *args)
