@@ -75,6 +75,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from agents.store.backend import Backend, DirBackend
@@ -156,7 +157,10 @@ class Lease(_Heartbeat):
     def release(self) -> None:
         if not self._stop.is_set():
             self.stop()
-            self.backend.delete(self.name)
+            try:
+                self.backend.delete(self.name)
+            except StoreError:      # unreachable storage: the lease expires on its own
+                pass
 
 
 def live_leases(backend: Backend, now: float) -> list[dict[str, Any]]:
@@ -290,7 +294,7 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
             if cid is None or cid in marked:
                 continue
             report.unreferenced_chunks += 1
-            if may_delete(name, lambda cid=cid: cid in marked):
+            if may_delete(name, partial(marked.__contains__, cid)):
                 report.deleted_chunks += 1
                 if not dry_run:
                     try:
@@ -301,7 +305,7 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
         for name in backend.list("indexes/"):
             sid = name.rsplit("/", 1)[1]
             if valid_snapshot_id(sid) and sid not in roots and not backend.exists(manifest_name(sid)) \
-                    and may_delete(name, lambda sid=sid: sid in roots):
+                    and may_delete(name, partial(roots.__contains__, sid)):
                 report.deleted_indexes.append(sid)
                 if not dry_run:
                     backend.delete(index_name(sid))
