@@ -43,8 +43,8 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every package we ship, and the tests and tools beside them.
-LINT_PATHS := agents common daemon controller volumes splitctl nbdwire harness tests bench scripts
-TYPED_PATHS := agents common daemon controller volumes splitctl nbdwire harness
+LINT_PATHS := agents common remoteapi daemon controller volumes splitctl nbdwire harness tests bench scripts
+TYPED_PATHS := agents common remoteapi daemon controller volumes splitctl nbdwire harness
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(TYPED_PATHS)
@@ -71,12 +71,16 @@ install:
 	$(PREFIX)/bin/python -m pip install -q --disable-pip-version-check .
 	ln -sf $(PREFIX)/bin/splitd /usr/local/bin/splitd
 	ln -sf $(PREFIX)/bin/splitctl /usr/local/bin/splitctl
+	ln -sf $(PREFIX)/bin/splitd-host /usr/local/bin/splitd-host
 	install -D -m 0644 systemd/splitd.service /etc/systemd/system/splitd.service
 	install -D -m 0644 systemd/splitd.sysusers /usr/lib/sysusers.d/splitd.conf
 	test -e /etc/splitd/splitd.toml || install -D -m 0640 systemd/splitd.toml /etc/splitd/splitd.toml
+	install -D -m 0644 systemd/splitd-host.service /etc/systemd/system/splitd-host.service
+	test -e /etc/splitd-host/splitd-host.toml || install -D -m 0640 systemd/splitd-host.toml /etc/splitd-host/splitd-host.toml
 	-systemd-sysusers /usr/lib/sysusers.d/splitd.conf
 	-systemctl daemon-reload
 	@echo "installed; start with: systemctl enable --now splitd"
+	@echo "  on an application host: systemctl enable --now splitd-host"
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info

@@ -46,7 +46,8 @@ GiB = 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The sections, in the order they run (modules of bench/sections/).
-SECTION_MODULES = ("foundation", "scale", "split", "paired_writes", "copy_engine", "pair_memory")
+SECTION_MODULES = ("foundation", "scale", "split", "paired_writes", "copy_engine", "pair_memory",
+                   "prepare")
 
 NOTHING_RATE = 1                    # bytes/s: the engine copies (next to) nothing
 

@@ -26,6 +26,12 @@ Sections (run in this order; pick some with --only a,b):
               read latency (fio clat p50/p99) vs unpaired, on tmpfs.
   pair-memory daemon RSS with two 1 TiB volumes, then paired, then split:
               target delta < 16 MiB.
+  prepare     the coordinated split across three network namespaces (storage,
+              application, backup host) with a writer running: $PREPARE_ROUNDS
+              (default 100) prepares from the backup host over TLS of a 1 GiB
+              and a 1 TiB volume: the agent's freeze window (FIFREEZE to
+              FITHAW) target p99 < 50 ms, prepare end to end p99 < 250 ms.
+              Root and /dev/fuse, else skipped.
 
 Options: --rt SECONDS per fio workload (default: $RT, else 6), --json FILE to
 also write every figure as JSON, --builtin-referee to use the built-in logic

@@ -17,6 +17,7 @@ theirs in `code`:
                                              valid token (splitctl token create)
      +-- Forbidden         code "forbidden"  the token is valid but its scope
                                              (or volumes) does not cover the call
+     +-- UnknownMethod     code "unknown-method"  no such method here
 
 The admin server turns any SplitdError into {"code": e.code, "message": str(e)};
 anything else is a bug and becomes "internal". Messages are one line and name
@@ -76,3 +77,9 @@ class Unauthorized(SplitdError):
 
 class Forbidden(SplitdError):
     code = ErrorCode.FORBIDDEN
+
+
+class UnknownMethod(SplitdError):
+    """The request names a method this server does not have."""
+
+    code = ErrorCode.UNKNOWN_METHOD

@@ -10,6 +10,8 @@ scope is controller/access.py's table; the CLI only needs the words.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from common.plain import PlainStrEnum
 
 
@@ -23,6 +25,7 @@ class Scope(PlainStrEnum):
 SCOPES: tuple[Scope, ...] = (Scope.READ, Scope.SPLIT, Scope.ADMIN)
 
 
-def covers(have: str, need: str) -> bool:
-    """Whether a token of scope `have` may do what needs scope `need`."""
-    return SCOPES.index(Scope(have)) >= SCOPES.index(Scope(need))
+def covers(have: str, need: str, order: Sequence[str] = SCOPES) -> bool:
+    """Whether a token of scope `have` may do what needs scope `need`, in a
+    ladder of scopes weakest first (the host agent has its own)."""
+    return order.index(have) >= order.index(need)

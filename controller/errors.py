@@ -2,10 +2,6 @@
 request dispatcher can raise. See common/errors.py for the tree and the codes."""
 from __future__ import annotations
 
-from common.errors import BadInput, Conflict, ErrorCode, NotFound, SplitdError
+from common.errors import BadInput, Conflict, NotFound, SplitdError, UnknownMethod
 
 __all__ = ["BadInput", "Conflict", "NotFound", "SplitdError", "UnknownMethod"]
-
-
-class UnknownMethod(SplitdError):
-    code = ErrorCode.UNKNOWN_METHOD

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
+from typing import Any
 
-from common.errors import ErrorCode, SplitdError
-from common.names import quoted
+from common.errors import ErrorCode
 from daemon.listeners import bind_unix, unlink_owned
+from remoteapi.lines import answer, error as _error, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,6 @@ async def start_admin_server(path: str, controller):
         unlink_owned(owned)
         raise
     return server, owned
-
-
 
 
 async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -95,45 +92,23 @@ def handle_line(line: bytes, controller,
     """One request line in, one reply line out (newline included). Never raises.
     `authorize(method, params)`, if given, runs first and refuses by raising
     a SplitdError (the remote admin API's token check, daemon/remote_admin.py)."""
-    started = time.monotonic()
-    try:
-        request = json.loads(line)
-    except ValueError as e:  # includes UnicodeDecodeError
-        return _error(None, ErrorCode.BAD_REQUEST, f"request is not JSON: {e}")
-    except RecursionError:
-        return _error(None, ErrorCode.BAD_REQUEST, "request is nested too deeply")
-    if not isinstance(request, dict):
-        return _error(None, ErrorCode.BAD_REQUEST, "request must be a JSON object")
-    req_id = request.get("id")
-    method = request.get("method")
-    params = request.get("params")
-    if not isinstance(method, str):
-        return _error(req_id, ErrorCode.BAD_REQUEST, 'request needs a "method" string')
-    if params is not None and not isinstance(params, dict):
-        return _error(req_id, ErrorCode.BAD_REQUEST, '"params" must be a JSON object')
+    request = parse_request(line)
+    if isinstance(request, bytes):
+        return request
 
-    try:
+    def call() -> Any:
         if authorize is not None:
-            authorize(method, params)
-        reply = _encode({"id": req_id, "result": controller.call(method, params)})
-        outcome = "ok"
-    except SplitdError as e:
-        reply = _error(req_id, e.code, str(e))
-        outcome = e.code
-    except Exception as e:
-        full = _disk_full(e)
-        if full is None:
-            log.exception("admin request %s failed", method)
-            reply = _error(req_id, ErrorCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
-            outcome = ErrorCode.INTERNAL
-        else:
-            log.warning("admin request %s failed: %s", method, full)
-            reply = _error(req_id, ErrorCode.NO_SPACE, f"no space left in the data directory: {method} "
-                                                 f"was not done ({full})")
-            outcome = ErrorCode.NO_SPACE
-    log.debug("admin %s id=%s: %s (%.1f ms)", quoted(method), quoted(req_id), outcome,
-              (time.monotonic() - started) * 1000)
-    return reply
+            authorize(request.method, request.params)
+        return controller.call(request.method, request.params)
+
+    return answer(request, call, log, _no_space)
+
+
+def _no_space(e: Exception, method: str) -> tuple[str, str] | None:
+    full = _disk_full(e)
+    if full is None:
+        return None
+    return ErrorCode.NO_SPACE, f"no space left in the data directory: {method} was not done ({full})"
 
 
 def _disk_full(e: Exception) -> str | None:
@@ -144,15 +119,3 @@ def _disk_full(e: Exception) -> str | None:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return e.strerror or str(e)
     return None
-
-
-
-
-def _error(req_id, code: str, message: str) -> bytes:
-    # Messages are one line by contract; make sure of it for unexpected ones.
-    message = " ".join(message.split())
-    return _encode({"id": req_id, "error": {"code": code, "message": message}})
-
-
-def _encode(reply: dict) -> bytes:
-    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"

@@ -85,6 +85,9 @@ listen URIs:
                           unless it is the data directory or /run/splitd
   tcp://ADDR:PORT         TCP on an address (IPv6: tcp://[::1]:10809)
   tcp://%IFACE:PORT       TCP on every address of a network interface
+  tcp://...?tls=MODE      that TCP port's own TLS mode (off, on, require),
+                          instead of --tls: e.g. plaintext on the application
+                          network, TLS required on the backup network
   NAME=URI                the same, named: the name is a *port*, which
                           'splitctl port list' shows and 'splitctl locate
                           PAIR --port NAME' gives a secondary's NBD URI
@@ -376,6 +379,9 @@ def load_config(args: argparse.Namespace) -> Config:
                           "TLS: give tls_cert and tls_key (or --tls-cert and --tls-key)")
     data_dir = os.path.abspath(cfg.data_dir)
     for spec, listener in zip(cfg.listen, parse_listeners(cfg.listen), strict=True):
+        if listener.tls_mode not in (None, "off") and not (cfg.tls_cert and cfg.tls_key):
+            raise ConfigError(f"{where['listen']}: {spec}: TLS needs tls_cert and tls_key "
+                              "(or --tls-cert and --tls-key)")
         if listener.kind == "unix":
             _check_socket_dir(listener.path, data_dir, f"{where['listen']}: {spec}")
     _check_socket_dir(os.path.abspath(cfg.admin_socket), data_dir,

@@ -201,7 +201,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.skip = 0               # bytes of a too long option still to drop
         self.skip_option = 0        # ... and that option's code
         self.negotiation = Negotiation(
-            server.exports, tls_available=server.tls_context is not None,
+            server.exports, tls_available=listener.tls != "off" and server.tls_context is not None,
             tls_required=listener.tls_required)
         self.handshake_timer: asyncio.TimerHandle | None = None
         # The export, once chosen.

@@ -4,6 +4,11 @@ A listen spec is `[NAME=]URI` where URI is one of
     unix:/path/to/socket
     tcp://ADDRESS:PORT        (IPv6 as tcp://[::1]:PORT)
     tcp://%IFACE:PORT         (every address of a network interface, via pyroute2)
+and a TCP one may end in `?tls=off|on|require`: that port's own TLS mode,
+instead of the daemon's (--tls). So a storage host can serve its application
+network in plaintext and require TLS on its backup network: libnbd clients
+such as nbdfuse cannot be given a private CA for nbds:// (a URI's
+tls-certificates= is local file access, which nbdfuse does not allow).
 
 Every listener has a name, and that name is a *port*: the host agent asks for
 an export "as reached through" a port (`locate`, controller/ports.py). NAME
@@ -45,11 +50,20 @@ class Listener:
     path: str = ""                  # unix
     host: str = ""                  # tcp: address, or "%iface"
     port: int = 0
+    tls_mode: str | None = None     # tcp: ?tls=MODE of the spec, None: the daemon's --tls
     tls_required: bool = False
     tls: str = "off"                # what this port does: off, on (STARTTLS offered), require
     bound: list[str] = field(default_factory=list)   # what we actually bound
     servers: list = field(default_factory=list)
     owned: list = field(default_factory=list)        # unix: (path, dev, ino) we bound
+
+    def apply_tls(self, daemon_mode: str) -> None:
+        """Set what this port does from its own mode (TCP) or the daemon's.
+        A Unix socket never requires TLS; it offers STARTTLS when the daemon
+        has TLS on (--tls on or require)."""
+        mode = self.tls_mode or daemon_mode
+        self.tls_required = mode == "require" and self.kind == "tcp"
+        self.tls = "require" if self.tls_required else "on" if mode != "off" else "off"
 
     def as_dict(self) -> dict:
         return {"name": self.name, "uri": self.uri, "kind": self.kind, "tls": self.tls,
@@ -99,7 +113,9 @@ def parse_listen(spec: str) -> Listener:
         path = os.path.abspath(path)
         return Listener(name, f"unix:{path}", "unix", path=path)
     if uri.startswith("tcp://"):
-        rest = uri[len("tcp://"):].rstrip("/")
+        rest, question, query = uri[len("tcp://"):].partition("?")
+        tls_mode = _tls_query(spec, query) if question else None
+        rest = rest.rstrip("/")
         host, colon, port_text = rest.rpartition(":")
         if not colon:
             host, port_text = rest, "10809"
@@ -120,8 +136,20 @@ def parse_listen(spec: str) -> Listener:
                 if host != "localhost":
                     raise ListenSpecError(f"{spec!r}: {host!r} is not an IP address "
                                           "(use %NAME for a network interface)") from None
-        return Listener(name, uri, "tcp", host=host, port=port)
+        return Listener(name, uri, "tcp", host=host, port=port, tls_mode=tls_mode)
     raise ListenSpecError(f"{spec!r}: a listen URI is unix:/path, tcp://ADDR:PORT or tcp://%IFACE:PORT")
+
+
+TLS_MODES = ("off", "on", "require")
+
+
+def _tls_query(spec: str, query: str) -> str:
+    """The mode of a `?tls=MODE` query, the only one a listen URI takes."""
+    key, _, mode = query.partition("=")
+    if key != "tls" or mode not in TLS_MODES:
+        raise ListenSpecError(f"{spec!r}: a TCP listen URI takes only ?tls=off, ?tls=on or "
+                              "?tls=require (this port's TLS mode)")
+    return mode
 
 
 def interface_addresses(ifname: str) -> list[str]:

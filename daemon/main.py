@@ -114,15 +114,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         tls_context = None
-        if cfg.tls != "off":
+        for lst in self.listeners:
+            lst.apply_tls(cfg.tls)
+        if any(lst.tls != "off" for lst in self.listeners):
             # load_config refuses a tls mode without both files.
             assert cfg.tls_cert is not None and cfg.tls_key is not None
             tls_context = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca,
                                          cfg.tls_verify_peer)
-        for lst in self.listeners:
-            lst.tls_required = cfg.tls == "require" and lst.kind == "tcp"
-            # A Unix socket with --tls require still offers STARTTLS.
-            lst.tls = "require" if lst.tls_required else "on" if cfg.tls != "off" else "off"
         admin_tls = None
         if cfg.admin_listen:
             # load_config refuses admin_listen without both files.

@@ -53,10 +53,12 @@ class Splitd:
     new_session: start it in a session of its own, out of reach of the
     terminal's Ctrl-C (the caller stops it), and end its whole process group
     on stop().
+    wrap: a command that runs the rest (`Namespaces.cmd(ns, [])` runs it in a
+    network namespace); it must exec its argument, so that the pid is splitd's.
     """
 
     def __init__(self, base: Path, extra_args: list[str] | None = None, tcp: bool = False,
-                 new_session: bool = False):
+                 new_session: bool = False, wrap: list[str] | None = None):
         self.base = base
         self.data_dir = base / "data"
         self.nbd_socket = base / "nbd.sock"
@@ -65,6 +67,7 @@ class Splitd:
         self.tcp_port = free_tcp_port() if tcp else None
         self.extra_args = list(extra_args or [])
         self.new_session = new_session
+        self.wrap = list(wrap or [])
         self.proc: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
 
@@ -90,7 +93,7 @@ class Splitd:
         for p in (self.nbd_socket, self.admin_socket):
             p.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args(), stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.wrap + self.args(), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

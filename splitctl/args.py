@@ -55,6 +55,9 @@ environment:
 JSON_HELP = "print the daemon's reply as JSON instead of text"
 
 Run = Callable[[AdminClient, argparse.Namespace], Any]
+# A command that talks to another server than the daemon (backup prepare: the
+# host agent) makes its own client from its arguments; BadInput is exit 2.
+MakeClient = Callable[[argparse.Namespace], AdminClient]
 Show = Callable[[Any, argparse.Namespace], None]
 Check = Callable[[argparse.Namespace], None]
 
@@ -190,22 +193,33 @@ class Commands:
     def __init__(self, parser: Parser, title: str):
         self._choices = parser.add_subparsers(title=title, metavar="COMMAND", required=True)
 
-    def _add(self, name: str, help: str, description: str, examples: str) -> Parser:
+    def _add(self, name: str, help: str, description: str, examples: str,
+             exit_status: str = EXIT_STATUS, daemon_options: bool = True) -> Parser:
         sub: Parser = self._choices.add_parser(
             name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description=description, epilog=f"examples:\n{examples}\n\n{EXIT_STATUS}")
-        add_shared_options(sub)
+            description=description, epilog=f"examples:\n{examples}\n\n{exit_status}")
+        if daemon_options:
+            add_shared_options(sub)
+        else:
+            sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print the reply as JSON instead of text")
         return sub
 
     def group(self, name: str, title: str, help: str, description: str,
-              examples: str) -> Commands:
+              examples: str, daemon_options: bool = True) -> Commands:
         """A command group (`splitctl volume ...`): returns its own commands."""
-        return Commands(self._add(name, help, description, examples), title)
+        return Commands(self._add(name, help, description, examples,
+                                  daemon_options=daemon_options), title)
 
     def command(self, name: str, run: Run, show: Show, help: str, description: str,
-                examples: str, check: Check | None = None) -> Parser:
-        sub = self._add(name, help, description, examples)
-        sub.set_defaults(run=run, show=show, check=check, parser=sub)
+                examples: str, check: Check | None = None, client: MakeClient | None = None,
+                exit_status: str = EXIT_STATUS) -> Parser:
+        """`client`: the command's own server (not the daemon): the daemon's
+        --socket and --connect options are left out, and `client(args)` makes
+        what `run` gets."""
+        sub = self._add(name, help, description, examples, exit_status,
+                        daemon_options=client is None)
+        sub.set_defaults(run=run, show=show, check=check, parser=sub, client=client)
         return sub
 
 

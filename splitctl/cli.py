@@ -59,7 +59,7 @@ from splitctl.client import (
     WaitTimeout,
     parse_connect,
 )
-from splitctl.commands import group, pair, port, status, token, volume
+from splitctl.commands import backup, group, pair, port, status, token, volume
 from splitctl.output import fail, print_json, stdout_gone
 
 __all__ = ["build_parser", "main", "parse_duration"]
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_remote_options(parser, None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = Commands(parser, "commands")
-    for module in (status, volume, pair, group, port, token):
+    for module in (status, volume, pair, group, port, token, backup):
         module.add_commands(commands)
     return parser
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_USAGE, ErrorCode.BAD_INPUT, e.message, json_errors,
                     line=f"{PROG}: error: {e.message} (see '{e.prog} --help')")
     try:
-        client = _client(args)
+        client = args.client(args) if args.client is not None else _client(args)
     except BadInput as e:
         return fail(EXIT_USAGE, ErrorCode.BAD_INPUT, str(e), json_errors,
                     line=f"{PROG}: error: {e} (see '{PROG} --help')")

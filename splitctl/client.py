@@ -42,7 +42,10 @@ from common.errors import ErrorCode
 from common.states import WAIT_TARGETS, target_reached
 
 __all__ = [
+    "DEFAULT_AGENT_PORT",
     "DEFAULT_SOCKET",
+    "ENV_HOST_TLS_CA",
+    "ENV_HOST_TOKEN_FILE",
     "ENV_SOCKET",
     "WAIT_TARGETS",
     "ENV_CONNECT",
@@ -63,6 +66,12 @@ ENV_CONNECT = "SPLITD_CONNECT"
 ENV_TOKEN_FILE = "SPLITD_TOKEN_FILE"
 ENV_TLS_CA = "SPLITD_TLS_CA"
 DEFAULT_SOCKET = "/run/splitd/admin.sock"
+# The host agent (splitd-host serve --listen): its TCP port when none is
+# given (splitd's NBD port is 10809; a daemon's remote admin API is often
+# put on 10810), and splitctl backup's variables.
+DEFAULT_AGENT_PORT = 10811
+ENV_HOST_TOKEN_FILE = "SPLITD_HOST_TOKEN_FILE"
+ENV_HOST_TLS_CA = "SPLITD_HOST_TLS_CA"
 MAX_REPLY = 64 << 20
 
 
@@ -102,6 +111,10 @@ def default_socket_path() -> str:
 
 
 class AdminClient:
+    # Who answers, in messages ("cannot reach splitd at ..."); the host agent's
+    # clients say splitd-host.
+    peer = "splitd"
+
     def __init__(self, socket_path: str | None = None, timeout: float = 60.0):
         # None means the default; an empty path is a mistake, not a default.
         if socket_path == "":
@@ -146,17 +159,17 @@ class AdminClient:
             if isinstance(e, AdminError):
                 e.method = method
                 raise
-            raise AdminError(ErrorCode.PROTOCOL, f"lost the connection to splitd at "
-                                         f"{self.where}: {_reason(e)}", method) from None
+            raise AdminError(ErrorCode.PROTOCOL, f"lost the connection to {self.peer} at "
+                                         f"{self.where}: {_reason(e, peer=self.peer)}", method) from None
         try:
             reply = json.loads(line)
         except ValueError:
             self.close()
-            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.where} sent a reply "
+            raise AdminError(ErrorCode.PROTOCOL, f"{self.peer} at {self.where} sent a reply "
                                          "that is not JSON", method) from None
         if not isinstance(reply, dict) or reply.get("id") != req_id:
             self.close()
-            raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.where} answered another "
+            raise AdminError(ErrorCode.PROTOCOL, f"{self.peer} at {self.where} answered another "
                                          "request", method)
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
@@ -202,19 +215,19 @@ class AdminClient:
                 sock.connect(self.socket_path)
             except OSError as e:
                 sock.close()
-                raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach splitd at {self.where}: "
-                                                f"{_reason(e, self.socket_path)}") from None
+                raise AdminError(ErrorCode.UNREACHABLE, f"cannot reach {self.peer} at {self.where}: "
+                                                f"{_reason(e, self.socket_path, self.peer)}") from None
             self._sock = sock
         return self._sock
 
     def _read_line(self, sock: socket.socket) -> bytes:
         while b"\n" not in self._buffer:
             if len(self._buffer) > MAX_REPLY:
-                raise AdminError(ErrorCode.PROTOCOL, f"reply from splitd at {self.where} "
+                raise AdminError(ErrorCode.PROTOCOL, f"reply from {self.peer} at {self.where} "
                                              "is too long")
             chunk = sock.recv(1 << 16)
             if not chunk:
-                raise AdminError(ErrorCode.PROTOCOL, f"splitd at {self.where} closed the "
+                raise AdminError(ErrorCode.PROTOCOL, f"{self.peer} at {self.where} closed the "
                                              "connection without answering")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -242,6 +255,8 @@ class RemoteAdminClient(AdminClient):
     the token's name, scope and volumes. Raises ValueError at once for an
     address that is not tcp://HOST:PORT, an empty token or an unusable CA file."""
 
+    port_hint = "is it splitd's remote admin port, --admin-listen?"
+
     def __init__(self, uri: str, token: str, tls_ca: str | None = None, timeout: float = 60.0):
         import ssl
 
@@ -266,21 +281,21 @@ class RemoteAdminClient(AdminClient):
             raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as e:
             reason = ("name or address not known" if isinstance(e, socket.gaierror)
-                      else _reason(e))
+                      else _reason(e, peer=self.peer))
             raise AdminError(ErrorCode.UNREACHABLE,
-                             f"cannot reach splitd at {self.where}: {reason}") from None
+                             f"cannot reach {self.peer} at {self.where}: {reason}") from None
         try:
             sock = self._tls.wrap_socket(raw, server_hostname=self.host)
         except ssl.SSLCertVerificationError as e:
             raw.close()
-            raise AdminError(ErrorCode.TLS, f"TLS failed: the certificate of splitd at {self.where} "
+            raise AdminError(ErrorCode.TLS, f"TLS failed: the certificate of {self.peer} at {self.where} "
                                             f"is not trusted ({e.verify_message}); give the CA "
                                             "that signed it with --tls-ca") from None
         except (ssl.SSLError, OSError) as e:
             raw.close()
-            reason = e.reason if isinstance(e, ssl.SSLError) and e.reason else _reason(e)
-            raise AdminError(ErrorCode.TLS, f"TLS failed with splitd at {self.where}: {reason} "
-                                            "(is it splitd's remote admin port, --admin-listen?)"
+            reason = e.reason if isinstance(e, ssl.SSLError) and e.reason else _reason(e, peer=self.peer)
+            raise AdminError(ErrorCode.TLS, f"TLS failed with {self.peer} at {self.where}: {reason} "
+                                            f"({self.port_hint})"
                              ) from None
         self._sock = sock
         try:
@@ -297,11 +312,11 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),
                (stat.S_ISBLK, "a block device"))
 
 
-def _reason(e: OSError, path: str | None = None) -> str:
+def _reason(e: OSError, path: str | None = None, peer: str = "splitd") -> str:
     if isinstance(e, socket.timeout):
         return "timed out"
     if e.errno == errno.ENOENT:
-        return "no such socket (is splitd running?)"
+        return f"no such socket (is {peer} running?)"
     if e.errno in (errno.ECONNREFUSED, errno.ENOTSOCK) and path is not None:
         # Linux refuses a connection to a directory or a regular file as it
         # does one to a socket nobody listens on: say which it is.
@@ -313,7 +328,7 @@ def _reason(e: OSError, path: str | None = None) -> str:
             kind = next((k for test, k in _FILE_KINDS if test(mode)), "something else")
             return f"{path} is {kind}, not a socket"
     if e.errno == errno.ECONNREFUSED:
-        return "connection refused (is splitd running?)"
+        return f"connection refused (is {peer} running?)"
     if e.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return e.strerror or str(e)

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+from agents.host import service, tokens_cmd
 from agents.host.attach import AttachError, Attachments, attach, detach, status
 from agents.host.prepare import PrepareError, prepare
 from agents.host.state import (
@@ -226,7 +227,7 @@ class _LocalCommands:
 
 
 # One line per module of commands (hostsvc: serve, token).
-COMMAND_MODULES: list[Any] = [_LocalCommands]
+COMMAND_MODULES: list[Any] = [_LocalCommands, service, tokens_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -197,6 +197,9 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "delta_base": mine.get("delta_base", after.get("delta_base")),
         "split_at": after.get("split_at", mine.get("split_at")),
         "state": after.get("state"),
+        # When the pair was made: a pair made again counts splits from 0, and
+        # the backup agent must not chain onto the old pair's snapshots.
+        "created": after.get("created"),
         "frozen_at": window.frozen_at,
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
         "warnings": warnings,

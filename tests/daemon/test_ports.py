@@ -221,6 +221,48 @@ def test_locate_through_a_tls_port_is_nbds(make_daemon, pki):  # noqa: F811
         read_through(found["uri"].replace("nbds://", "nbd://"), 512)
 
 
+def test_a_port_has_its_own_tls_mode(make_daemon, pki):  # noqa: F811
+    """?tls=MODE on a TCP listen URI: plaintext on one network, TLS required
+    on another, whatever --tls says for the rest."""
+    plain, secure = free_tcp_port(), free_tcp_port()
+    d = make_daemon([*pki["server_args"], "--listen", f"plain=tcp://127.0.0.1:{plain}",
+                     "--listen", f"secure=tcp://127.0.0.1:{secure}?tls=require"])
+    image = split_pair(d)
+    modes = {p["name"]: p["tls"] for p in d.call("port.list")["ports"]}
+    assert modes == {"unix": "off", "tcp": "off", "plain": "off", "secure": "require"}
+    found = locate(d, "snap", "--port", "secure")
+    assert found["uri"] == f"nbds://127.0.0.1:{secure}/snap" and found["tls"] == "require"
+    assert read_through(found["uri"], len(image), tls_dir=str(pki["anonymous"])) == image
+    with pytest.raises(nbd.Error, match="not supported"):      # NBD_REP_ERR_TLS_REQD
+        read_through(found["uri"].replace("nbds://", "nbd://"), 512)
+    found = locate(d, "snap", "--port", "plain")
+    assert found["uri"] == f"nbd://127.0.0.1:{plain}/snap"
+    assert read_through(found["uri"], len(image)) == image
+    # No STARTTLS offered where the port's mode is off.
+    with pytest.raises(nbd.Error):
+        read_through(f"nbds://127.0.0.1:{plain}/snap", 512, tls_dir=str(pki["anonymous"]))
+
+    # The other way round: TLS required everywhere but on one port.
+    d = make_daemon(["--tls", "require", *pki["server_args"],
+                     "--listen", f"app=tcp://127.0.0.1:{free_tcp_port()}?tls=off"])
+    image = split_pair(d)
+    modes = {p["name"]: p["tls"] for p in d.call("port.list")["ports"]}
+    assert modes == {"unix": "on", "tcp": "require", "app": "off"}
+    assert read_through(locate(d, "snap", "--port", "app")["uri"], len(image)) == image
+
+
+@pytest.mark.parametrize("listen, message", [
+    ("tcp://127.0.0.1:1?tls=maybe", "a TCP listen URI takes only ?tls=off, ?tls=on or ?tls=require"),
+    ("tcp://127.0.0.1:1?foo=1", "a TCP listen URI takes only ?tls=off"),
+    ("b=tcp://127.0.0.1:1?tls=require", "--listen: b=tcp://127.0.0.1:1?tls=require: TLS needs "
+                                        "tls_cert and tls_key"),
+])
+def test_bad_port_tls_modes_are_refused_at_start(tmp_path, listen, message):
+    cp = run_splitd(tmp_path, "--listen", listen)
+    assert cp.returncode == 2, cp.stderr
+    assert cp.stderr.count("\n") == 1 and message in cp.stderr, cp.stderr
+
+
 def test_locate_a_pair_that_is_not_split_says_so(make_daemon):
     d = make_daemon()
     d.create_volume("db", "8M")

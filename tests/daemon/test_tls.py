@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.pki import libnbd_cert_dir, make_ca, make_client_cert, make_server_cert
 from tests.conftest import BIN, need
 from tests.daemon import rawnbd as r
 from tests.daemon.rawnbd import Closed, RawClient
@@ -24,47 +25,25 @@ nbd = pytest.importorskip("nbd")
 MiB = 1 << 20
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    cp = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, f"openssl {' '.join(args)}:\n{cp.stderr}"
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA, a server certificate for localhost / 127.0.0.1, a client
-    certificate; plus client directories laid out as libnbd's
+    certificate (harness/pki.py); plus client directories laid out as libnbd's
     tls-certificates=DIR wants them (ca-cert.pem, client-cert.pem,
     client-key.pem)."""
     need("openssl")
     d = tmp_path_factory.mktemp("pki")
-    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *key, "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-            "-days", "2", "-subj", "/CN=splitd test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    for who, cn, ext in (
-            ("server", "localhost",
-             "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
-            ("client", "splitd test client", "extendedKeyUsage=clientAuth\n")):
-        openssl("req", "-new", *key, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr",
-                "-subj", f"/CN={cn}", cwd=d)
-        (d / f"{who}.ext").write_text("basicConstraints=CA:FALSE\n"
-                                      "keyUsage=critical,digitalSignature\n" + ext)
-        openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                "-CAcreateserial", "-days", "2", "-extfile", f"{who}.ext",
-                "-out", f"{who}-cert.pem", cwd=d)
-    with_cert = d / "client"
-    with_cert.mkdir()
-    without_cert = d / "client-anonymous"
-    without_cert.mkdir()
-    for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+    ca = make_ca(d, cn="splitd test CA")    # tests/agents/test_nbd_uri looks for it
+    cert, key = make_server_cert(d)
+    make_client_cert(d)
+    with_cert = libnbd_cert_dir(d / "client", ca)
+    without_cert = libnbd_cert_dir(d / "client-anonymous", ca)
+    for name in ("client-cert.pem", "client-key.pem"):
         (with_cert / name).write_bytes((d / name).read_bytes())
-    (without_cert / "ca-cert.pem").write_bytes((d / "ca-cert.pem").read_bytes())
     os.chmod(with_cert / "client-key.pem", 0o600)
     return {"dir": d, "client": with_cert, "anonymous": without_cert,
-            "server_args": ["--tls-cert", str(d / "server-cert.pem"),
-                            "--tls-key", str(d / "server-key.pem"),
-                            "--tls-ca", str(d / "ca-cert.pem")]}
+            "server_args": ["--tls-cert", str(cert), "--tls-key", str(key),
+                            "--tls-ca", str(ca)]}
 
 
 def tls_daemon(make_daemon, pki, mode: str, *extra: str):
