@@ -358,3 +358,44 @@ def test_server_killed_mid_backup_commits_nothing_and_the_next_run_completes(own
     sid = w2.commit()
     assert w2.stats["reused_chunks"] >= 32
     assert again.snapshot_ids() == [sid] and image_of(again, sid) == image
+
+
+def test_a_sweep_already_past_its_mark_keeps_what_a_committed_writer_reused(store, where):
+    """The window the lease-named index closes: a sweep marks, then works
+    through many garbage chunks; meanwhile a writer that reused an old
+    unreferenced chunk (named late in the listing) passes the fence (the
+    chunk is still there) and commits. The sweep must not delete that chunk
+    when it gets to it: on S3 there is no touch to protect it, only the index
+    the writer named in its lease, which the sweep marks after its next beat.
+    (Before that, the committed snapshot lost its chunk.)"""
+    rnd = random.Random(6)
+    cs = store.chunk_size
+    late = next(d for d in (rnd.randbytes(cs) for _ in range(100000))
+                if store.chunk_id(d).hex().startswith("ff"))
+    garbage = [d for d in (rnd.randbytes(cs) for _ in range(700))
+               if not store.chunk_id(d).hex().startswith("f")]
+    w = store.writer(len(garbage) * cs)
+    w.add(0, b"".join(garbage))
+    old = w.commit()
+    store.forget([old, backup(store, late)])
+    where.age(store)
+    w = store.writer(cs)
+    w.add(0, late)
+    w.wait()
+    assert w.stats["reused_chunks"] == 1
+    sweeper = open_dir(where.location)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(sweeper.gc(margin=0)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(store.backend.list("gc/")):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.2)                       # marked; sweeping the early names
+        sid = w.commit()
+    finally:
+        t.join()
+    assert result and result[0].deleted_chunks >= len(garbage) // 2, result
+    assert store.check().ok, store.check().problems
+    assert image_of(store, sid) == late
