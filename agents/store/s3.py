@@ -231,8 +231,10 @@ class S3Backend:
         with self._probe_lock:
             if self._conditional is None:
                 key = self._key(f"probe-{uuid.uuid4().hex}")
+                made = False
                 try:
                     self._call("PUT", key, self.client.put_object, Key=key, Body=b"1", IfNoneMatch="*")
+                    made = True
                     try:
                         self._call("PUT", key, self.client.put_object, Key=key, Body=b"2", IfNoneMatch="*")
                         self._conditional = False       # ignored the header
@@ -248,7 +250,8 @@ class S3Backend:
                         raise
                     self._conditional = False
                 finally:
-                    self._call("DELETE", key, self.client.delete_object, Key=key)
+                    if made:
+                        self._call("DELETE", key, self.client.delete_object, Key=key)
             return self._conditional
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
