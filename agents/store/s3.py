@@ -27,7 +27,8 @@ Settings, first found wins for each: the config file (`SPLITD_S3_CONFIG`, else
     secret_access_key = "..."              # else AWS_SECRET_ACCESS_KEY
     session_token = "..."                  # optional, else AWS_SESSION_TOKEN
     addressing_style = "path"              # path (default) | virtual | auto
-    connections = 32                       # requests in flight (and pool size)
+    connections = 32                       # requests in flight (pool size); a writer
+                                           # holds up to 2 x this many chunks in memory
     retry_mode = "adaptive"                # standard | adaptive (client-side rate limit)
     max_attempts = 10                      # per request, with backoff
 
@@ -150,6 +151,7 @@ class S3Backend:
         session = boto3.session.Session(
             aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
             aws_session_token=s.session_token, region_name=s.region or "us-east-1")
+        self._session = session
         self.client = session.client("s3", endpoint_url=s.endpoint, config=config)
         self.endpoint = self.client.meta.endpoint_url
         self._conditional: bool | None = None
@@ -199,7 +201,7 @@ class S3Backend:
         return StoreError(f"S3 {op} {name} in {where} failed: {e} (is {self.endpoint} an S3 endpoint?)")
 
     def _key_id(self) -> str:
-        creds = self.client._request_signer._credentials  # what the client signs with
+        creds = self._session.get_credentials()
         return creds.access_key if creds is not None else "(none)"
 
     def _call(self, op: str, name: str, fn: Any, **kw: Any) -> Any:

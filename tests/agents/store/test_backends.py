@@ -257,6 +257,17 @@ def test_seaweedfs_honours_if_none_match(s3_env):
     assert list(backend.list("")) == ["chunks/ab/x"]      # the probe object is gone
 
 
+def test_head_then_put_where_if_none_match_is_not_honoured(s3_env):
+    """The fallback path, against the same real server: told the server
+    ignores If-None-Match, put_if_absent HEADs first."""
+    backend = S3Backend(f"s3://{s3_env}/nocond")
+    backend._conditional = False
+    assert backend.put_if_absent("chunks/cd/y", b"1") is True
+    assert backend.put_if_absent("chunks/cd/y", b"2") is False
+    assert backend.get("chunks/cd/y") == b"1"
+    assert list(backend.list("chunks/")) == ["chunks/cd/y"]
+
+
 def test_settings_from_a_config_file(s3_env, seaweed, tmp_path, monkeypatch):
     from harness.seaweedfs import ADMIN
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
