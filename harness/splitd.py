@@ -103,7 +103,10 @@ class Splitd:
             if self.admin_socket.exists() and self.nbd_socket.exists() and self._answers():
                 return self
             time.sleep(0.05)
-        raise DaemonFailed(f"splitd did not come up:\n{self.log()}", None)
+        message = f"splitd did not come up in {timeout:g} s:\n{self.log()}"
+        # Not left running: a fixture whose start() fails never gets to stop it.
+        self.stop(signal.SIGKILL, 5)
+        raise DaemonFailed(message, None)
 
     def _answers(self) -> bool:
         try:
