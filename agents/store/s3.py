@@ -150,7 +150,11 @@ class S3Backend:
         )
         session = boto3.session.Session(
             aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
-            aws_session_token=s.session_token, region_name=s.region or "us-east-1")
+            aws_session_token=s.session_token, region_name=s.region)
+        if session.region_name is None:    # nor in ~/.aws/config: S3's default
+            session = boto3.session.Session(
+                aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
+                aws_session_token=s.session_token, region_name="us-east-1")
         self._session = session
         self.client = session.client("s3", endpoint_url=s.endpoint, config=config)
         self.endpoint = self.client.meta.endpoint_url
@@ -196,7 +200,10 @@ class S3Backend:
             if code in ("AccessDenied", "AllAccessDisabled") or status == 403:
                 return StoreError(f"access denied: {op} {name} in {where} (check the key's "
                                   f"permissions{' and secret' if code != 'AccessDenied' else ''})")
-            return StoreError(f"S3 {op} {name} in {where} failed: {code or status} "
+            if not code or code.isdigit():     # no S3 error document in the answer
+                return StoreError(f"S3 {op} {name} in {where} failed: HTTP {status} without an S3 "
+                                  f"error (is {self.endpoint} an S3 endpoint?)")
+            return StoreError(f"S3 {op} {name} in {where} failed: {code} "
                               f"{err.get('Message', '')}".rstrip())
         return StoreError(f"S3 {op} {name} in {where} failed: {e} (is {self.endpoint} an S3 endpoint?)")
 

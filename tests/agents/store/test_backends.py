@@ -319,6 +319,11 @@ def test_errors_are_one_clear_line(s3_env, seaweed, monkeypatch, store_dir):
     with pytest.raises(StoreError) as e:
         open_dir(loc)
     assert one_line(e).startswith("cannot reach S3 endpoint http://127.0.0.1:9 (GET config)")
+    with open(conf, "w") as f:              # an HTTP server that is not S3: SeaweedFS's filer
+        f.write(f'endpoint = "http://127.0.0.1:{seaweed._filer}"\nmax_attempts = 1\n')
+    with pytest.raises(StoreError) as e:
+        open_dir(loc)
+    assert one_line(e).endswith(f"(is http://127.0.0.1:{seaweed._filer} an S3 endpoint?)")
     with pytest.raises(StoreBadInput, match="bad S3 bucket name 'A_B'"):
         open_dir("s3://A_B/x")
 
