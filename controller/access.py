@@ -30,6 +30,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "group.list": Scope.READ,
     "locate": Scope.READ,
     "port.list": Scope.READ,
+    "backup.served": Scope.READ,
     "pair.split": Scope.SPLIT,
     "group.split": Scope.SPLIT,
 }

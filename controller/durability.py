@@ -16,7 +16,10 @@ DESIGN.md "Crash safety", as this module keeps it:
   that region's copy and its cleared pending bit are durable (the check of
   the held write asks for exactly that).
 - Lazily. In the mirroring states a copied region keeps its bit in the file
-  for LAZY_DELAY seconds: a region written again meanwhile needs no new sync.
+  until its whole bitmap byte (8 regions, what a write sets) has been idle
+  for LAZY_DELAY seconds: a region written again meanwhile needs no new
+  sync. Those clears are applied in one batch per LAZY_DELAY (each batch
+  costs an fdatasync of P and S), not in every round a held write asks for.
 
 A round, on the event loop with the blocking parts in a thread:
 
@@ -211,23 +214,22 @@ class Durability:
             if (everything or pair.state not in st.MIRRORING
                     or (pair.diff.count() == 0 and pair.mirrored_at < now - LAZY_DELAY)):
                 delay = 0.0
+            elif pair.cleared_at > now - LAZY_DELAY:
+                # Each batch of clears costs an fdatasync of P and S, and
+                # rounds come as often as writes wait for their bits: clears
+                # that are not waited for go in one batch per LAZY_DELAY.
+                continue
             for kind in ("diff", "restore"):
                 bm = pair.bm[kind]
                 if not bm.lazy:
                     continue
                 if delay:
-                    # Lazy clears are kept in the order they were made (a
-                    # region set again leaves the dict; copied again, it comes
-                    # back at the end): the due ones are a prefix.
-                    cutoff = self._cutoff(now - delay)
-                    entries = {}
-                    for r, seq in bm.lazy.items():
-                        if seq >= cutoff:
-                            break
-                        entries[r] = seq
+                    entries = bm.idle_clears(self._cutoff(now - delay))
                 else:
                     entries = dict(bm.lazy)
                 if entries:
+                    if delay:
+                        pair.cleared_at = now
                     due.append((pair, bm, entries))
                     for vol in (pair.primary, pair.secondary):
                         fds[id(vol)] = (pair, vol)

@@ -98,6 +98,7 @@ class Pair:
         self.mirrored = 0               # writes mirrored to S (counted, for durability)
         self.mirrored_seen = 0          # ... as the last durability round saw it
         self.mirrored_at = 0.0          # ... and when that round saw it change
+        self.cleared_at = 0.0           # when a round last applied lazy clears made a while ago
         # set by PairManager: other pairs of the same primary
         self.siblings: Callable[[], Iterable[Pair]] = lambda: ()
         self.on_fault = lambda reason: None  # set by PairManager: suspend the pair (error)

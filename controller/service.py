@@ -23,6 +23,7 @@ from volumes.names import parse_region_size, parse_size, quoted, validate_name
 if TYPE_CHECKING:
     from controller.pair import Pair
     from controller.pairs import PairManager
+    from controller.served import ServedSnapshots
     from daemon.connections import ConnectionRegistry
     from volumes.manager import VolumeManager
 
@@ -35,11 +36,13 @@ Reply = dict[str, Any]
 
 class Controller:
     def __init__(self, manager: VolumeManager, registry: ConnectionRegistry,
-                 info: Callable[[], dict[str, Any]], pairs: PairManager | None = None):
+                 info: Callable[[], dict[str, Any]], pairs: PairManager | None = None,
+                 served: ServedSnapshots | None = None):
         self.manager = manager      # volumes.manager.VolumeManager
         self.registry = registry    # daemon.connections.ConnectionRegistry
         self.info = info            # daemon facts: version, pid, uptime_s, listeners
         self.pairs = pairs          # controller.pairs.PairManager
+        self.served = served        # controller.served.ServedSnapshots
 
     def call(self, method: str, params: dict | None = None) -> Any:
         """Run one admin request: look the method up, check params, call it."""
@@ -72,7 +75,10 @@ class Controller:
 
     def volume_create(self, name: Param, size: Param, region_size: Param = None,
                       read_only: Param = False) -> Reply:
-        vol = self.manager.create(validate_name(name), parse_size(size),
+        name = validate_name(name)
+        if self.served is not None and self.served.get(name) is not None:
+            raise Conflict(f"export name {name!r} serves a backup snapshot; give the volume another name")
+        vol = self.manager.create(name, parse_size(size),
                                   parse_region_size(region_size), _flag(read_only, "read_only"))
         return self._describe(vol)
 
@@ -246,6 +252,32 @@ class Controller:
     def token_revoke(self, name: Param) -> Reply:
         return dict(describe_token(self.tokens.revoke(name)), revoked=True)
 
+    # -- backup snapshots served from a store (controller/served.py) ---------
+
+    def backup_serve(self, store: Param, snapshot: Param, name: Param = None,
+                     key_file: Param = None, cache_size: Param = None) -> Reply:
+        out = self._served.serve(store, snapshot, name, key_file, cache_size)
+        # Where to reach it: through every port, as locate answers.
+        out["uris"] = {}
+        for lst in self.info()["listeners"]:
+            try:
+                out["uris"][lst["name"]] = ports.export_uris(lst, out["name"])
+            except Conflict:
+                pass        # a wildcard address: no one URI to give
+        return out
+
+    def backup_unserve(self, name: Param, force: Param = False) -> Reply:
+        return self._served.unserve(name, force)
+
+    def backup_served(self) -> Reply:
+        return self._served.list()
+
+    @property
+    def _served(self) -> ServedSnapshots:
+        if self.served is None:
+            raise UnknownMethod("this splitd serves no backup snapshots")
+        return self.served
+
     @property
     def _pair_manager(self) -> PairManager:
         if self.pairs is None:
@@ -291,6 +323,9 @@ METHODS: dict[str, Callable[..., Any]] = {
     "token.create": Controller.token_create,
     "token.list": Controller.token_list,
     "token.revoke": Controller.token_revoke,
+    "backup.serve": Controller.backup_serve,
+    "backup.unserve": Controller.backup_unserve,
+    "backup.served": Controller.backup_served,
 }
 
 

@@ -80,20 +80,28 @@ class Export:
 class VolumeExports:
     """Every volume of a VolumeManager is an export of the same name, served
     through its layer (controller.layers.ManagedVolume). A secondary is
-    refused unless its pair is split."""
+    refused unless its pair is split. Backup snapshots served with
+    `backup.serve` are exports too, read-only (controller/served.py)."""
 
-    def __init__(self, manager, pairs, default_export: str | None = None):
+    def __init__(self, manager, pairs, default_export: str | None = None, served=None):
         self.manager = manager
         self.pairs = pairs              # controller.pairs.PairManager
         self.default_export = default_export
+        self.served = served            # controller.served.ServedSnapshots, or None
 
     def names(self) -> Iterable[str]:
-        return [v.name for v in self.manager.list()]
+        names = [v.name for v in self.manager.list()]
+        return names + self.served.names() if self.served is not None else names
 
     def lookup(self, name: str) -> Export:
         if name == "" and self.default_export:
             name = self.default_export
         vol: Volume | None = self.manager.find(name)
+        snap = self.served.get(name) if vol is None and self.served is not None else None
+        if snap is not None:
+            # A backup snapshot served from its store (controller/served.py).
+            return Export(name, snap, snap.size, True,
+                          description=f"splitd backup snapshot {snap.sid} (read-only)")
         if vol is None:
             raise ExportUnknown(f"no export named {name!r}" if name
                                 else "no default export: give an export name")

@@ -104,6 +104,7 @@ class Daemon:
 
     async def run(self) -> int:
         from controller.pairs import PairManager
+        from controller.served import ServedSnapshots
         from controller.service import Controller
         from daemon.admin_server import start_admin_server
         from daemon.exports import VolumeExports
@@ -132,6 +133,7 @@ class Daemon:
         except (OSError, sqlite3.Error) as e:
             raise _data_dir_error(e, cfg.data_dir) from None
         pairs = None
+        served: ServedSnapshots | None = None
         admin = admin_owned = None
         remote = None
         try:
@@ -146,13 +148,14 @@ class Daemon:
                                 name, format_size(size), name, format_size(vol.size))
             registry = ConnectionRegistry()
             pairs = PairManager(manager, registry, cfg.copy_rate)
-            exports = VolumeExports(manager, pairs, cfg.default_export)
+            served = ServedSnapshots(registry, lambda n: manager.find(n) is not None)
+            exports = VolumeExports(manager, pairs, cfg.default_export, served)
             server = NBDServer(exports, registry, tls_context=tls_context,
                                max_connections=cfg.max_connections,
                                max_inflight=cfg.max_inflight,
                                reply_memory=cfg.reply_memory,
                                handshake_timeout=cfg.handshake_timeout)
-            controller = Controller(manager, registry, self.info, pairs)
+            controller = Controller(manager, registry, self.info, pairs, served)
             self._make_runtime_dir()
             for lst in self.listeners:
                 await bind(lst, server.protocol_factory(lst))
@@ -175,6 +178,8 @@ class Daemon:
                 unlink_owned(admin_owned)
             if pairs is not None:
                 pairs.close()
+            if served is not None:
+                served.close()
             manager.close()
             raise
         pairs.start()
@@ -206,6 +211,8 @@ class Daemon:
                 log.error("flush of %s failed at stop: %s", vol.name, e)
                 unflushed.append(vol.name)
         pairs.close()
+        assert served is not None
+        served.close()
         manager.close()
         if unflushed:
             # Acknowledged writes may not be durable: say so to systemd too.

@@ -289,6 +289,40 @@ class Bitmap:
                 break
             i = self.next_set(j, last)
 
+    def idle_clears(self, cutoff: int) -> dict[int, int]:
+        """The lazy clears made before copy sequence `cutoff`, by whole file
+        bytes: a region whose byte has a newer lazy clear keeps its bit (a
+        write to a region sets its whole byte in the file, intent_mirrored:
+        clearing one bit of a byte still written to would make the next
+        write there wait for a bitmap sync again). Such a region goes to the
+        end of the lazy clears, with its byte's newest sequence: it is due
+        with its byte, and the next call does not look at it again."""
+        lazy = self.lazy
+        old: dict[int, int] = {}
+        # Lazy clears are kept in the order they were made (a region set
+        # again leaves the dict; copied again, it comes back at the end):
+        # the old ones are a prefix. (A region moved to the end below has
+        # an older sequence than some before it: it is found a little late.)
+        for r, seq in lazy.items():
+            if seq >= cutoff:
+                break
+            old[r] = seq
+        if not old:
+            return old
+        due: dict[int, int] = {}
+        busy = []
+        for r, seq in old.items():
+            b = r & ~7
+            newest = max(lazy.get(n, 0) for n in range(b, b + 8))
+            if newest >= cutoff:
+                busy.append((r, newest))
+            else:
+                due[r] = seq
+        for r, newest in busy:
+            del lazy[r]
+            lazy[r] = newest
+        return due
+
     def lazy_in(self, first: int, last: int) -> bool:
         """Is any region of first..last copied but its clear not yet durable?"""
         lazy = self.lazy

@@ -43,6 +43,7 @@ class BackupSource:
     split_time: str | None = None
     pair_created: Any = None
     directory: str | None = None
+    mountpoint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,7 @@ async def _read_into_store(client: nbd.Client, store: Store, src: BackupSource,
         sid = await asyncio.to_thread(
             writer.commit, source=src.source, volume=src.volume, pair=src.pair,
             split_gen=src.split_gen, split_time=src.split_time, directory=src.directory,
+            mountpoint=src.mountpoint,
             delta_base=src.delta_base, pair_created=src.pair_created, read=read,
             created_by=created_by or default_created_by())
     except BaseException:

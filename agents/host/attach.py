@@ -38,6 +38,7 @@ from urllib.parse import quote, unquote, urlsplit
 from agents.host.daemon import ConfigError, admin_client
 from agents.host.mounts import device_number, mounted_at
 from agents.host.state import read_json, remove_durably, write_json
+from agents.tools import ToolFailed, run_tool, start_nbdfuse
 from splitctl.client import AdminError
 
 __all__ = ["Attachment", "Attachments", "AttachError", "attach", "detach", "is_nbdfuse", "status"]
@@ -147,17 +148,9 @@ def summary(records: list[Attachment]) -> str:
 
 def _run(args: list[str], what: str) -> str:
     try:
-        cp = subprocess.run(args, capture_output=True, text=True, timeout=CMD_TIMEOUT,
-                            stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise AttachError("failed", f"{what}: {args[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise AttachError("failed", f"{what}: {args[0]} did not finish in "
-                          f"{CMD_TIMEOUT:g} s") from None
-    if cp.returncode != 0:
-        err = " ".join((cp.stderr or cp.stdout).split()) or f"exit status {cp.returncode}"
-        raise AttachError("failed", f"{what}: {err}")
-    return cp.stdout.strip()
+        return run_tool(args, what, CMD_TIMEOUT)
+    except ToolFailed as e:
+        raise AttachError("failed", str(e)) from None
 
 
 # -- attach ------------------------------------------------------------------------------
@@ -243,23 +236,17 @@ def _attach_fuse(state_dir: Path, volume: str, daemon: str, uri: str, read_only:
     log_path = fuse_dir.with_suffix(".log")
     undo.append(lambda: log_path.unlink(missing_ok=True))
     undo.append(lambda: pidfile.unlink(missing_ok=True))
-    with open(log_path, "wb") as log:
-        try:
-            proc = subprocess.Popen(["nbdfuse", *(["-r"] if read_only else []), "-P", str(pidfile),
-                                     str(fuse_dir), uri],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        except FileNotFoundError:
-            raise AttachError("failed", "nbdfuse is not installed (and there is no /dev/nbd* "
-                              "for nbd-client)") from None
+    try:
+        # nbdfuse runs in its own session so it outlives this command.
+        proc = start_nbdfuse(str(fuse_dir), [uri], uri, read_only=read_only, pidfile=str(pidfile),
+                             log_path=str(log_path), timeout=NBDFUSE_START_TIMEOUT,
+                             start_new_session=True)
+    except ToolFailed as e:
+        msg = str(e)
+        if "not installed" in msg:
+            msg = "nbdfuse is not installed (and there is no /dev/nbd* for nbd-client)"
+        raise AttachError("failed", msg) from None
     undo.append(lambda: _stop_nbdfuse(str(fuse_dir), proc.pid))
-    deadline = time.monotonic() + NBDFUSE_START_TIMEOUT
-    while not pidfile.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = " ".join(log_path.read_text(errors="replace").split())[-300:]
-            raise AttachError("failed", f"nbdfuse could not open {uri}: "
-                              f"{tail or 'no message'}")
-        time.sleep(0.05)
     device = _run(["losetup", "--find", "--show", *(["--read-only"] if read_only else []),
                    str(fuse_dir / "nbd")], f"losetup of {fuse_dir / 'nbd'} failed")
     undo.append(lambda: _run(["losetup", "-d", device], "losetup -d"))

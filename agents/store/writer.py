@@ -74,6 +74,8 @@ MANIFEST_FIELDS = {
     "pair_created": "when the pair was made (a pair made again counts splits from 0)",
     "read": "how the backup agent read the image: mode (full/incremental), why, bytes read",
     "directory": "the directory the backup was asked for",
+    "mountpoint": "where the filesystem holding that directory was mounted (so the directory's "
+                  "path inside the image is directory relative to mountpoint)",
     "created_by": "who asked (user@host, tool)",
     "note": "free text",
 }

@@ -23,7 +23,7 @@ from splitctl.client import (
     RemoteAdminClient,
     parse_connect,
 )
-from splitctl.commands import backup_agent
+from splitctl.commands import backup_agent, backup_served
 from splitctl.commands.port import port_name
 from splitctl.output import print_fields
 
@@ -186,3 +186,4 @@ def add_commands(commands: Commands) -> None:
                      help=f"CA certificate that signed the agent's (default: ${ENV_HOST_TLS_CA}, "
                           "else the system's CAs)")
     backup_agent.add_commands(backup)
+    backup_served.add_commands(backup)

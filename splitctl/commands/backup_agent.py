@@ -173,7 +173,8 @@ def _where_from(client: AdminClient, args: Namespace) -> tuple[str, BackupSource
     src = BackupSource(source=args.source or _server_of(uri), volume=volume,
                        pair=info.get("pair"), split_gen=info.get("split_gen"),
                        delta_base=info.get("delta_base"), split_time=_iso(info.get("split_at")),
-                       pair_created=info.get("created"), directory=info.get("directory"))
+                       pair_created=info.get("created"), directory=info.get("directory"),
+                       mountpoint=info.get("mountpoint"))
     return uri, src, info
 
 

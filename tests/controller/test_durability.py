@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 
-from controller import states as S
+from controller import durability, states as S
 
 from .env import Env
 
@@ -202,3 +203,48 @@ async def _write(env, off: int, data: bytes):
     if held is not None:
         await settle(env, held)
     return None
+
+
+def test_lazy_clears_come_by_whole_bytes_and_in_batches(env, monkeypatch):
+    """While writes mirror, a region's bit leaves the file only once its
+    whole bitmap byte (8 regions, what a write sets in the file) has been
+    idle LAZY_DELAY, and clears come in one batch per LAZY_DELAY. Before, a
+    region idle for LAZY_DELAY was cleared although its neighbours were
+    written, so the next write there waited for a bitmap sync again, and each
+    of those rounds also synced P and S for the clears that had come due
+    meanwhile: under random writes spread over many regions, every round."""
+    delay = 1.0
+    monkeypatch.setattr(durability, "LAZY_DELAY", delay)
+    env.volumes.create("q", 32 * RS, RS)
+    env.layer("q").write(0, b"a" * 32 * RS)
+    pair = env.pairs.create("q", "q-s", create_secondary=True)
+    env.engine.drain(pair)
+    rounds = env.pairs.durability
+    rounds.round_now(everything=True)
+    assert pair.state == S.PAIR and not any(file_bit(pair.diff, r) for r in range(32))
+    q = env.layer("q")
+    t0 = time.monotonic()
+
+    def at(t: float) -> None:
+        time.sleep(max(0.0, t0 + t - time.monotonic()))
+
+    def hot_round(t: float) -> None:
+        at(t)
+        assert q.write(16 * RS, b"c" * 4096) is None    # the hot path: no round needed
+        rounds.round_now()
+
+    # A round's mark makes the clears made before it due LAZY_DELAY later.
+    q.write(16 * RS, b"c" * 4096)          # byte 2 (regions 16-23): kept busy below
+    q.write(0, b"a" * 4096)                # byte 0
+    at(0.5)
+    q.write(8 * RS, b"b" * 4096)           # byte 1
+    hot_round(0.8)
+    hot_round(1.7)                         # byte 0 due since 1.5: a batch of clears
+    assert not file_bit(pair.diff, 0), "byte 0, idle for LAZY_DELAY, was not cleared"
+    assert file_bit(pair.diff, 17), "region 17 was cleared while its byte is written"
+    assert file_bit(pair.diff, 8)
+    hot_round(2.1)                         # byte 1 due since 1.8
+    assert file_bit(pair.diff, 8), "a second batch of clears within LAZY_DELAY"
+    hot_round(2.9)
+    assert not file_bit(pair.diff, 8)
+    assert file_bit(pair.diff, 16) and file_bit(pair.diff, 17)

@@ -84,8 +84,25 @@ def test_backup_run_with_the_host_agent(site, app_fixture, tmp_path, when):
         image = restored_file_checked(site, store, first["snapshot"], tmp_path, log, f"run{when}",
                                       prepared)
 
-        # Into a new volume, through the daemon's remote admin API and TLS port.
+        # File-level restore on the backup host, through the daemon's remote
+        # admin API and its TLS port: the manifest's directory and mountpoint
+        # place the backed-up directory inside the image.
         admin = site.daemon_token(f"restorer{when}", "admin")
+        files = tmp_path / f"files{when}"
+        cp = site.splitctl("backup", "--json", "backup", "restore-files", first["snapshot"],
+                           f"run{when}", "--from", str(store), "--to", str(files), "--port", "backup",
+                           token=admin, timeout=300)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert json.loads(cp.stdout)["in_image"] == "data"
+        check_image(files / f"run{when}", records(str(log)), prepared["frozen_at"],
+                    prepared["frozen_at"] + prepared["window_ms"] / 1000)
+        cp = site.splitctl("backup", "--json", "backup", "files", first["snapshot"], "--from",
+                           str(store), "--port", "backup", token=admin, timeout=300)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        listed = {f["path"] for f in json.loads(cp.stdout)["files"]}
+        assert {str(p.relative_to(files)) for p in files.rglob("*")} <= listed
+
+        # Into a new volume, through the daemon's remote admin API and TLS port.
         volume = f"db-restored{when.replace('--', '-')}"
         cp = site.splitctl("backup", "--json", "backup", "restore", first["snapshot"], "--from",
                            str(store), "--to-volume", volume, "--create", "--port", "backup",

@@ -6,7 +6,7 @@ import os
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from volumes.bitmap import Bitmap
+from volumes.bitmap import Bitmap, next_copy_seq
 
 
 @st.composite
@@ -271,3 +271,26 @@ def test_a_set_that_cannot_be_written_is_not_set(tmp_path):
         os.close(bm.fd)
         bm.fd = fd
         bm.close()
+
+
+def test_idle_clears_are_whole_bytes_and_busy_ones_move_to_the_end(tmp_path):
+    """idle_clears: a lazy clear older than the cutoff is due only if no
+    region of its file byte has a newer one; a busy one goes to the end of
+    the lazy clears with its byte's newest sequence (due with its byte)."""
+    bm = Bitmap.create(24, str(tmp_path / "b"))
+    bm.intent_mirrored(0, 0)            # byte 0: regions 0-7
+    bm.intent_mirrored(8, 8)            # byte 1: regions 8-15
+    cutoff = next_copy_seq()
+    bm.intent_mirrored(9, 9)            # byte 1 written again: busy
+    bm.intent_mirrored(16, 16)          # byte 2, new
+    newest = bm.lazy[9]
+    due = bm.idle_clears(cutoff)
+    assert sorted(due) == list(range(8))
+    assert all(bm.lazy[r] == newest for r in (8, *range(10, 16)))
+    assert list(bm.lazy)[:8] == list(range(8))          # the due ones, still in place
+    assert list(bm.lazy)[-7:] == [8, *range(10, 16)]    # the busy ones, at the end
+    bm.apply_clears(due)
+    assert bm.file_bits()[0] == 0 and bm.file_bits()[1] == 0xFF
+    assert bm.idle_clears(cutoff) == {}                 # nothing older: no walk
+    assert sorted(bm.idle_clears(next_copy_seq())) == list(range(8, 24))
+    bm.close()

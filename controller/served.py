@@ -1,0 +1,343 @@
+"""Backup snapshots served as read-only NBD exports, straight from the store.
+
+`backup.serve {store, snapshot, name}` opens a store (agents/store), loads the
+snapshot's index once and checks it against the manifest's image digest, and
+adds an export `name` whose backend is a SnapshotBackend:
+
+- a READ maps to the chunks it covers; a zero chunk is zeroes, a chunk in
+  the cache is copied from it, any other is fetched, opened (decrypted,
+  decompressed) and re-hashed by Store.get_chunk in a thread pool, never on
+  the event loop: the read is answered when its chunks are in (a Future, as
+  a pair's `wait` read policy does), and every other export keeps being
+  served meanwhile;
+- the cache is an LRU of whole chunks keyed by chunk id (equal chunks are
+  held once), bounded in bytes (`cache_size`, DEFAULT_CACHE);
+- a READ that starts where one of the last few ended is sequential: the
+  next READAHEAD chunks are fetched before they are asked for;
+- a chunk that is missing or does not match its name fails the READ with
+  EIO, and the reason (the store's CorruptObject/ObjectMissing message) is
+  logged: never wrong bytes, and never cached, so a repaired store serves it;
+- `base:allocation` comes from the index: a zero chunk (never stored) is a
+  hole that reads as zeroes (NBD_STATE_HOLE | NBD_STATE_ZERO), every other
+  chunk is data.
+
+The export is read-only (NBD_FLAG_READ_ONLY); a change is refused EROFS.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import nbdwire as c
+from agents.store import open_dir
+from agents.store.errors import StoreError
+from agents.store.index import ZERO_ID, Index
+from agents.store.names import index_name
+from common.errors import SplitdError
+from controller.errors import BadInput, Conflict, NotFound
+from volumes.names import parse_size, validate_name
+
+if TYPE_CHECKING:
+    from agents.store import Store
+    from daemon.connections import ConnectionRegistry
+
+log = logging.getLogger("splitd.served")
+
+DEFAULT_CACHE = 256 << 20
+MIN_CACHE = 16 << 20
+MAX_CACHE = 64 << 30
+# Chunks fetched ahead of a sequential reader, and threads fetching chunks
+# for every served snapshot together (a fetch is file I/O, zstd and BLAKE3,
+# which release the GIL).
+READAHEAD = 4
+WORKERS = 4
+
+_HOLE_ZERO = c.STATE_HOLE | c.STATE_ZERO
+
+
+class ChunkCache:
+    """Whole chunks by id, least recently used dropped first, at most
+    `limit` bytes. Event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, cid: bytes) -> bytes | None:
+        data = self._chunks.get(cid)
+        if data is not None:
+            self._chunks.move_to_end(cid)
+        return data
+
+    def put(self, cid: bytes, data: bytes) -> None:
+        if cid in self._chunks or len(data) > self.limit:
+            return
+        self._chunks[cid] = data
+        self.used += len(data)
+        while self.used > self.limit:
+            _, old = self._chunks.popitem(last=False)
+            self.used -= len(old)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.used = 0
+
+
+class SnapshotBackend:
+    """A daemon.exports.Backend over one snapshot of a store (module docstring)."""
+
+    read_only = True
+    streams_writes = False
+
+    def __init__(self, store: Store, sid: str, index: Index, cache_size: int,
+                 pool: ThreadPoolExecutor, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.sid = sid
+        self.index = index
+        self.chunk_size = index.chunk_size
+        self.cache = ChunkCache(cache_size)
+        self.pool = pool
+        self.loop = loop
+        self._loading: dict[bytes, asyncio.Future[bytes]] = {}
+        # Where recent reads ended: a read starting at one is sequential
+        # (several connections or many requests in flight interleave).
+        self._ends: deque[int] = deque(maxlen=16)
+        self.errors = 0
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return self.index.size
+
+    # -- reads -----------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes]:
+        if self.closed:
+            raise OSError(errno.ESHUTDOWN, f"snapshot {self.sid} is no longer served")
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        sequential = offset in self._ends
+        self._ends.append(offset + length)
+        parts: list[bytes | asyncio.Future[bytes]] = []
+        ready = True
+        for i in range(first, last + 1):
+            cid = self.index.id_at(i)
+            part: bytes | asyncio.Future[bytes]
+            if cid == ZERO_ID:
+                part = b""      # zeroes: filled in by _assemble
+            else:
+                part = self.cache.get(cid) or self._load(i, cid)
+                ready = ready and type(part) is bytes
+            parts.append(part)
+        if sequential:
+            self._read_ahead(last + 1)
+        if ready:
+            self.cache.hits += 1
+            return self._assemble(offset, length, first, parts)    # type: ignore[arg-type]
+        self.cache.misses += 1
+        return asyncio.ensure_future(self._finish(offset, length, first, parts))
+
+    async def _finish(self, offset: int, length: int, first: int,
+                      parts: list[bytes | asyncio.Future[bytes]]) -> bytes:
+        done = [p if type(p) is bytes else await p for p in parts]   # type: ignore[misc]
+        return self._assemble(offset, length, first, done)
+
+    def _assemble(self, offset: int, length: int, first: int, parts: list[bytes]) -> bytes:
+        cs = self.chunk_size
+        if len(parts) == 1:
+            start = offset - first * cs
+            data = parts[0]
+            return data[start:start + length] if data else bytes(length)
+        out = bytearray(length)
+        for n, data in enumerate(parts):
+            base = (first + n) * cs
+            lo, hi = max(offset, base), min(offset + length, base + cs)
+            if data:
+                out[lo - offset:hi - offset] = memoryview(data)[lo - base:hi - base]
+        return bytes(out)
+
+    def _load(self, i: int, cid: bytes) -> asyncio.Future[bytes]:
+        """The chunk at index `i`, fetched once however many reads wait on it."""
+        fut = self._loading.get(cid)
+        if fut is None:
+            fut = self.loop.create_future()
+            self._loading[cid] = fut
+            work = self.loop.run_in_executor(self.pool, self._fetch, i, cid)
+            work.add_done_callback(lambda w: self._loaded(cid, fut, w))
+        return fut
+
+    def _fetch(self, i: int, cid: bytes) -> bytes:
+        """In a worker thread: the chunk, fetched and checked; OSError(EIO) if not."""
+        try:
+            return self.store.get_chunk(cid, self.index.chunk_len(i))
+        except (StoreError, SplitdError, OSError, ValueError) as e:
+            where = f"{i * self.chunk_size}+{self.index.chunk_len(i)}"
+            raise OSError(errno.EIO, f"snapshot {self.sid} chunk at {where}: {e}") from None
+
+    def _loaded(self, cid: bytes, fut: asyncio.Future[bytes], work: asyncio.Future[bytes]) -> None:
+        del self._loading[cid]
+        if work.cancelled():
+            fut.cancel()
+            return
+        exc = work.exception()
+        if exc is not None:
+            self.errors += 1
+            log.error("served snapshot %s: READ failed with EIO: %s", self.sid, exc)
+            fut.set_exception(exc)
+            # A read-ahead nobody waits on must not log "exception never retrieved".
+            fut.exception()
+            return
+        data = work.result()
+        if not self.closed:
+            self.cache.put(cid, data)
+        fut.set_result(data)
+
+    def _read_ahead(self, start: int) -> None:
+        for i in range(start, min(start + READAHEAD, self.index.count)):
+            cid = self.index.id_at(i)
+            if cid != ZERO_ID and cid not in self._loading and self.cache.get(cid) is None:
+                self._load(i, cid)
+
+    # -- block status ------------------------------------------------------------------
+
+    def extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
+        """base:allocation: zero chunks are HOLE|ZERO, the others data (0)."""
+        cs = self.chunk_size
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        i = offset // cs
+        pos = offset
+        while pos < end:
+            flags = _HOLE_ZERO if self.index.id_at(i) == ZERO_ID else 0
+            stop = min(end, (i + 1) * cs)
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + stop - pos, flags)
+            else:
+                if limit and len(out) == limit:
+                    break
+                out.append((stop - pos, flags))
+            pos = stop
+            i += 1
+        return out
+
+    # -- refused: the export is read-only ------------------------------------------------
+
+    def read_fd(self, offset: int, length: int) -> tuple[int, int] | None:
+        return None
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, f"snapshot {self.sid} is served read-only")
+
+    write = zero = trim = _refuse
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.cache.clear()
+        self.store.close()
+
+
+class ServedSnapshots:
+    """The snapshots this daemon serves, by export name."""
+
+    def __init__(self, registry: ConnectionRegistry, volume_exists: Any) -> None:
+        self.registry = registry
+        self.volume_exists = volume_exists      # name -> bool: a volume owns that name
+        self.served: dict[str, tuple[SnapshotBackend, dict[str, Any]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def get(self, name: str) -> SnapshotBackend | None:
+        entry = self.served.get(name)
+        return entry[0] if entry else None
+
+    def names(self) -> list[str]:
+        return list(self.served)
+
+    def serve(self, store: Any, snapshot: Any, name: Any = None, key_file: Any = None,
+              cache_size: Any = None) -> dict[str, Any]:
+        if not isinstance(store, str) or not store:
+            raise BadInput("store must be the path of a backup store directory")
+        if not isinstance(snapshot, str) or not snapshot:
+            raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
+        if key_file is not None and not isinstance(key_file, str):
+            raise BadInput("key_file must be a path")
+        name = validate_name(name if name is not None else f"backup-{snapshot}")
+        limit = DEFAULT_CACHE if cache_size is None else parse_size(cache_size)
+        if not MIN_CACHE <= limit <= MAX_CACHE:
+            raise BadInput(f"cache_size {limit} must be from {MIN_CACHE >> 20} MiB to "
+                           f"{MAX_CACHE >> 30} GiB")
+        if name in self.served:
+            raise Conflict(f"export {name!r} already serves snapshot {self.served[name][1]['snapshot']}"
+                           f"; unserve it first (splitctl backup unserve {name})")
+        if self.volume_exists(name):
+            raise Conflict(f"export name {name!r} is a volume's; give another (--as NAME)")
+        try:
+            st = open_dir(store, key_file=key_file)
+        except SplitdError:
+            raise
+        except OSError as e:
+            raise BadInput(f"cannot open backup store {store}: {e.strerror or e}") from None
+        try:
+            manifest = st.manifest(snapshot)
+            # Loaded once (32 bytes a chunk: 8 MiB for 1 TiB at 4 MiB chunks),
+            # and checked: the digest covers every chunk id.
+            index = st.index(snapshot)
+            if index.size != manifest["size"] or \
+                    index.digest(st._zero_map(index)) != manifest["image_digest"]:
+                raise Conflict(f"snapshot {snapshot}: {index_name(snapshot)} does not match "
+                               "the manifest's image digest (run splitctl backup verify)")
+        except BaseException:
+            st.close()
+            raise
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="served")
+        backend = SnapshotBackend(st, snapshot, index, limit, self._pool, asyncio.get_running_loop())
+        info = {"name": name, "store": store, "snapshot": snapshot, "size": index.size,
+                "chunk_size": index.chunk_size, "cache_size": limit, "encrypted": st.encrypted,
+                "directory": manifest.get("directory"), "mountpoint": manifest.get("mountpoint"),
+                "volume": manifest.get("volume")}
+        self.served[name] = (backend, info)
+        log.info("serving snapshot %s of %s as export %s (read-only)", snapshot, store, name)
+        return self.describe(name)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        backend, info = self.served[name]
+        return dict(info, read_only=True, connections=self.registry.count(name),
+                    cached=backend.cache.used, cache_hits=backend.cache.hits,
+                    cache_misses=backend.cache.misses, read_errors=backend.errors)
+
+    def list(self) -> dict[str, Any]:
+        return {"served": [self.describe(n) for n in self.served]}
+
+    def unserve(self, name: Any, force: Any = False) -> dict[str, Any]:
+        name = validate_name(name)
+        if not isinstance(force, bool):
+            raise BadInput("force must be true or false")
+        if name not in self.served:
+            raise NotFound(f"no served snapshot named {name!r} (splitctl backup served)")
+        in_use = self.registry.count(name)
+        if in_use and not force:
+            conns = "connection" if in_use == 1 else "connections"
+            raise Conflict(f"served snapshot {name!r} is in use by {in_use} NBD {conns}; "
+                           "disconnect first, or unserve with force (--force)")
+        backend, info = self.served.pop(name)
+        closed = self.registry.close_export(name, "snapshot unserved") if in_use else 0
+        backend.close()
+        log.info("stopped serving snapshot %s as export %s", info["snapshot"], name)
+        return {"name": name, "snapshot": info["snapshot"], "unserved": True,
+                "connections_closed": closed}
+
+    def close(self) -> None:
+        for backend, _ in self.served.values():
+            backend.close()
+        self.served.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
