@@ -65,6 +65,23 @@ def test_volume_backup_and_restore_on_s3(daemon, s3_env, tmp_path):
     assert first_mismatch(image_digests(daemon.uri(volume)), image_digests(daemon.uri("r3"))) is None
 
 
+def test_serve_a_snapshot_from_s3(s3_env, daemon, tmp_path):
+    """The daemon (started after s3_env: the AWS environment is its own too)
+    serves a snapshot straight from the S3 store; every byte equals the volume."""
+    need("nbdcopy", "cmp")
+    volume = _volume(daemon)
+    store = f"s3://{s3_env}/served"
+    backup(daemon, "init", store, "--chunk-size", "1M")
+    sid = backup(daemon, "run", "--volume", daemon.uri(volume), "--to", store)["snapshot"]
+    r = backup(daemon, "serve", sid, "--from", store, "--as", "snap")
+    assert r["size"] == SIZE and r["read_only"], r
+    original, served = tmp_path / "v.img", tmp_path / "served.img"
+    subprocess.run(["nbdcopy", daemon.uri(volume), str(original)], check=True, timeout=60)
+    subprocess.run(["nbdcopy", daemon.uri("snap"), str(served)], check=True, timeout=60)
+    subprocess.run(["cmp", str(original), str(served)], check=True)
+    assert backup(daemon, "unserve", "snap")["unserved"] is True
+
+
 def test_access_denied_and_missing_bucket(daemon, s3_env, monkeypatch):
     from harness.seaweedfs import READER
     store = f"s3://{s3_env}/denied"
