@@ -23,8 +23,9 @@ touches it, for gc) it is reused; else compressed, sealed and written
 create-exclusive. At most `max_pending` chunks are in flight: `add` blocks
 (`add_async` awaits) beyond that, which bounds memory.
 
-`commit` waits for every chunk, makes their names durable, fences against
-concurrent sweeps (gc.py), writes the index, then the manifest: the manifest
+`commit` waits for every chunk, makes their names durable, writes the index
+and names it in its lease, fences against concurrent sweeps (gc.py), then
+writes the manifest: the manifest
 is the commit point, so a writer that dies (even kill -9) leaves no snapshot,
 only chunks and perhaps an index that gc removes later. A commit that finds
 reused chunks removed by a concurrent sweep raises ConcurrentSweep naming
@@ -312,9 +313,14 @@ class SnapshotWriter:
             backend = self.store.backend
             backend.sync()
             index = Index(self.size, self.chunk_size, self._entries)
-            # A fresh beat now, whatever the heartbeat thread did while we were
-            # descheduled: every sweep from here on must see this lease (gc.py).
-            self.lease.beat()
+            now = time.time()
+            sid = new_snapshot_id(now)
+            self.store.put_sealed(KIND_INDEX, index_name(sid), index.encode())
+            backend.sync()
+            # Named in the lease with a fresh beat, whatever the heartbeat thread
+            # did while we were descheduled: every sweep from here on marks it
+            # (gc.py, point 2; on S3 a reused chunk's only protection).
+            self.lease.name_index(sid)
             if sweeps_since(backend, self.lease.start):
                 gone = self._recheck(index)
                 if gone:
@@ -323,10 +329,6 @@ class SnapshotWriter:
                         f"garbage collection removed {len(gone)} chunks this backup reused "
                         f"(first at offset {gone[0]}); nothing committed: give them again",
                         gone)
-            now = time.time()
-            sid = new_snapshot_id(now)
-            self.store.put_sealed(KIND_INDEX, index_name(sid), index.encode())
-            backend.sync()
             manifest = {
                 "id": sid,
                 **{k: fields.get(k) for k in MANIFEST_FIELDS},
