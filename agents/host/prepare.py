@@ -117,8 +117,12 @@ def _call(client: AdminClient, method: str, **params) -> Any:
     try:
         return client.call(method, **params)
     except AdminError as e:
-        code = "daemon-unreachable" if e.code in _UNREACHABLE else "daemon-refused"
-        raise PrepareError(code, f"{method} at {client.where}: {e.message}") from None
+        raise _call_error(client, method, e) from None
+
+
+def _call_error(client: AdminClient, method: str, e: AdminError) -> PrepareError:
+    code = "daemon-unreachable" if e.code in _UNREACHABLE else "daemon-refused"
+    return PrepareError(code, f"{method} at {client.where}: {e.message}")
 
 
 def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, port: str,
@@ -250,9 +254,7 @@ def _daemon_clock(client: AdminClient) -> float | None:
     except AdminError as e:
         if e.code == ErrorCode.UNKNOWN_METHOD:
             return None
-        code = "daemon-unreachable" if e.code in _UNREACHABLE else "daemon-refused"
-        raise PrepareError(code, f"clock at {client.where}: {e.message}; nothing was "
-                                 "frozen") from None
+        raise _call_error(client, "clock", e) from None
     except (KeyError, TypeError, ValueError):
         raise PrepareError("daemon-refused", f"clock at {client.where}: the reply has no "
                                              "monotonic time; nothing was frozen") from None
