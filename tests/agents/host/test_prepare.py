@@ -321,7 +321,8 @@ def test_thaw_all_thaws_what_a_dead_agent_left(host, stalling):
 
 def test_a_split_that_hangs_is_thawed_at_the_timeout(host, stalling):
     """The daemon stops answering inside the window: the agent gives up at
-    the timeout and thaws (or the watchdog does, whichever is first), and
+    the split's deadline, 0.5 s short of the timeout, and thaws before the
+    watchdog would (or the watchdog does, if the agent is starved), and
     says why."""
     mnt, proxy = stalling
     proxy.stall.set()
@@ -329,7 +330,7 @@ def test_a_split_that_hangs_is_thawed_at_the_timeout(host, stalling):
     rc, err, _ = host.json("prepare", mnt, "--port", "unix", "--timeout", "2", check=False)
     took = time.monotonic() - started
     assert rc == 1 and err["error"]["code"] in ("split-failed", "watchdog-thawed"), err
-    assert 2 <= took < 10, took
+    assert 1.5 <= took < 10, took
     assert writable(mnt)
     assert not journal(host)
 
