@@ -34,6 +34,21 @@ def run_tool(args: list[str], what: str, timeout: float = CMD_TIMEOUT) -> str:
     return cp.stdout.strip()
 
 
+def nbdfuse_source(uri: str, tls_certificates: str | None, *, read_only: bool) -> list[str]:
+    """nbdfuse's arguments for the export at `uri`. With `tls_certificates` (a
+    directory in libnbd's layout: ca-cert.pem, and client-cert.pem and
+    client-key.pem if the server asks for them) nbdkit's nbd plugin connects,
+    on nbdfuse's stdin/stdout (--command), given the directory as its own
+    parameter: nbdfuse refuses a URI's tls-certificates= (libnbd's URI policy
+    denies local file access, nbd_set_uri_allow_local_file), and without a CA
+    libnbd falls back to the system's CAs and does not verify the server."""
+    if tls_certificates is None:
+        return [uri]
+    return ["--command", "nbdkit", "-s", "--exit-with-parent", *(["-r"] if read_only else []),
+            "nbd", f"uri={uri}", *(["tls=require"] if uri.startswith("nbds") else []),
+            f"tls-certificates={tls_certificates}"]
+
+
 def start_nbdfuse(fuse_dir: str, source: list[str], uri: str, *, read_only: bool, pidfile: str,
                   log_path: str, timeout: float = NBDFUSE_START_TIMEOUT,
                   **popen: Any) -> subprocess.Popen[bytes]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # Admin method name -> the scope it needs. Not listed: Scope.ADMIN.
 METHOD_SCOPES: dict[str, Scope] = {
     "status": Scope.READ,
+    "clock": Scope.READ,
     "connections": Scope.READ,
     "volume.list": Scope.READ,
     "volume.show": Scope.READ,

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from controller import ports
 from controller.errors import BadInput, Conflict, NotFound, UnknownMethod
+from controller.pairs import Refused
 from controller.tokens import Tokens, describe as describe_token
 from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
     from controller.served import ServedSnapshots
     from daemon.connections import ConnectionRegistry
     from volumes.manager import VolumeManager
+
+log = logging.getLogger("splitd.controller")
 
 # A request's parameter as it arrives, decoded from JSON and not yet checked:
 # every method checks its own (validate_name, parse_size, _flag, ...).
@@ -127,7 +133,13 @@ class Controller:
     def pair_show(self, name: Param) -> Reply:
         return self._pair_manager.get(name).describe()
 
-    def pair_split(self, name: Param) -> Reply:
+    def clock(self) -> Reply:
+        """The daemon's CLOCK_MONOTONIC, in seconds: the time a split's
+        not_after counts in (see _check_not_after)."""
+        return {"monotonic": time.monotonic()}
+
+    def pair_split(self, name: Param, not_after: Param = None) -> Reply:
+        _check_not_after(not_after, f"pair {quoted(name)}")
         return self._pair_manager.split([name])[0].describe()
 
     def pair_resync(self, name: Param) -> Reply:
@@ -142,7 +154,8 @@ class Controller:
     def pair_set(self, name: Param, rate: Param = None, read_policy: Param = None) -> Reply:
         return self._pair_manager.set(name, rate, read_policy).describe()
 
-    def group_split(self, name: Param) -> Reply:
+    def group_split(self, name: Param, not_after: Param = None) -> Reply:
+        _check_not_after(not_after, f"group {quoted(name)}")
         members = self._pair_manager.group_members(validate_name(name))
         return {"group": name, "pairs": [p.describe() for p in self._pair_manager.split(members)]}
 
@@ -302,6 +315,7 @@ LOCATE_ROLES = ("secondary", "primary")
 # Admin method name -> Controller method. The one place requests are named.
 METHODS: dict[str, Callable[..., Any]] = {
     "status": Controller.status,
+    "clock": Controller.clock,
     "connections": Controller.connections,
     "volume.create": Controller.volume_create,
     "volume.list": Controller.volume_list,
@@ -327,6 +341,32 @@ METHODS: dict[str, Callable[..., Any]] = {
     "backup.unserve": Controller.backup_unserve,
     "backup.served": Controller.backup_served,
 }
+
+
+def _check_not_after(not_after: Param, what: str) -> None:
+    """A split request may carry a deadline, `not_after`, in the daemon's own
+    CLOCK_MONOTONIC seconds (as `clock` answered it): arriving later, it is
+    refused. The host agent reads `clock` just before it freezes a filesystem
+    and gives up on the split (and thaws) no sooner than that reading plus
+    the same allowance on its own clock, so a request the network delivers
+    late (TCP retransmits what a closed socket held; a partition may hold
+    it longer than an RST takes) cannot split the pair after the thaw. Only
+    the daemon's clock is compared, so the hosts' clocks need not agree. The
+    split runs synchronously right after this check (no await in between)."""
+    if not_after is None:
+        return
+    if isinstance(not_after, bool) or not isinstance(not_after, (int, float)) \
+            or not math.isfinite(not_after):
+        raise BadInput("not_after must be a number: the daemon's monotonic clock "
+                       "(from the clock call) in seconds")
+    late = time.monotonic() - not_after
+    if late > 0:
+        # Worth an operator's notice: a network that delivered a request
+        # this late (the host agent gave up on it and thawed).
+        log.warning("split of %s refused: its deadline passed %.3f s before it arrived",
+                    what, late)
+        raise Refused(f"split of {what} refused: its deadline passed {late:.3f} s before it "
+                      "arrived (the caller gave up on it; nothing was split)")
 
 
 def _flag(value, what: str) -> bool:

@@ -28,12 +28,14 @@ broke or the reply made no sense). Callers need to catch only AdminError:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
 import os
 import socket
 import stat
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, Self
@@ -138,9 +140,37 @@ class AdminClient:
             self._sock = None
             self._buffer = b""
 
+    def abort(self) -> None:
+        """Drop the connection so that nothing more of it reaches the daemon:
+        SO_LINGER {on, 0} then close discards what the kernel still holds to
+        send (a request given up on) and answers the peer with an RST, where
+        a plain close() would go on retransmitting it (tcp(7), socket(7)
+        SO_LINGER). A TLS socket is closed the same way, without close_notify."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+            self.close()
+
     def call(self, method: str, **params):
         """Send one request and return its result, or raise AdminError."""
         return self.call_timed(method, **params)[0]
+
+    def call_before(self, deadline: float, method: str, **params):
+        """call(), giving up (AdminError "timeout", the connection aborted)
+        once time.monotonic() passes `deadline`, or at least within a
+        receive of it; nothing is sent if it has passed already."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AdminError(ErrorCode.TIMEOUT, f"{method} was not sent to {self.peer} at "
+                                                f"{self.where}: its deadline had passed", method)
+        sock = self._connect()
+        sock.settimeout(remaining)
+        try:
+            return self.call(method, **params)
+        finally:
+            if self._sock is sock:
+                sock.settimeout(self.timeout)
 
     def call_timed(self, method: str, **params) -> tuple[Any, float]:
         """call(), and the seconds from just before the send to the reply's
@@ -154,8 +184,10 @@ class AdminClient:
             line = self._read_line(sock)
             elapsed = time.perf_counter() - started
         except (OSError, AdminError) as e:
-            # The connection is in an unknown state: drop it, connect anew next time.
-            self.close()
+            # The connection is in an unknown state: drop it, connect anew
+            # next time; aborted, so a request we gave up on (a timeout) is
+            # not delivered later by the kernel's retransmissions.
+            self.abort()
             if isinstance(e, AdminError):
                 e.method = method
                 raise

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from agents.tools import ToolFailed, run_tool, start_nbdfuse
+from agents.tools import ToolFailed, nbdfuse_source, run_tool, start_nbdfuse
 from common.errors import BadInput, SplitdError
 
 NBDFUSE_START_TIMEOUT = 30.0
@@ -133,8 +133,8 @@ def mounted(uri: str, tmp: str, certs: str | None = None) -> Iterator[str]:
     is_mounted = False
     try:
         try:
-            proc = start_nbdfuse(fuse_dir, _source(uri, certs), uri, read_only=True, pidfile=pidfile,
-                                 log_path=log_path, timeout=NBDFUSE_START_TIMEOUT,
+            proc = start_nbdfuse(fuse_dir, nbdfuse_source(uri, certs, read_only=True), uri,
+                                 read_only=True, pidfile=pidfile, log_path=log_path, timeout=NBDFUSE_START_TIMEOUT,
                                  preexec_fn=_die_with_parent)
         except ToolFailed as e:
             raise FilesError(str(e)) from None
@@ -155,17 +155,6 @@ def mounted(uri: str, tmp: str, certs: str | None = None) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.terminate()
                 proc.wait(10)
-
-
-def _source(uri: str, certs: str | None) -> list[str]:
-    """nbdfuse's arguments for the export. libnbd refuses a URI naming local
-    files (tls-certificates=DIR) unless the program allows it, and nbdfuse
-    does not: with `certs`, nbdkit's nbd plugin connects (on nbdfuse's
-    stdin/stdout, --command), given the directory as its own parameter."""
-    if certs is None:
-        return [uri]
-    return ["--command", "nbdkit", "-s", "--exit-with-parent", "-r", "nbd", f"uri={uri}",
-            f"tls-certificates={certs}"]
 
 
 def _inside(root: str, rel: str) -> str:

@@ -12,12 +12,14 @@ Two ways to a block device:
 - otherwise `nbdfuse` shows the export as a file (FUSEDIR/nbd, FUSEDIR in
   the state directory) and `losetup --find --show` makes that file
   /dev/loopN. nbdfuse runs in its own session so it outlives this command.
-  TLS to the export (nbds://) is libnbd's: the system's CAs, or the URI's
-  own ?tls-certificates=DIR; nbd-client is given --tls-ca as -cacertfile.
+  TLS to the export (nbds://) is libnbd's, with the system's CAs; a private
+  CA is given as --tls-certificates DIR (libnbd's layout), and nbdfuse then
+  runs nbdkit's nbd plugin, which takes it (nbdfuse_args). nbd-client is
+  given DIR/ca-cert.pem, or --tls-ca, as -cacertfile.
 
 One record per device, STATE_DIR/attachments/DEVICE.json (written
 atomically): {device, devno, volume, daemon, token_file, tls_ca, nbd_uri,
-method, fuse_dir, nbdfuse_pid, mountpoint, read_only, attached_at}.
+method, tls_certificates, fuse_dir, nbdfuse_pid, mountpoint, read_only, attached_at}.
 prepare() finds a filesystem's volume through them (by device number).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from urllib.parse import quote, unquote, urlsplit
 from agents.host.daemon import ConfigError, admin_client
 from agents.host.mounts import device_number, mounted_at
 from agents.host.state import read_json, remove_durably, write_json
-from agents.tools import ToolFailed, run_tool, start_nbdfuse
+from agents.tools import ToolFailed, nbdfuse_source, run_tool, start_nbdfuse
 from splitctl.client import AdminError
 
 __all__ = ["Attachment", "Attachments", "AttachError", "attach", "detach", "is_nbdfuse", "status"]
@@ -65,6 +67,7 @@ class Attachment:
     daemon: str
     nbd_uri: str
     method: str                     # "nbdfuse+loop" or "nbd-client"
+    tls_certificates: str | None = None     # libnbd's layout: DIR/ca-cert.pem, ...
     token_file: str | None = None
     tls_ca: str | None = None
     fuse_dir: str | None = None
@@ -187,9 +190,12 @@ def _kernel_nbd_available() -> bool:
 
 def attach(attachments: Attachments, volume: str, daemon: str, *, nbd_uri: str | None = None,
            port: str | None = None, token_file: str | None = None, tls_ca: str | None = None,
-           mount: str | None = None, read_only: bool = False) -> Attachment:
+           mount: str | None = None, read_only: bool = False,
+           tls_certificates: str | None = None) -> Attachment:
     if (nbd_uri is None) == (port is None):
         raise AttachError("bad-input", "give one of --nbd URI and --port NAME")
+    if tls_certificates is not None:
+        tls_certificates = _check_cert_dir(tls_certificates)
     if mount is not None and not os.path.isdir(mount):
         raise AttachError("bad-input", f"cannot mount on {mount}: not a directory")
     if token_file or tls_ca or daemon.startswith("tcp://"):
@@ -205,10 +211,21 @@ def attach(attachments: Attachments, volume: str, daemon: str, *, nbd_uri: str |
                                                           token_file, tls_ca)
     undo: list = []
     try:
-        if _kernel_nbd_available():
-            att = _attach_kernel(volume, daemon, uri, read_only, tls_ca, undo)
+        kernel = _kernel_nbd_available()
+        if not kernel and uri.startswith("nbds") and tls_certificates is None:
+            # libnbd (1.14) given no certificates directory falls back to the
+            # system's CAs and then does not verify the server's certificate
+            # at all: encrypted, but to whoever answers. Refused.
+            raise AttachError("bad-input", f"{uri} needs TLS, and nbdfuse checks the server's "
+                                           "certificate only against a CA it is given: add "
+                                           "--tls-certificates DIR (DIR/ca-cert.pem), or attach "
+                                           "through a plaintext port (?tls=off)")
+        if kernel:
+            ca = os.path.join(tls_certificates, "ca-cert.pem") if tls_certificates else tls_ca
+            att = _attach_kernel(volume, daemon, uri, read_only, ca, undo)
         else:
-            att = _attach_fuse(attachments.state_dir, volume, daemon, uri, read_only, undo)
+            att = _attach_fuse(attachments.state_dir, volume, daemon, uri, read_only, undo,
+                               tls_certificates)
         att.token_file = os.path.abspath(token_file) if token_file else None
         att.tls_ca = os.path.abspath(tls_ca) if tls_ca else None
         attachments.save(att)
@@ -226,8 +243,26 @@ def attach(attachments: Attachments, volume: str, daemon: str, *, nbd_uri: str |
         raise
 
 
+def nbdfuse_args(uri: str, fuse_dir: str | os.PathLike, pidfile: str | os.PathLike, *,
+                 read_only: bool = False, tls_certificates: str | None = None) -> list[str]:
+    """The nbdfuse command showing `uri` as FUSE_DIR/nbd (a private CA: see
+    agents.tools.nbdfuse_source)."""
+    return ["nbdfuse", *(["-r"] if read_only else []), "-P", str(pidfile), str(fuse_dir),
+            *nbdfuse_source(uri, tls_certificates, read_only=read_only)]
+
+
+def _check_cert_dir(path: str) -> str:
+    """`path` made absolute, refused at once unless it holds ca-cert.pem."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(path, "ca-cert.pem")):
+        raise AttachError("bad-input", f"--tls-certificates {path} has no ca-cert.pem: give "
+                                       "a directory in libnbd's layout (ca-cert.pem, and "
+                                       "client-cert.pem, client-key.pem for client certificates)")
+    return path
+
+
 def _attach_fuse(state_dir: Path, volume: str, daemon: str, uri: str, read_only: bool,
-                 undo: list) -> Attachment:
+                 undo: list, tls_certificates: str | None = None) -> Attachment:
     name = f"{volume}-{uuid.uuid4().hex[:8]}"
     fuse_dir = state_dir / "fuse" / name
     fuse_dir.mkdir(mode=0o700, parents=True)
@@ -238,13 +273,15 @@ def _attach_fuse(state_dir: Path, volume: str, daemon: str, uri: str, read_only:
     undo.append(lambda: pidfile.unlink(missing_ok=True))
     try:
         # nbdfuse runs in its own session so it outlives this command.
-        proc = start_nbdfuse(str(fuse_dir), [uri], uri, read_only=read_only, pidfile=str(pidfile),
+        proc = start_nbdfuse(str(fuse_dir), nbdfuse_source(uri, tls_certificates, read_only=read_only),
+                             uri, read_only=read_only, pidfile=str(pidfile),
                              log_path=str(log_path), timeout=NBDFUSE_START_TIMEOUT,
                              start_new_session=True)
     except ToolFailed as e:
         msg = str(e)
         if "not installed" in msg:
-            msg = "nbdfuse is not installed (and there is no /dev/nbd* for nbd-client)"
+            msg = (("nbdkit is" if tls_certificates else "nbdfuse is")
+                   + " not installed (and there is no /dev/nbd* for nbd-client)")
         raise AttachError("failed", msg) from None
     undo.append(lambda: _stop_nbdfuse(str(fuse_dir), proc.pid))
     device = _run(["losetup", "--find", "--show", *(["--read-only"] if read_only else []),
@@ -252,7 +289,8 @@ def _attach_fuse(state_dir: Path, volume: str, daemon: str, uri: str, read_only:
     undo.append(lambda: _run(["losetup", "-d", device], "losetup -d"))
     return Attachment(device=device, devno=list(device_number(os.stat(device).st_rdev)),
                       volume=volume, daemon=daemon, nbd_uri=uri, method="nbdfuse+loop",
-                      fuse_dir=str(fuse_dir), nbdfuse_pid=proc.pid, read_only=read_only)
+                      fuse_dir=str(fuse_dir), nbdfuse_pid=proc.pid, read_only=read_only,
+                      tls_certificates=tls_certificates)
 
 
 def _free_nbd_device() -> str:

@@ -61,6 +61,7 @@ def _attach(args: argparse.Namespace) -> int:
     try:
         att = attach(Attachments(args.state_dir), args.volume, args.daemon, nbd_uri=args.nbd,
                      port=args.port, token_file=args.token_file, tls_ca=args.tls_ca,
+                     tls_certificates=args.tls_certificates,
                      mount=args.mount, read_only=args.read_only)
     except AttachError as e:
         return fail(args, e.code, e.message,
@@ -153,6 +154,8 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                "--mount /srv/db\n"
                "  splitd-host attach db --daemon tcp://storage:10810 --token-file host.token \\\n"
                "      --tls-ca ca.pem --port app --mount /srv/db\n"
+               "  splitd-host attach db --daemon tcp://storage:10810 --token-file host.token \\\n"
+               "      --tls-ca ca.pem --port app-tls --tls-certificates /etc/splitd/nbd-certs\n"
                "  splitd-host attach db --daemon /run/splitd/admin.sock \\\n"
                "      --nbd 'nbd+unix:///db?socket=/run/splitd/nbd.sock'")
     p.add_argument("volume", metavar="VOLUME", help="the volume's name in the daemon")
@@ -166,6 +169,12 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
     how.add_argument("--port", metavar="NAME",
                      help="ask the daemon for the volume's URI through its port NAME (locate)")
     p.add_argument("--mount", metavar="DIR", help="mount the device's filesystem on DIR")
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="for an export that needs TLS (nbds://) whose certificate a private "
+                        "CA signed: DIR in libnbd's layout (ca-cert.pem; client-cert.pem and "
+                        "client-key.pem if the server wants them). nbdfuse is then run through "
+                        "nbdkit's nbd plugin, which takes it (nbd-client: -cacertfile "
+                        "DIR/ca-cert.pem)")
     p.add_argument("--read-only", action="store_true", help="attach (and mount) read-only")
     p.set_defaults(run=_attach)
 

@@ -117,8 +117,12 @@ def _call(client: AdminClient, method: str, **params) -> Any:
     try:
         return client.call(method, **params)
     except AdminError as e:
-        code = "daemon-unreachable" if e.code in _UNREACHABLE else "daemon-refused"
-        raise PrepareError(code, f"{method} at {client.where}: {e.message}") from None
+        raise _call_error(client, method, e) from None
+
+
+def _call_error(client: AdminClient, method: str, e: AdminError) -> PrepareError:
+    code = "daemon-unreachable" if e.code in _UNREACHABLE else "daemon-refused"
+    return PrepareError(code, f"{method} at {client.where}: {e.message}")
 
 
 def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, port: str,
@@ -138,6 +142,10 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
                               if pair["state"] == "split" else ""))
     group = pair.get("group")
     _check_token(client, pair, group)
+    # The daemon's clock, read before the hook (d0, answered by our a1):
+    # the split's deadline counts from it (see below).
+    daemon_now = _daemon_clock(client)
+    read_at = time.monotonic()
     try:
         run_hook(state.hook, "freeze", fs.mountpoint)
     except HookFailed as e:
@@ -151,12 +159,21 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
             raise WatchdogError("no watchdog was started")
         if not watchdog.alive:
             watchdog.start()
+        # The split's deadline, before the watchdog's (armed after this):
+        # `deadline` on our clock, not_after = d0 + (deadline - a1) on the
+        # daemon's. d0 came before a1, so not_after passes no later (in real
+        # time) than our deadline: the daemon refuses a split arriving after
+        # we gave up and thawed (_split_failed), with no need for the two
+        # hosts' clocks to agree (only to run at the same rate).
+        deadline = time.monotonic() + _allowance(timeout)
+        if daemon_now is not None:
+            params["not_after"] = daemon_now + (deadline - read_at)
         with frozen(fs.mountpoint, watchdog, timeout) as window:
             try:
-                split = client.call(method, **params)
+                split = client.call_before(deadline, method, **params)
             except AdminError as e:
-                raise PrepareError("split-failed", f"{method} {params['name']} failed after the "
-                                   f"freeze (thawed): {e.message}") from None
+                raise _split_failed(client, e, method, params, deadline,
+                                    known=e.code not in _UNKNOWN_OUTCOME) from None
     except FreezeError as e:
         _thaw_hook_quietly(state, fs.mountpoint)
         raise PrepareError("freeze-failed", e.message) from None
@@ -170,6 +187,8 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
                                               f"{fs.mountpoint} ({e}); {after}") from None
     except PrepareError as e:
         _thaw_hook_quietly(state, fs.mountpoint)
+        if isinstance(e, SplitFailed) and not e.known:
+            e.message += _split_anyway(att, pair, guarded="not_after" in params)
         if _watchdog_thawed(window):
             raise PrepareError("watchdog-thawed", _late(fs, timeout) + f" ({e.message})") from None
         raise
@@ -204,6 +223,74 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
         "warnings": warnings,
     }
+
+
+# A failed split call whose outcome we do not know: no answer in time, or
+# the connection broke after the request may have been sent.
+_UNKNOWN_OUTCOME = (ErrorCode.TIMEOUT, ErrorCode.PROTOCOL)
+# After the thaw, whether the pair was split all the same: one short look.
+CHECK_TIMEOUT = 2.0
+
+
+class SplitFailed(PrepareError):
+    """split-failed; `known`: the daemon answered (nothing was split)."""
+
+    def __init__(self, message: str, known: bool):
+        super().__init__("split-failed", message)
+        self.known = known
+
+
+def _allowance(timeout: float) -> float:
+    """How long the split may take: short of the watchdog's timeout, so that
+    we give up, abort and thaw before it fires."""
+    return max(timeout - 0.5, timeout / 2)
+
+
+def _daemon_clock(client: AdminClient) -> float | None:
+    """The daemon's monotonic clock (the `clock` call), or None from a
+    daemon without it (then only the aborted connection guards the split)."""
+    try:
+        return float(client.call("clock")["monotonic"])
+    except AdminError as e:
+        if e.code == ErrorCode.UNKNOWN_METHOD:
+            return None
+        raise _call_error(client, "clock", e) from None
+    except (KeyError, TypeError, ValueError):
+        raise PrepareError("daemon-refused", f"clock at {client.where}: the reply has no "
+                                             "monotonic time; nothing was frozen") from None
+
+
+def _split_failed(client: AdminClient, e: AdminError, method: str, params: dict,
+                  deadline: float, known: bool) -> SplitFailed:
+    """Inside the frozen window. An answered failure is thawed at once. An
+    unknown outcome: the connection is aborted (call() did: the kernel
+    drops the request it still held, the daemon gets an RST), and with a
+    daemon-side deadline we stay frozen until it has passed, so that no
+    copy of the request still in the network can split after the thaw."""
+    if not known:
+        client.abort()
+        if "not_after" in params:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+    return SplitFailed(f"{method} {params['name']} failed after the freeze (thawed): "
+                       f"{e.message}", known)
+
+
+def _split_anyway(att, pair: dict, guarded: bool) -> str:
+    """After the thaw, best effort: was the pair split all the same? A
+    phrase for the error message ("" if not, or if we cannot tell)."""
+    try:
+        with att.admin_client(timeout=CHECK_TIMEOUT) as check:
+            now = check.call("pair.show", name=pair["name"])
+    except (AdminError, ConfigError):
+        return "; whether the pair was split all the same is not known (the daemon did not answer)"
+    if now.get("split_at") == pair.get("split_at"):
+        return ""
+    if guarded:
+        return ("; the pair was split all the same, before the split's deadline (so while "
+                "frozen: its image is consistent), but the answer was lost: resync it "
+                f"(splitctl pair resync {pair['name']}) and prepare again")
+    return ("; the pair was split after the thaw anyway: its image is NOT consistent, "
+            f"resync it (splitctl pair resync {pair['name']})")
 
 
 def _watchdog_thawed(window: Window) -> bool:
