@@ -134,8 +134,8 @@ def mounted(uri: str, tmp: str, certs: str | None = None) -> Iterator[str]:
     try:
         try:
             proc = start_nbdfuse(fuse_dir, nbdfuse_source(uri, certs, read_only=True), uri,
-                                 read_only=True, pidfile=pidfile, log_path=log_path, timeout=NBDFUSE_START_TIMEOUT,
-                                 preexec_fn=_die_with_parent)
+                                 read_only=True, pidfile=pidfile, log_path=log_path,
+                                 timeout=NBDFUSE_START_TIMEOUT, preexec_fn=_die_with_parent)
         except ToolFailed as e:
             raise FilesError(str(e)) from None
         image = os.path.join(fuse_dir, "nbd")
