@@ -183,9 +183,9 @@ def seal(keys: Keys, kind: int, name: str, plain: bytes, level: int | None) -> b
     return header + body
 
 
-def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) -> bytes:
-    """The plaintext of a stored object; raises CorruptObject if it fails any
-    check, KeyRefused if the store's encryption and the keys disagree."""
+def open_sealed(keys: Keys, kind: int, name: str, stored: bytes | memoryview, max_size: int) -> bytes:
+    """The plaintext of a stored object (new bytes, never a view of
+    `stored`); raises CorruptObject if it fails any check."""
     if len(stored) < HEADER.size:
         raise CorruptObject(name, "shorter than its header")
     magic, version, got_kind, flags, _ = HEADER.unpack_from(stored)
@@ -195,13 +195,13 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) 
         raise CorruptObject(name, f"format version {version}, this splitd reads {VERSION}")
     if got_kind != kind:
         raise CorruptObject(name, f"kind {got_kind}, expected {kind}")
-    header = stored[:HEADER.size]
+    header = bytes(stored[:HEADER.size])
     if flags & F_SEALED:
         if keys.aes is None:
             raise CorruptObject(name, "sealed, in a store opened without encryption")
         if len(stored) < HEADER.size + NONCE_LEN + TAG_LEN:
             raise CorruptObject(name, "shorter than its nonce and tag")
-        nonce = stored[HEADER.size:HEADER.size + NONCE_LEN]
+        nonce = bytes(stored[HEADER.size:HEADER.size + NONCE_LEN])
         body: bytes | bytearray | memoryview
         try:
             body = keys.decrypt(nonce, memoryview(stored)[HEADER.size + NONCE_LEN:], header + name.encode())
