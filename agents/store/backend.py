@@ -160,16 +160,16 @@ class DirBackend:
         BLAKE3."""
         try:
             with open(self._path(name), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > len(buf):
-                    raise CorruptObject(name, f"{size} bytes, more than it can be ({len(buf)})")
-                view = memoryview(buf)[:size]
+                # To its end, not to st_size: that may change, or be 0 (a FIFO).
+                view = memoryview(buf)
                 got = 0
-                while got < size:
+                while got < len(buf):
                     n = f.readinto(view[got:])
                     if not n:
-                        raise CorruptObject(name, f"shrank while read ({got} of {size} bytes)")
+                        return view[:got]
                     got += n
+                if f.read(1):
+                    raise CorruptObject(name, f"more than it can be ({len(buf)} bytes)")
                 return view
         except FileNotFoundError:
             raise ObjectMissing(name) from None
