@@ -47,7 +47,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The sections, in the order they run (modules of bench/sections/).
 SECTION_MODULES = ("foundation", "scale", "split", "paired_writes", "copy_engine", "pair_memory",
-                   "prepare")
+                   "prepare", "backup")
 
 NOTHING_RATE = 1                    # bytes/s: the engine copies (next to) nothing
 
@@ -191,8 +191,11 @@ class Spawned:
 class Context:
     """What a section gets: settings, and a clean-up stack for what it starts."""
 
-    def __init__(self, rt: int, verbose: bool, builtin_referee: bool = False):
+    def __init__(self, rt: int, verbose: bool, builtin_referee: bool = False,
+                 options: dict | None = None):
         self.rt = rt
+        # Section-specific options from the command line (None: not given).
+        self.options = dict(options or {})
         self.builtin_referee = builtin_referee
         self.verbose = verbose
         self._undo: list[tuple[str, Callable[[], None]]] = []

@@ -32,6 +32,12 @@ Sections (run in this order; pick some with --only a,b):
               and a 1 TiB volume: the agent's freeze window (FIFREEZE to
               FITHAW) target p99 < 50 ms, prepare end to end p99 < 250 ms.
               Root and /dev/fuse, else skipped.
+  backup      splitctl backup vs restic, borg and nbdcopy on a split
+              secondary of --backup-size (default 4 GiB; a quarter holes, a
+              quarter written zeroes, half /usr/lib content): full backup
+              >= 1.5x restic and borg, incremental (1% of regions) reads only
+              the delta and takes <= 5% of the full's time, restore >= 1.5x
+              restic restore, stored size <= restic's repository.
 
 Options: --rt SECONDS per fio workload (default: $RT, else 6), --json FILE to
 also write every figure as JSON, --builtin-referee to use the built-in logic
@@ -78,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     ap.add_argument("--builtin-referee", action="store_true",
                     help="use the built-in copy of compare.sh's logic even when the script exists")
+    ap.add_argument("--backup-size", metavar="SIZE",
+                    help="backup: the secondary's size, a multiple of 64M (default: "
+                         "$BACKUP_SIZE, else 4G)")
+    ap.add_argument("--backup-dir", metavar="DIR",
+                    help="backup: where the stores, repositories, image and restores go "
+                         "(default: $BACKUP_DIR, else /var/tmp)")
+    ap.add_argument("--backup-rounds", type=int, metavar="N",
+                    help="backup: rounds of each variant, interleaved; medians (default: "
+                         "$BACKUP_ROUNDS, else 1)")
     ap.add_argument("--list", action="store_true", help="list the sections and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="say what is happening")
     args = ap.parse_args(argv)
@@ -111,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     for s in chosen:
         print(f"\n== {s.name}: {s.title}  (load average {loadavg()})")
-        ctx = Context(rt, args.verbose, args.builtin_referee)
+        ctx = Context(rt, args.verbose, args.builtin_referee,
+                      {"backup_size": args.backup_size, "backup_rounds": args.backup_rounds,
+                       "backup_dir": args.backup_dir})
         t0 = time.monotonic()
         try:
             report["sections"][s.name] = s.run(ctx)

@@ -166,3 +166,10 @@ class Splitd:
         """One admin request on a connection of its own; the result, or AdminError."""
         with self.admin(timeout=10) as a:
             return a.call(method, **params)
+
+    def export_read_bytes(self, export: str) -> int:
+        """READ bytes the daemon served on connections to `export`, open or
+        closed (its per-connection counters)."""
+        conns = self.call("connections")
+        return sum(c["read_bytes"] for c in conns["connections"] + conns["closed"]
+                   if c["export"] == export)

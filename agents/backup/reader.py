@@ -239,7 +239,7 @@ async def _read_into_store(client: nbd.Client, store: Store, src: BackupSource,
                     view = memoryview(buf)
                     await asyncio.gather(*(client.readinto(o, view[o - off:o - off + m]) for o, m in ranges))
                     got = sum(m for _, m in ranges)
-                await writer.add_async(off, buf)
+                await writer.add_async(off, buf, handover=True)
                 done += got
                 if progress is not None:
                     progress(done, total)

@@ -1,5 +1,5 @@
 """The backup store: deduplicated, compressed, optionally encrypted snapshots
-of volume images, in a directory (S3 comes next, behind backend.Backend).
+of volume images, in a directory or on S3 (s3://BUCKET/PREFIX).
 
 Start here:
     store.py     Store: init/open, list, show, read (iter_image, restore_to_file),
@@ -9,6 +9,7 @@ Start here:
     index.py     the index format and the image digest
     envelope.py  the stored-object format: compression, encryption, keys
     backend.py   the backend interface and the directory backend
+    s3.py        the S3 backend (boto3), its settings and errors
     catalog.py   the SQLite cache of manifests
     errors.py    what can go wrong, by what to do next
 """

@@ -147,7 +147,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 _PROBE, _PROBES = 16384, 4
 
 
-def _worth_compressing(plain: bytes, level: int) -> bool:
+def _worth_compressing(plain: bytes | bytearray, level: int) -> bool:
     """False when four 16 KiB samples spread over a big object do not shrink
     by 2% together: random or already-compressed data, which zstd would take
     about a third of the hashing time to fail on. Small objects are always
@@ -160,7 +160,8 @@ def _worth_compressing(plain: bytes, level: int) -> bool:
     return packed < 0.98 * _PROBES * _PROBE
 
 
-def seal(keys: Keys, kind: int, name: str, plain: bytes, level: int | None) -> bytes:
+def seal(keys: Keys, kind: int, name: str, plain: bytes | bytearray, level: int | None
+         ) -> bytes:
     """The stored form of `plain`: compressed at zstd `level` (None: not at
     all) when that shrinks it (and, for a big object, when a sample says it
     might), then sealed or checksummed."""
@@ -174,7 +175,8 @@ def seal(keys: Keys, kind: int, name: str, plain: bytes, level: int | None) -> b
         flags |= F_SEALED
         header = HEADER.pack(MAGIC, VERSION, kind, flags, 0)
         nonce = os.urandom(NONCE_LEN)
-        return header + nonce + keys.aes.encrypt(nonce, body, header + name.encode())
+        # AESGCM takes bytes only (a bytearray is refused with TypeError).
+        return header + nonce + keys.aes.encrypt(nonce, bytes(body), header + name.encode())
     if kind != KIND_CHUNK:
         flags |= F_CHECKSUM
     header = HEADER.pack(MAGIC, VERSION, kind, flags, 0)

@@ -17,23 +17,26 @@ Why a running writer loses nothing:
    and a chunk it reuses is touched first (mtime = now) - both survive.
    The parent it takes entries from is a root of the mark, even if it was
    forgotten meanwhile (forget removes only the manifest; the index stays
-   until no lease names it).
+   until no lease names it). Where touching cannot update a time (S3: s3.py),
+   a reused chunk is only protected by (2).
 2. What (1) does not close is the race of a sweep that read a reused chunk's
    old mtime just before the writer touched it, and deletes it just after. So
    a sweep announces itself (`gc/<uuid>`: "running", a heartbeat and a beat
    counter). It bumps the counter at least every SWEEP_BEAT seconds, and
    never between reading a chunk's mtime and deleting that chunk. A writer,
-   at commit, once every chunk is processed (so every touch is done), looks
-   at the running sweeps and waits until each has bumped its counter or
-   ended: every deletion decided on an mtime read before the writer's
-   touches is then done, and later ones see the touches. If any sweep ran
+   at commit, once every chunk is processed (so every touch is done), writes
+   its index and names it in its lease (a fresh beat), then looks at the
+   running sweeps and waits until each has bumped its counter or ended.
+   Right after every bump a sweep reads the live leases again and marks the
+   indexes they name (and their parents) before it decides on anything else:
+   every deletion decided before the writer's index was marked is then done,
+   and later ones see the index (and the touches). If any sweep ran
    since the writer started, it then checks that every chunk its index
    names still exists; if some are gone it commits nothing and raises
    ConcurrentSweep with their offsets (no data is lost: no snapshot refers
    to them); the caller reads those chunks again from its source, gives them
    to the writer and commits again. A sweep that starts after that check sees the
-   lease, so (1) covers it. The wait is about a second, however long the
-   sweep.
+   lease and its index. The wait is about a second, however long the sweep.
 3. A lease or marker whose heartbeat is older than LEASE_EXPIRY belongs to a
    dead process and is ignored (and removed by a later sweep). A sweep beats
    between objects, from the thread that sweeps, and before each deletion checks that
@@ -69,9 +72,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from agents.store.backend import Backend, DirBackend
@@ -139,15 +143,24 @@ class Lease(_Heartbeat):
     @classmethod
     def take(cls, backend: Backend, parent: str | None) -> Lease:
         lease = cls(backend, f"leases/{uuid.uuid4().hex}", {
-            "start": time.time(), "parent": parent,
+            "start": time.time(), "parent": parent, "index": None,
             "host": socket.gethostname(), "pid": os.getpid()})
         lease.run_in_background()
         return lease
 
+    def name_index(self, sid: str) -> None:
+        """Name the index this writer is committing (written already), with
+        a fresh beat: every sweep bumped after this marks it (point 2)."""
+        self.body["index"] = sid
+        self.beat()
+
     def release(self) -> None:
         if not self._stop.is_set():
             self.stop()
-            self.backend.delete(self.name)
+            try:
+                self.backend.delete(self.name)
+            except StoreError:      # unreachable storage: the lease expires on its own
+                pass
 
 
 def live_leases(backend: Backend, now: float) -> list[dict[str, Any]]:
@@ -226,29 +239,48 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
         report = GcReport(dry_run=dry_run, cutoff=cutoff, live_leases=len(leases))
         sids = store.snapshot_ids()
         report.snapshots = len(sids)
-        roots = set(sids) | {lease["parent"] for lease in leases if lease.get("parent")}
+        roots: set[str] = set()
         marked: set[bytes] = set()
-        for sid in sorted(roots):
-            if time.time() - marker.last_beat > SWEEP_BEAT:
-                marker.beat()
+
+        def mark(sid: str) -> None:
+            roots.add(sid)
             try:
-                marked |= store.index(sid).data_ids()
+                marked.update(store.index(sid).data_ids())
             except ObjectMissing:
                 if sid in sids:
                     raise StoreError(f"snapshot {sid} has no index; gc refuses to sweep "
                                      f"(run check)") from None
             except CorruptObject as e:
                 raise StoreError(f"{e}; gc refuses to sweep (run check)") from None
+
+        def leases_roots(found: list[dict[str, Any]]) -> set[str]:
+            return {lease[k] for lease in found for k in ("parent", "index")
+                    if isinstance(lease.get(k), str)}
+
+        def beat() -> None:
+            """Bump, then mark what writers named since (point 2), before
+            any further decision."""
+            marker.beat()
+            for sid in sorted(leases_roots(live_leases(backend, time.time())) - roots):
+                mark(sid)
+
+        for sid in sorted(set(sids) | leases_roots(leases)):
+            if time.time() - marker.last_beat > SWEEP_BEAT:
+                beat()
+            mark(sid)
         report.marked_chunks = len(marked)
 
-        def may_delete(name: str) -> bool:
-            """Whether `name` is old enough to go; the caller deletes it at
-            once. The beat comes first, never between the mtime and the
-            deletion (point 2); stale first, then beat (point 3)."""
+        def may_delete(name: str, live: Callable[[], bool]) -> bool:
+            """Whether `name` is unmarked (`live()` false) and old enough to
+            go; the caller deletes it at once. The beat comes first, never
+            between the decision and the deletion (point 2); stale first, then
+            beat (point 3)."""
             if time.time() - marker.last_beat > LEASE_EXPIRY / 2:
                 raise StoreError("gc stalled past its lease; stopped (run it again)")
             if time.time() - marker.last_beat > SWEEP_BEAT:
-                marker.beat()
+                beat()
+            if live():
+                return False
             try:
                 if backend.mtime(name) >= cutoff:
                     report.kept_young_chunks += name.startswith("chunks/")
@@ -262,7 +294,7 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
             if cid is None or cid in marked:
                 continue
             report.unreferenced_chunks += 1
-            if may_delete(name):
+            if may_delete(name, partial(marked.__contains__, cid)):
                 report.deleted_chunks += 1
                 if not dry_run:
                     try:
@@ -272,8 +304,8 @@ def collect_garbage(store: Store, *, dry_run: bool = False, margin: float = MARG
                     backend.delete(name)
         for name in backend.list("indexes/"):
             sid = name.rsplit("/", 1)[1]
-            if valid_snapshot_id(sid) and sid not in roots \
-                    and not backend.exists(manifest_name(sid)) and may_delete(name):
+            if valid_snapshot_id(sid) and sid not in roots and not backend.exists(manifest_name(sid)) \
+                    and may_delete(name, partial(roots.__contains__, sid)):
                 report.deleted_indexes.append(sid)
                 if not dry_run:
                     backend.delete(index_name(sid))

@@ -154,7 +154,8 @@ class Store:
         self.id = config["store_id"]
         self.chunk_size: int = config["chunk_size"]
         self.level: int | None = config["compression_level"]
-        self.workers = workers or min(8, (os.cpu_count() or 2))
+        # A backend whose requests wait on a network (S3) wants more in flight.
+        self.workers = workers or getattr(backend, "workers", None) or min(8, (os.cpu_count() or 2))
         self._catalog_path = catalog_path
         self._catalog: Catalog | None = None
         self._zero_ids: dict[int, bytes] = {}
@@ -240,7 +241,7 @@ class Store:
 
     # -- chunks -------------------------------------------------------------------
 
-    def chunk_id(self, data: bytes) -> bytes:
+    def chunk_id(self, data: bytes | bytearray) -> bytes:
         """The keyed BLAKE3-256 of `data`: its name in this store. Thread-safe."""
         return blake3.blake3(data, key=self.keys.id_key).digest()
 
@@ -312,9 +313,11 @@ class Store:
         if self._catalog is None:
             path = self._catalog_path
             if path is None:
-                if not isinstance(self.backend, DirBackend):
-                    raise StoreBadInput("a catalog path is needed for a store outside a directory")
-                path = os.path.join(self.backend.root, "cache", "catalog.sqlite")
+                if isinstance(self.backend, DirBackend):
+                    path = os.path.join(self.backend.root, "cache", "catalog.sqlite")
+                else:   # a remote store: a local cache, one per store
+                    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+                    path = os.path.join(cache, "splitd", "stores", f"{self.id}.sqlite")
             self._catalog = Catalog(path)
         return self._catalog
 
@@ -631,14 +634,26 @@ def _lengths(index: Index) -> dict[bytes, int]:
     return found
 
 
+def backend_for(location: str) -> Backend:
+    """The backend a store location names: `s3://BUCKET/PREFIX` (s3.py;
+    settings from its config file or the AWS environment), else a directory."""
+    from agents.store.s3 import S3Backend, is_s3
+    if is_s3(location):
+        return S3Backend(location)
+    return DirBackend(location)
+
+
 def init_dir(path: str, *, key_file: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
              compression_level: int | None = DEFAULT_LEVEL) -> Store:
-    """Create a store in directory `path` (made if absent)."""
-    os.makedirs(path, exist_ok=True)
-    return Store.init(DirBackend(path), key_file=key_file, chunk_size=chunk_size,
+    """Create a store at `path`: a directory (made if absent) or s3://BUCKET/PREFIX
+    (the bucket must exist)."""
+    backend = backend_for(path)
+    if isinstance(backend, DirBackend):
+        os.makedirs(path, exist_ok=True)
+    return Store.init(backend, key_file=key_file, chunk_size=chunk_size,
                       compression_level=compression_level)
 
 
 def open_dir(path: str, *, key_file: str | None = None, workers: int | None = None) -> Store:
-    """Open the store in directory `path`."""
-    return Store.open(DirBackend(path), key_file=key_file, workers=workers)
+    """Open the store at `path`: a directory or s3://BUCKET/PREFIX."""
+    return Store.open(backend_for(path), key_file=key_file, workers=workers)

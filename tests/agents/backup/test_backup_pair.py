@@ -46,8 +46,12 @@ def pair(daemon):
 
 
 @pytest.fixture
-def store(daemon, tmp_path):
+def store(request, daemon, tmp_path):
+    """A store in tmp_path, or on S3 for tests parametrized with "s3"
+    (indirect): a bucket on the session's SeaweedFS (tests/agents/conftest.py)."""
     path = tmp_path / "store"
+    if getattr(request, "param", "dir") == "s3":
+        path = f"s3://{request.getfixturevalue('s3_env')}/store"
     backup(daemon, "init", str(path), "--chunk-size", "1M")
     return path
 
@@ -58,8 +62,7 @@ def run(daemon, store, *extra: str) -> dict:
 
 def s_read_bytes(daemon) -> int:
     """READ bytes the daemon served on connections to export s (open or closed)."""
-    conns = daemon.call("connections")
-    return sum(c["read_bytes"] for c in conns["connections"] + conns["closed"] if c["export"] == "s")
+    return daemon.export_read_bytes("s")
 
 
 def changed_regions(seed: int, n: int) -> list[int]:
@@ -69,6 +72,7 @@ def changed_regions(seed: int, n: int) -> list[int]:
             for r in rnd.sample(range(SIZE // REGION), n)]
 
 
+@pytest.mark.parametrize("store", ["dir", "s3"], indirect=True)
 def test_full_then_incremental_reads_only_delta(daemon, pair, store, tmp_path):
     daemon.call("pair.split", name="s")
     expected = {}
@@ -132,6 +136,7 @@ def test_now_reads_through_the_read_policy(daemon, pair, store, tmp_path, policy
     check_restores(daemon, store, tmp_path, {r["snapshot"]: expected})
 
 
+@pytest.mark.parametrize("store", ["dir", pytest.param("s3", marks=pytest.mark.slow)], indirect=True)
 def test_chain_of_ten_then_forget_the_middle(daemon, pair, store, tmp_path):
     daemon.call("pair.split", name="s")
     snaps = [run(daemon, store)]

@@ -307,3 +307,20 @@ def test_big_chunks_skip_zstd_only_when_a_sample_does_not_shrink(store_dir):
     flags = [HEADER.unpack_from(s.backend.get(chunk_name(s.chunk_id(c))))[3] & F_ZSTD for c in chunks]
     assert flags == [0, F_ZSTD, F_ZSTD]
     assert image_of(s, sid) == b"".join(chunks)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_handed_over_bytearrays_are_stored_as_given(store_dir, encrypted):
+    """add(handover=True) takes one-chunk bytearrays without a copy: plain
+    and sealed (AESGCM takes bytes only), compressible or not, zero or not."""
+    key = None
+    if encrypted:
+        key = os.path.join(store_dir, "k")
+        new_key_file(key)
+    s = init_dir(os.path.join(store_dir, "h"), key_file=key, chunk_size=CS)
+    image = mixed_image(random.Random(11), 8)
+    w = s.writer(len(image))
+    for off in range(0, len(image), CS):
+        w.add(off, bytearray(image[off:off + CS]), handover=True)
+    assert image_of(s, w.commit()) == image
+    s.close()
