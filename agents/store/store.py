@@ -44,6 +44,7 @@ import builtins
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from collections import defaultdict, deque
@@ -87,6 +88,9 @@ MAX_CHUNK_SIZE = 64 << 20
 MIN_CHUNK_SIZE = 4096
 DEFAULT_LEVEL = 1
 TOOL_VERSION = "splitd 0.1.0"
+# A stored chunk's bytes beyond its plaintext, at most (envelope.py).
+_CHUNK_OVERHEAD = envelope.HEADER.size + envelope.NONCE_LEN + envelope.TAG_LEN
+_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -249,9 +253,22 @@ class Store:
 
     def get_chunk(self, cid: bytes, length: int) -> bytes:
         """Chunk `cid` (plaintext, `length` bytes), fetched, opened and
-        re-hashed. Thread-safe."""
+        re-hashed. Thread-safe: a directory store reads into a buffer of
+        the calling thread's, reused (one chunk's size a thread)."""
         name = chunk_name(cid)
-        data = envelope.open_sealed(self.keys, KIND_CHUNK, name, self.backend.get(name), length)
+        stored: bytes | memoryview
+        if isinstance(self.backend, DirBackend):
+            # Stored is never more than the plaintext plus header, nonce
+            # and tag: zstd's output is kept only when smaller. Replaced,
+            # never resized: an exception may still hold a view of it.
+            scratch = getattr(_local, "scratch", None)
+            if scratch is None or len(scratch) < length + _CHUNK_OVERHEAD:
+                scratch = _local.scratch = bytearray(length + _CHUNK_OVERHEAD)
+            stored = self.backend.get_into(name, scratch)
+        else:
+            stored = self.backend.get(name)
+        # open_sealed returns new bytes, never a view of `stored`.
+        data = envelope.open_sealed(self.keys, KIND_CHUNK, name, stored, length)
         if len(data) != length or self.chunk_id(data) != cid:
             raise CorruptObject(name, "content does not match its name")
         return data

@@ -53,6 +53,22 @@ def test_clean_store_verifies(three):
     assert report.ok and report.chunks_checked == 4 and report.unreferenced_chunks == 0
 
 
+@pytest.mark.parametrize("extra", [1, 4096])
+def test_chunk_grown_past_what_it_can_be_is_refused_before_reading(three, extra):
+    """A chunk's object is at most its plaintext plus header, nonce and tag
+    (zstd's output is kept only when smaller): a bigger one is corrupt, and
+    is refused from its size, then again after a good chunk is read."""
+    s, (a, b, c), shared = three
+    with open(path_of(s, chunk_name(shared)), "ab") as f:
+        f.write(os.urandom(CS + 64 + extra))
+    with pytest.raises(CorruptObject, match=f"{chunk_name(shared)}: .*more than it can be"):
+        s.get_chunk(shared, CS)
+    other = s.index(c).id_at(0)     # this thread's buffer still reads a good chunk
+    assert s.chunk_id(s.get_chunk(other, CS)) == other
+    with pytest.raises(CorruptObject, match=chunk_name(shared)):
+        s.get_chunk(shared, CS)
+
+
 @pytest.mark.parametrize("where", [0, 3, 8, 100, -1])
 def test_flipped_byte_in_a_shared_chunk(three, where):
     s, (a, b, c), shared = three
