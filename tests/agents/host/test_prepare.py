@@ -165,6 +165,12 @@ def test_a_pair_in_a_group_splits_the_group(host, daemon, tmp_path):
         _, answer, _ = host.json("prepare", mnt, "--port", "unix")
         assert answer["group"] == "g" and answer["pair"] == "s", answer
         assert daemon.call("pair.show", name="t")["state"] == "split"
+        # Again with --resync: every member resynced first, the group split.
+        _, again, _ = host.json("prepare", mnt, "--port", "unix", "--resync")
+        assert sorted(again["resynced"]) == ["s", "t"], again
+        assert again["split_gen"] == answer["split_gen"] + 1, again
+        t = daemon.call("pair.show", name="t")
+        assert t["state"] == "split" and t["delta_base"] == answer["split_gen"], t
         assert writable(mnt)
     finally:
         subprocess.run(["umount", mnt], check=True, timeout=60)
