@@ -34,6 +34,10 @@ METHOD_SCOPES: dict[str, Scope] = {
     "backup.served": Scope.READ,
     "pair.split": Scope.SPLIT,
     "group.split": Scope.SPLIT,
+    # Only a normal resync of a split pair (authorize below): the host agent
+    # releases the previous split image before the next backup's split.
+    # A full resync (from error) and restore stay admin-only.
+    "pair.resync": Scope.SPLIT,
 }
 
 
@@ -60,16 +64,33 @@ def authorize(token: TokenRecord, method: str, params: dict[str, Any],
             raise Forbidden(f"forbidden: token {token.name!r} may split only pairs of volumes "
                             f"matching {token.volumes!r}; pair {pair_name!r} has volume "
                             f"{outside[0]!r}")
+        if method == "pair.resync":
+            _check_normal_resync(token, pair_name, pairs)
+
+
+def _check_normal_resync(token: TokenRecord, pair_name: str, pairs: PairManager) -> None:
+    """A split token may resync a pair only from `split` (the changed regions
+    copied P->S, the delta chain kept: controller/pairs.py "Split
+    generations"); from `error` it is a full resync, which drops the chain
+    and copies every region again: an admin's decision."""
+    state = str(pairs.pairs[pair_name].state)
+    if state == "error":
+        raise Forbidden(f"forbidden: pair {pair_name!r} is in state error: its resync is a full "
+                        f"resync, which needs scope admin (token {token.name!r} has scope split)")
+    if state != "split":
+        raise Forbidden(f"forbidden: pair {pair_name!r} is in state {state}: token "
+                        f"{token.name!r} (scope split) may resync only a pair in state split")
 
 
 def _pairs_split(method: str, params: dict[str, Any],
                  pairs: PairManager) -> list[tuple[str, tuple[str, str]]]:
-    """(pair name, (primary, secondary)) of each pair the call would split."""
+    """(pair name, (primary, secondary)) of each pair the call would split
+    (or resync)."""
     try:
         name = validate_name(params.get("name"))
     except ValueError:
         return []
-    if method == "pair.split":
+    if method in ("pair.split", "pair.resync"):
         chosen = [p for p in (pairs.pairs.get(name),) if p is not None]
     elif method == "group.split":
         chosen = [p for p in pairs.pairs.values() if p.group == name]

@@ -110,7 +110,8 @@ def _prepare(args: argparse.Namespace) -> int:
     with HostState.open(args.state_dir, hook=hook, freeze_timeout=args.timeout) as state:
         report_thawed(state.thawed_at_start)
         try:
-            answer = prepare(state, args.directory, args.port, timeout=args.timeout)
+            answer = prepare(state, args.directory, args.port, timeout=args.timeout,
+                             resync=args.resync)
         except PrepareError as e:
             return fail(args, e.code, e.message, EXIT_UNREACHABLE if e.code ==
                         "daemon-unreachable" else EXIT_FAILED)
@@ -200,7 +201,8 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                     "watchdog process thaws after --timeout whatever happens.",
         epilog="the answer (--json): uri, uris, port, tls (of the secondary through the\n"
                "port), pair, group, volume, directory, mountpoint, device, split_gen,\n"
-               "delta_base, generation, split_at, state, frozen_at (epoch s), freeze_ms (the FIFREEZE\n"
+               "delta_base, generation, split_at, state, resynced (--resync), frozen_at\n"
+               "(epoch s), freeze_ms (the FIFREEZE\n"
                "call), window_ms (FIFREEZE start to FITHAW end), prepare_ms, warnings\n"
                "(a failed post-thaw hook), thawed_at_start (what a dead agent had left\n"
                "frozen, thawed before this prepare).\n\n"
@@ -220,6 +222,9 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                         "MOUNTPOINT` after the thaw")
     p.add_argument("--hook-timeout", type=_positive, default=30.0, metavar="S",
                    help="kill the hook after S seconds and give up (default 30)")
+    p.add_argument("--resync", action="store_true",
+                   help="a pair left split (by the previous prepare) is resynced first, "
+                        "releasing its split image, instead of refused (pair-state)")
     p.set_defaults(run=_prepare)
 
     p = commands.add_parser(

@@ -10,6 +10,11 @@ In order, each step refusing with a PrepareError before anything is frozen:
   3. the daemon's admin API, connected and authenticated now, so that the
      frozen window holds only the split; `locate` (volume, port) names the
      pair, pair.show its state and group (a pair in `error` is refused);
+     With `resync`, a pair left `split` by the previous prepare (every
+     member of its group that is) is resynced first (pair.resync: the
+     changed regions copied P->S, the delta chain kept, controller/pairs.py
+     "Split generations"); a split from `resync` is allowed
+     (controller/states.py), so the next steps go on at once;
   4. the pre-freeze hook (`HOOK freeze MOUNTPOINT`);
   5. frozen(): syncfs, arm the watchdog, FIFREEZE, pair.split (group.split
      when the pair is in a consistency group), FITHAW, disarm;
@@ -22,7 +27,8 @@ locate), pair, group, volume, directory, mountpoint, device, split_gen and
 delta_base (from the split reply or locate when the daemon gives them, else
 None), generation (the pair's bitmap generation), split_at, state, frozen_at (wall clock at
 FIFREEZE), freeze_ms (the FIFREEZE call), window_ms (FIFREEZE start to FITHAW
-end: how long writers were blocked), prepare_ms (all of it), warnings.
+end: how long writers were blocked), prepare_ms (all of it), resynced (the
+pairs resynced first, with `resync`), warnings.
 
 A split that fails after the freeze still thaws (frozen() thaws whatever
 the block raises) and raises "split-failed" with the daemon's message.
@@ -36,7 +42,8 @@ PrepareError.code, for scripts and the service:
   daemon-refused      the daemon refused locate/pair.show (unknown port, no pair,
                       bad token, out of scope)
   pair-error          the volume's pair is in state error
-  pair-state          the pair cannot be split from its state (split already: resync)
+  pair-state          the pair cannot be split from its state (split already and
+                      no `resync` asked)
   hook-failed         the pre-freeze hook failed or outlived its timeout
   freeze-failed       FIFREEZE failed (cannot be frozen, already frozen)
   split-failed        the split failed after the freeze (thawed)
@@ -83,8 +90,10 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-def prepare(state: HostState, directory: str, port: str, *, timeout: float = 10.0) -> dict:
-    """Freeze, split, thaw; the answer is described in the module docstring."""
+def prepare(state: HostState, directory: str, port: str, *, timeout: float = 10.0,
+            resync: bool = False) -> dict:
+    """Freeze, split, thaw; the answer is described in the module docstring.
+    `resync`: a pair in `split` is resynced first (step 3) instead of refused."""
     started = time.perf_counter()
     try:
         fs = find_filesystem(directory)
@@ -104,7 +113,7 @@ def prepare(state: HostState, directory: str, port: str, *, timeout: float = 10.
             except ConfigError as e:
                 raise PrepareError("bad-config", f"{att.describe()}: {e}") from None
             with client:
-                answer = _prepare(state, client, fs, att, directory, port, timeout)
+                answer = _prepare(state, client, fs, att, port, timeout, resync)
     except Busy:
         raise PrepareError("busy", f"{fs.mountpoint} is being prepared already: one prepare "
                                    "per filesystem at a time") from None
@@ -125,10 +134,15 @@ def _call_error(client: AdminClient, method: str, e: AdminError) -> PrepareError
     return PrepareError(code, f"{method} at {client.where}: {e.message}")
 
 
-def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, port: str,
-             timeout: float) -> dict:
+def _prepare(state: HostState, client: AdminClient, fs, att, port: str,
+             timeout: float, resync: bool) -> dict:
     located = _call(client, "locate", name=att.volume, port=port)
     pair = _call(client, "pair.show", name=located["pair"])
+    resynced: list[str] = []
+    if resync and pair["state"] == "split":
+        _check_token(client, pair, pair.get("group"))
+        resynced = _resync_split(client, pair)
+        pair = _call(client, "pair.show", name=pair["name"])
     if pair["state"] == "error":
         raise PrepareError("pair-error", f"pair {pair['name']} of volume {att.volume} is in "
                                          f"state error: {pair.get('reason') or 'no reason given'}"
@@ -138,8 +152,9 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         raise PrepareError("pair-state", f"pair {pair['name']} of volume {att.volume} is in "
                                          f"state {pair['state']}, which cannot be split (from: "
                                          f"{allowed}); nothing was frozen"
-                           + (f" (splitctl pair resync {pair['name']})"
-                              if pair["state"] == "split" else ""))
+                           + (": add --resync (splitctl backup prepare --resync, default in "
+                              "backup run) or resync it (splitctl pair resync "
+                              f"{pair['name']})" if pair["state"] == "split" else ""))
     group = pair.get("group")
     _check_token(client, pair, group)
     # The daemon's clock, read before the hook (d0, answered by our a1):
@@ -221,8 +236,24 @@ def _prepare(state: HostState, client: AdminClient, fs, att, directory: str, por
         "created": after.get("created"),
         "frozen_at": window.frozen_at,
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
+        "resynced": resynced,
         "warnings": warnings,
     }
+
+
+def _resync_split(client: AdminClient, pair: dict) -> list[str]:
+    """Before the hook and the freeze: resync the pair, or every member of
+    its group, that is in `split` (members in another state are left for
+    the split to take or refuse). The names resynced."""
+    group = pair.get("group")
+    if group:
+        members = [p for p in _call(client, "pair.list")["pairs"] if p.get("group") == group]
+    else:
+        members = [pair]
+    names = [p["name"] for p in members if p.get("state") == "split"]
+    for name in names:
+        _call(client, "pair.resync", name=name)
+    return names
 
 
 # A failed split call whose outcome we do not know: no answer in time, or

@@ -13,8 +13,10 @@ Methods (the scope a token needs):
     list                          read     {"attachments": [...]}, as `splitd-host list --json`
     status                        read     version, pid, uptime, watchdog, what was thawed at
                                            start, prepares done / failed / running
-    prepare {directory, port}     prepare  agents/host/prepare.py's answer; refusals carry
-                                           its codes (not-splitd, busy, split-failed, ...)
+    prepare {directory, port,     prepare  agents/host/prepare.py's answer; refusals carry
+             resync?}                      its codes (not-splitd, busy, split-failed, ...);
+                                           resync (bool, default false): a pair left split
+                                           is resynced first instead of refused
 
 prepare blocks (the hook, the freeze, the daemon's split): it runs in a worker
 thread while the event loop goes on serving; a connection's next request
@@ -247,6 +249,9 @@ class Service:
                            "splitd volume")
         if not isinstance(port, str) or not port:
             raise BadInput("prepare needs \"port\": the daemon's port to reach the secondary by")
+        resync = params.get("resync", False)
+        if not isinstance(resync, bool):
+            raise BadInput("prepare's \"resync\" is true or false")
         if self.stopping:
             raise Conflict("splitd-host is stopping: no new prepare")
         if len(self.running) >= MAX_PREPARES:
@@ -256,17 +261,19 @@ class Service:
         ident = self._ids
         self.running[ident] = {"directory": directory, "port": port, "started": time.time()}
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.pool, self._prepare, request, directory, port)
+        future = loop.run_in_executor(self.pool, self._prepare, request, directory, port,
+                                      resync)
         future.add_done_callback(lambda f: self.running.pop(ident, None))
         return future
 
-    def _prepare(self, request: Request, directory: str, port: str) -> bytes:
+    def _prepare(self, request: Request, directory: str, port: str, resync: bool) -> bytes:
         """In a worker thread: the reply to one prepare."""
         outcome: dict[str, Any] = {}
 
         def run() -> dict:
             try:
-                result = prepare(self.state, directory, port, timeout=self.cfg.watchdog_timeout)
+                result = prepare(self.state, directory, port, timeout=self.cfg.watchdog_timeout,
+                                 resync=resync)
             except PrepareError as e:
                 outcome.update(error=e.code)
                 raise

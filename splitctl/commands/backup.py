@@ -109,7 +109,9 @@ def agent_client(args: Namespace) -> AdminClient:
 
 def run_prepare(client: AdminClient, args: Namespace) -> Any:
     try:
-        return client.call("prepare", directory=args.dir, port=args.port)
+        # resync only when asked: an agent older than it is still called as before.
+        extra = {"resync": True} if getattr(args, "resync", False) else {}
+        return client.call("prepare", directory=args.dir, port=args.port, **extra)
     except AdminError as e:
         if e.code not in NOT_REFUSALS:
             # The agent's refusal: its code first, for people and scripts alike.
@@ -185,5 +187,8 @@ def add_commands(commands: Commands) -> None:
     sub.add_argument("--tls-ca", metavar="PEM", default=argparse.SUPPRESS,
                      help=f"CA certificate that signed the agent's (default: ${ENV_HOST_TLS_CA}, "
                           "else the system's CAs)")
+    sub.add_argument("--resync", action="store_true",
+                     help="a pair left split by the previous prepare is resynced first "
+                          "(its split image released) instead of refused")
     backup_agent.add_commands(backup)
     backup_served.add_commands(backup)

@@ -142,7 +142,8 @@ def _agent_prepare(args: Namespace) -> dict[str, Any]:
     """The host agent's prepare (backup.py makes the client and the call)."""
     from splitctl.commands.backup import agent_client, run_prepare
     ns = Namespace(host=args.host, dir=args.dir, port=args.port, connect=None, socket=None,
-                   token_file=args.host_token_file, tls_ca=args.host_tls_ca)
+                   token_file=args.host_token_file, tls_ca=args.host_tls_ca,
+                   resync=not args.no_resync)
     try:
         agent = agent_client(ns)
     except BadInput as e:
@@ -246,6 +247,8 @@ def check_run(args: Namespace) -> None:
         raise BadInput("--host needs --dir DIR and --port NAME")
     if args.pair and not args.port:
         raise BadInput("--pair needs --port NAME (the port the secondary is read through)")
+    if args.no_resync and not args.host:
+        raise BadInput("--no-resync goes with --host: only a run through the host agent splits")
     if args.volume and (args.dir or args.port):
         raise BadInput("--volume reads that export directly: drop --dir/--port")
     if args.full and args.incremental:
@@ -559,7 +562,11 @@ def add_commands(backup: Commands) -> None:
                     "ways:\n"
                     "  --host HOST --dir DIR --port NAME   ask the host agent there to prepare\n"
                     "      DIR (freeze, split, thaw: splitctl backup prepare) and read the\n"
-                    "      secondary through the daemon's port NAME (application-consistent);\n"
+                    "      secondary through the daemon's port NAME (application-consistent).\n"
+                    "      The split image stays until the next run: that run first resyncs\n"
+                    "      the pair (releasing the previous split image; the delta chain is\n"
+                    "      kept), then splits it again. So run the backups of a pair one at\n"
+                    "      a time; --no-resync refuses a pair still split instead;\n"
                     "  --pair PAIR --port NAME   read a pair that is split already, found with\n"
                     "      the daemon's locate (--socket/--connect; a read token suffices);\n"
                     "  --volume URI   read any NBD export as it is (crash-consistent; always a\n"
@@ -596,6 +603,9 @@ def add_commands(backup: Commands) -> None:
     sub.add_argument("--pair", metavar="PAIR", help="a split pair on the daemon")
     sub.add_argument("--volume", metavar="URI", help="an NBD export, read as it is")
     sub.add_argument("--dir", metavar="DIR", help="(--host) the directory to back up")
+    sub.add_argument("--no-resync", action="store_true",
+                     help="(--host) refuse a pair still split by the previous run (pair-state) "
+                          "instead of resyncing it first")
     sub.add_argument("--port", metavar="NAME", type=port_name,
                      help="the daemon's port the secondary is read through")
     sub.add_argument("--to", metavar="STORE",

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import sqlite3
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -245,8 +247,48 @@ def test_split_token_cannot_split_outside_its_volumes(rd, pki):
             "pair 'web-snap' has volume 'web'") in cp.stderr
     assert rd.call("pair.show", name="web-snap")["state"] != "split"
     # Nor other changes, of any volume.
-    cp = remote(rd, pki, token_file, "pair", "resync", "db-snap", check=False)
+    cp = remote(rd, pki, token_file, "pair", "restore", "db-snap", check=False)
     assert cp.returncode == 1 and "needs scope admin" in cp.stderr
+
+
+def test_split_token_resyncs_only_a_split_pair_of_its_volumes(rd, pki):
+    """What the host agent's prepare --resync needs: a normal resync of a
+    split pair (the delta chain kept). Not a pair outside its glob, not one
+    mirroring, and not a full resync from error: that one is an admin's."""
+    token_file = make_token(rd, "backup", "split", "db*")
+    first = json.loads(remote(rd, pki, token_file, "--json", "pair", "split", "db-snap").stdout)
+    out = json.loads(remote(rd, pki, token_file, "--json", "pair", "resync", "db-snap").stdout)
+    assert out["state"] in ("resync", "pair") and out["delta_base"] == first["split_gen"], out
+    assert "(token backup): pair.resync" in rd.log()
+    cp = remote(rd, pki, token_file, "pair", "resync", "db-snap", check=False)
+    assert cp.returncode == 1 and (f"forbidden: pair 'db-snap' is in state {out['state']}"
+                                   in cp.stderr or "state pair" in cp.stderr), cp.stderr
+    assert "may resync only a pair in state split" in cp.stderr
+    rd.call("pair.split", name="web-snap")
+    cp = remote(rd, pki, token_file, "pair", "resync", "web-snap", check=False)
+    assert cp.returncode == 1 and "pair 'web-snap' has volume 'web'" in cp.stderr
+    assert rd.call("pair.show", name="web-snap")["state"] == "split"
+
+    # In error (the pending bitmap of a split pair lost while the daemon is
+    # down, as in tests/pairs/test_restart.py): refused, still in error.
+    rd.create_volume("dberr", "4M")
+    subprocess.run(["nbdcopy", "-", rd.uri("dberr")], input=os.urandom(4 << 20), check=True,
+                   timeout=60)
+    rd.call("pair.create", primary="dberr", secondary="dberr-snap", create_secondary=True,
+            rate=1)
+    rd.call("pair.split", name="dberr-snap")
+    rd.stop()
+    for f in (rd.data_dir / "pairs" / "dberr-snap").glob("diff.*.bm"):
+        f.unlink()
+    rd.start()
+    if rd.call("pair.show", name="dberr-snap")["state"] != "error":
+        pytest.skip("the pair did not come back in error")
+    cp = remote(rd, pki, token_file, "--json", "pair", "resync", "dberr-snap", check=False)
+    error = json.loads(cp.stdout)["error"]
+    assert cp.returncode == 1 and error["code"] == "forbidden", cp.stdout
+    assert error["message"].startswith("forbidden: pair 'dberr-snap' is in state error: its "
+                                       "resync is a full resync, which needs scope admin"), error
+    assert rd.call("pair.show", name="dberr-snap")["state"] == "error"
 
 
 def test_split_token_group_split_needs_every_pair_in_its_volumes(rd, pki):

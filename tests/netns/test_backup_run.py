@@ -5,7 +5,9 @@ through the daemon's TLS `backup` port into a store on the backup host;
 then the snapshot is restored into a file there (fsck -n clean, every file
 completed before the freeze has its checksum) and, through the daemon's
 remote admin API, into a new volume, equal to it. A second run after more
-writes is an incremental of the first, and restores as exactly.
+writes, with the pair still split from the first (as a nightly job finds
+it), resyncs it first and is an incremental of the first; it restores as
+exactly.
 """
 from __future__ import annotations
 
@@ -110,10 +112,22 @@ def test_backup_run_with_the_host_agent(site, app_fixture, tmp_path, when):
         assert cp.returncode == 0, cp.stdout + cp.stderr
         assert first_mismatch(file_digests(image), image_digests(site.daemon.uri(volume))) is None
 
-        # More writes, another prepare: an incremental of the first.
-        splittable(site)
+        # More writes, another run, as a nightly job would: the pair is still
+        # split from the first. --no-resync refuses it, naming the option; by
+        # default the agent resyncs it first (its split token may, controller/
+        # access.py) and the run is an incremental of the first.
         wait_records(log, prepared["frozen_at"] + prepared["window_ms"] / 1000, 10)
+        cp = site.net.run("backup", [str(BIN / "splitctl"), "--json", "backup", "run", "--host",
+                                     f"{site.app_addr}:{AGENT_PORT}", "--dir", str(app.data),
+                                     "--port", "backup", "--to", str(store), "--host-token-file",
+                                     str(app.token), "--host-tls-ca", str(site.ca), "--no-resync"],
+                          env=site.env, timeout=120)
+        assert cp.returncode != 0 and "pair-state" in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+        assert "add --resync" in cp.stdout + cp.stderr, cp.stdout + cp.stderr
         second = run_backup(site, app, store, when)
+        assert second["prepare"]["resynced"] == ["db-snap"], second["prepare"]
+        assert second["split_gen"] == first["split_gen"] + 1, (first, second)
+        assert second["delta_base"] == first["split_gen"], second
         assert second["mode"] == "incremental" and second["parent"] == first["snapshot"], second
         assert second["bytes_read"] <= second["delta_bytes"], second
         restored_file_checked(site, store, second["snapshot"], tmp_path, log, f"run{when}",

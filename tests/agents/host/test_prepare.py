@@ -128,6 +128,28 @@ def test_prepare_through_a_bind_mount(host, daemon, paired, tmp_path):
     assert writable(paired)
 
 
+def test_prepare_again_with_resync_keeps_the_delta_chain(host, daemon, paired):
+    """The nightly case: the previous prepare left the pair split. Without
+    --resync: refused, naming the option, nothing frozen. With it: resynced
+    before the freeze, split again, the next split generation, its delta
+    based on the previous split (an incremental of it)."""
+    _, first, _ = host.json("prepare", paired, "--port", "unix")
+    (paired / "more").write_bytes(os.urandom(1 << 20))
+    rc, err, _ = host.json("prepare", paired, "--port", "unix", check=False)
+    assert rc == 1 and err["error"]["code"] == "pair-state", err
+    assert "is in state split" in err["error"]["message"], err
+    assert "add --resync (splitctl backup prepare --resync" in err["error"]["message"], err
+    assert not journal(host)
+    _, second, _ = host.json("prepare", paired, "--port", "unix", "--resync")
+    assert second["resynced"] == ["s"] and second["state"] == "split", second
+    assert second["split_gen"] == first["split_gen"] + 1, (first, second)
+    assert second["delta_base"] == first["split_gen"], (first, second)
+    _, third, _ = host.json("prepare", paired, "--port", "unix", "--resync")
+    assert third["split_gen"] == second["split_gen"] + 1, third
+    assert third["delta_base"] == second["split_gen"], third
+    assert writable(paired)
+
+
 def test_a_pair_in_a_group_splits_the_group(host, daemon, tmp_path):
     daemon.create_volume("p", "64M")
     daemon.create_volume("q", "64M")
@@ -143,6 +165,12 @@ def test_a_pair_in_a_group_splits_the_group(host, daemon, tmp_path):
         _, answer, _ = host.json("prepare", mnt, "--port", "unix")
         assert answer["group"] == "g" and answer["pair"] == "s", answer
         assert daemon.call("pair.show", name="t")["state"] == "split"
+        # Again with --resync: every member resynced first, the group split.
+        _, again, _ = host.json("prepare", mnt, "--port", "unix", "--resync")
+        assert sorted(again["resynced"]) == ["s", "t"], again
+        assert again["split_gen"] == answer["split_gen"] + 1, again
+        t = daemon.call("pair.show", name="t")
+        assert t["state"] == "split" and t["delta_base"] == answer["split_gen"], t
         assert writable(mnt)
     finally:
         subprocess.run(["umount", mnt], check=True, timeout=60)
@@ -416,6 +444,10 @@ def test_a_pair_in_error_is_refused(host, daemon, tmp_path):
         assert rc == 1 and err["error"]["code"] == "pair-error", err
         assert info["reason"].split()[0] in err["error"]["message"], (info, err)
         assert "splitctl pair resync s" in err["error"]["message"], err
+        # --resync is not a full resync: that stays the admin's decision.
+        rc, err, _ = host.json("prepare", mnt, "--port", "unix", "--resync", check=False)
+        assert rc == 1 and err["error"]["code"] == "pair-error", err
+        assert daemon.call("pair.show", name="s")["state"] == "error"
         assert writable(mnt)
     finally:
         subprocess.run(["umount", mnt], check=True, timeout=60)

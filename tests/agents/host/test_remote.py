@@ -41,6 +41,10 @@ def test_prepare_through_the_remote_admin_api(host, make_daemon, pki, tmp_path):
 
     _, answer, _ = host.json("prepare", mnt, "--port", "unix")
     assert answer["pair"] == "s" and answer["uri"] == d.uri("s"), answer
+    # The next one: the split token resyncs its pair first (a normal resync).
+    _, again, _ = host.json("prepare", mnt, "--port", "unix", "--resync")
+    assert again["resynced"] == ["s"] and again["split_gen"] == answer["split_gen"] + 1, again
+    assert again["delta_base"] == answer["split_gen"], again
     d.call("pair.resync", name="s")
 
     # Out of scope: a read token, then a split token for other volumes, then
