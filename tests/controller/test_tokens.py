@@ -90,15 +90,16 @@ def test_scope_table():
     assert required_scope("volume.delete") == Scope.ADMIN
     assert required_scope("token.create") == Scope.ADMIN
     assert required_scope("no.such.method") == Scope.ADMIN
-    assert {m for m, s in METHOD_SCOPES.items() if s == Scope.SPLIT} == {"pair.split", "group.split"}
+    assert ({m for m, s in METHOD_SCOPES.items() if s == Scope.SPLIT}
+            == {"pair.split", "group.split", "pair.resync"})
     assert covers("admin", "split") and covers("split", "read") and not covers("read", "split")
 
 
 def _pairs(*specs):
-    """A stand-in for PairManager: pairs by name, with primary, secondary, group."""
-    def pair(name, primary, group=None):
+    """A stand-in for PairManager: pairs by name, with primary, secondary, group, state."""
+    def pair(name, primary, group=None, state="pair"):
         return SimpleNamespace(name=name, primary=SimpleNamespace(name=primary),
-                               secondary=SimpleNamespace(name=name), group=group)
+                               secondary=SimpleNamespace(name=name), group=group, state=state)
     return SimpleNamespace(pairs={s[0]: pair(*s) for s in specs})
 
 
@@ -107,12 +108,19 @@ def _token(scope, volumes="*"):
 
 
 def test_authorize():
-    pairs = _pairs(("db-snap", "db", "g"), ("web-snap", "web", "g"), ("db2-snap", "db2", "h"))
+    pairs = _pairs(("db-snap", "db", "g"), ("web-snap", "web", "g"), ("db2-snap", "db2", "h", "split"),
+                   ("db3-snap", "db3", None, "error"))
     authorize(_token("read"), "pair.list", {}, pairs)
     with pytest.raises(Forbidden, match="needs scope split"):
         authorize(_token("read"), "pair.split", {"name": "db-snap"}, pairs)
-    with pytest.raises(Forbidden, match="needs scope admin"):
+    # A split token resyncs a split pair of its volumes, nothing else.
+    authorize(_token("split"), "pair.resync", {"name": "db2-snap"}, pairs)
+    with pytest.raises(Forbidden, match="may resync only a pair in state split"):
         authorize(_token("split"), "pair.resync", {"name": "db-snap"}, pairs)
+    with pytest.raises(Forbidden, match="full resync, which needs scope admin"):
+        authorize(_token("split"), "pair.resync", {"name": "db3-snap"}, pairs)
+    with pytest.raises(Forbidden, match="needs scope admin"):
+        authorize(_token("split"), "pair.restore", {"name": "db2-snap"}, pairs)
     split = _token("split", "db*")
     authorize(split, "pair.split", {"name": "db-snap"}, pairs)
     authorize(split, "group.split", {"name": "h"}, pairs)
