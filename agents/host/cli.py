@@ -20,6 +20,7 @@ from typing import Any
 from agents.host import service, tokens_cmd
 from agents.host.attach import AttachError, Attachments, attach, detach, status
 from agents.host.prepare import PrepareError, prepare
+from agents.host.rcu import restore_leftover
 from agents.host.state import (
     DEFAULT_FREEZE_TIMEOUT,
     DEFAULT_STATE_DIR,
@@ -98,17 +99,21 @@ def _list(args: argparse.Namespace) -> int:
 
 # -- prepare, thaw-all -------------------------------------------------------------------
 
-def report_thawed(thawed: list[dict]) -> None:
-    """What a previous agent left frozen and this one thawed, on stderr."""
+def report_thawed(thawed: list[dict], rcu_restored: str | None = None) -> None:
+    """What a previous agent left frozen and this one thawed, and the RCU
+    knob it left set, on stderr."""
     for t in thawed:
         print(f"{PROG}: {t['mountpoint']} was left frozen by agent pid {t.get('agent_pid')} "
               f"(watchdog pid {t.get('watchdog_pid')}): {t['result']}", file=sys.stderr)
+    if rcu_restored:
+        print(f"{PROG}: {rcu_restored}", file=sys.stderr)
 
 
 def _prepare(args: argparse.Namespace) -> int:
     hook = HookConfig(args.hook, args.hook_timeout) if args.hook else HookConfig()
-    with HostState.open(args.state_dir, hook=hook, freeze_timeout=args.timeout) as state:
-        report_thawed(state.thawed_at_start)
+    with HostState.open(args.state_dir, hook=hook, freeze_timeout=args.timeout,
+                        expedite=args.expedite) as state:
+        report_thawed(state.thawed_at_start, state.rcu_restored)
         try:
             answer = prepare(state, args.directory, args.port, timeout=args.timeout,
                              resync=args.resync)
@@ -128,8 +133,19 @@ def _thaw_all(args: argparse.Namespace) -> int:
     thawed = thaw_leftovers(args.state_dir, include_live=args.force)
     text = "\n".join(f"{t['mountpoint']}: {t['result']} (left by agent pid {t.get('agent_pid')})"
                      for t in thawed) or "nothing was left frozen"
-    emit(args, {"thawed": thawed}, text)
+    answer: dict = {"thawed": thawed}
+    rcu = restore_leftover(args.state_dir)
+    if rcu:
+        answer["rcu"] = rcu
+        text += "\n" + rcu
+    emit(args, answer, text)
     return EXIT_FAILED if any(t["result"].startswith("failed") for t in thawed) else 0
+
+
+EXPEDITE_HELP = ("leave RCU grace periods alone during FIFREEZE (by default "
+                 "/sys/kernel/rcu_expedited is set to 1 for the FIFREEZE call only, if it was 0: "
+                 "FIFREEZE waits for three grace periods, ~12 ms each at HZ=250; expedited, "
+                 "tens of microseconds, at the cost of an IPI to every CPU)")
 
 
 def _positive(text: str) -> float:
@@ -203,7 +219,8 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
                "port), pair, group, volume, directory, mountpoint, device, split_gen,\n"
                "delta_base, generation, split_at, state, resynced (--resync), frozen_at\n"
                "(epoch s), freeze_ms (the FIFREEZE\n"
-               "call), window_ms (FIFREEZE start to FITHAW end), prepare_ms, warnings\n"
+               "call), window_ms (FIFREEZE start to FITHAW end), expedited (RCU grace\n"
+               "periods were expedited during FIFREEZE), prepare_ms, warnings\n"
                "(a failed post-thaw hook), thawed_at_start (what a dead agent had left\n"
                "frozen, thawed before this prepare).\n\n"
                "error codes (--json: {\"error\": {\"code\", \"message\"}}): not-found,\n"
@@ -225,12 +242,16 @@ def _add_local_commands(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--resync", action="store_true",
                    help="a pair left split (by the previous prepare) is resynced first, "
                         "releasing its split image, instead of refused (pair-state)")
+    p.add_argument("--no-expedite", dest="expedite", action="store_false",
+                   help=EXPEDITE_HELP)
     p.set_defaults(run=_prepare)
 
     p = commands.add_parser(
         "thaw-all", parents=[common], help="thaw what a dead agent left frozen",
         description="Thaw every filesystem the freeze journal says is frozen and whose "
-                    "watchdog is gone (for the unit's ExecStopPost=).")
+                    "watchdog is gone, and put /sys/kernel/rcu_expedited back to 0 if a dead "
+                    "agent left it set (for the unit's ExecStopPost=). --json: {\"thawed\": "
+                    "[...]}, with \"rcu\": WHAT_WAS_DONE when there was such a knob.")
     p.add_argument("--force", action="store_true",
                    help="also those whose watchdog still runs (a prepare in progress)")
     p.set_defaults(run=_thaw_all)

@@ -17,6 +17,10 @@ freeze), freeze, run the caller's block, thaw (whatever the block raised),
 disarm. If the watchdog's deadline passed first, it thawed: our thaw finds
 the filesystem not frozen, and window.watchdog_fired says so; the caller must
 not trust what it did inside as done while frozen.
+
+With `expedite` (the agent's state directory), RCU grace periods are
+expedited for the FIFREEZE call only (agents/host/rcu.py: most of a FIFREEZE
+is three grace periods, not I/O); window.expedited says whether they were.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from agents.host.rcu import expedited
 
 __all__ = ["FIFREEZE", "FITHAW", "FreezeError", "Window", "freeze_fd", "thaw_fd",
            "open_mountpoint", "syncfs", "frozen"]
@@ -62,6 +68,7 @@ class Window:
     frozen: bool = False        # our FIFREEZE succeeded
     thawed: bool = False        # and our FITHAW after it (or it was thawed already)
     watchdog_fired: dict | None = None
+    expedited: bool = False     # RCU grace periods were expedited during FIFREEZE
 
 
 def open_mountpoint(path: str) -> int:
@@ -107,9 +114,12 @@ def thaw_fd(fd: int) -> bool:
 
 
 @contextlib.contextmanager
-def frozen(mountpoint: str, watchdog, timeout: float) -> Iterator[Window]:
+def frozen(mountpoint: str, watchdog, timeout: float,
+           expedite: str | os.PathLike | None = None) -> Iterator[Window]:
     """Freeze `mountpoint` for the block; thawed on the way out whatever
-    happens, and by `watchdog` after `timeout` seconds if we are stuck."""
+    happens, and by `watchdog` after `timeout` seconds if we are stuck.
+    `expedite`: the state directory, to expedite RCU grace periods during
+    the FIFREEZE call (see the module); None: leave them alone."""
     window = Window()
     fd = open_mountpoint(mountpoint)
     try:
@@ -121,9 +131,11 @@ def frozen(mountpoint: str, watchdog, timeout: float) -> Iterator[Window]:
         # filesystem someone else froze (EBUSY) is left as it is.
         need_thaw = False
         try:
-            window.frozen_at = time.time()
-            started = time.perf_counter()
-            freeze_fd(fd, mountpoint)
+            rcu = expedited(expedite) if expedite is not None else contextlib.nullcontext(False)
+            with rcu as window.expedited:
+                window.frozen_at = time.time()
+                started = time.perf_counter()
+                freeze_fd(fd, mountpoint)
             need_thaw = window.frozen = True
             window.freeze_ms = (time.perf_counter() - started) * 1000
             try:

@@ -16,7 +16,8 @@ In order, each step refusing with a PrepareError before anything is frozen:
      "Split generations"); a split from `resync` is allowed
      (controller/states.py), so the next steps go on at once;
   4. the pre-freeze hook (`HOOK freeze MOUNTPOINT`);
-  5. frozen(): syncfs, arm the watchdog, FIFREEZE, pair.split (group.split
+  5. frozen(): syncfs, arm the watchdog, FIFREEZE (with RCU grace periods
+     expedited, unless HostState.expedite is off), pair.split (group.split
      when the pair is in a consistency group), FITHAW, disarm;
   6. the post-thaw hook (`HOOK thaw MOUNTPOINT`): a failure there is
      reported in "warnings", the split image is good;
@@ -27,8 +28,10 @@ locate), pair, group, volume, directory, mountpoint, device, split_gen and
 delta_base (from the split reply or locate when the daemon gives them, else
 None), generation (the pair's bitmap generation), split_at, state, frozen_at (wall clock at
 FIFREEZE), freeze_ms (the FIFREEZE call), window_ms (FIFREEZE start to FITHAW
-end: how long writers were blocked), prepare_ms (all of it), resynced (the
-pairs resynced first, with `resync`), warnings.
+end: how long writers were blocked), expedited (RCU grace periods were
+expedited during FIFREEZE: agents/host/rcu.py; HostState.expedite),
+prepare_ms (all of it), resynced (the pairs resynced first, with
+`resync`), warnings.
 
 A split that fails after the freeze still thaws (frozen() thaws whatever
 the block raises) and raises "split-failed" with the daemon's message.
@@ -183,7 +186,8 @@ def _prepare(state: HostState, client: AdminClient, fs, att, port: str,
         deadline = time.monotonic() + _allowance(timeout)
         if daemon_now is not None:
             params["not_after"] = daemon_now + (deadline - read_at)
-        with frozen(fs.mountpoint, watchdog, timeout) as window:
+        with frozen(fs.mountpoint, watchdog, timeout,
+                    expedite=state.state_dir if state.expedite else None) as window:
             try:
                 split = client.call_before(deadline, method, **params)
             except AdminError as e:
@@ -236,6 +240,7 @@ def _prepare(state: HostState, client: AdminClient, fs, att, port: str,
         "created": after.get("created"),
         "frozen_at": window.frozen_at,
         "freeze_ms": round(window.freeze_ms, 1), "window_ms": round(window.window_ms, 1),
+        "expedited": window.expedited,
         "resynced": resynced,
         "warnings": warnings,
     }

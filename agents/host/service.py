@@ -12,7 +12,8 @@ Methods (the scope a token needs):
     ping                          read     {"pong": true}
     list                          read     {"attachments": [...]}, as `splitd-host list --json`
     status                        read     version, pid, uptime, watchdog, what was thawed at
-                                           start, prepares done / failed / running
+                                           start, expedite (RCU, see rcu.py), prepares done /
+                                           failed / running
     prepare {directory, port,     prepare  agents/host/prepare.py's answer; refusals carry
              resync?}                      its codes (not-splitd, busy, split-failed, ...);
                                            resync (bool, default false): a pair left split
@@ -84,6 +85,7 @@ class ServeConfig:
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT
     handshake_timeout: float = 10.0
     log_level: str = "info"
+    expedite: bool = True                   # RCU grace periods during FIFREEZE (rcu.py)
 
 
 KEYS = tuple(f.name for f in fields(ServeConfig))
@@ -103,6 +105,10 @@ def _seconds(value: object, where: str) -> float:
 def _check(key: str, value: object, where: str) -> object:
     if key.endswith("_timeout"):
         return _seconds(value, where)
+    if key == "expedite":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: give true or false (got {value!r})")
+        return value
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: give a non-empty string (got {value!r})")
     if key == "log_level" and value not in LOG_LEVELS:
@@ -237,6 +243,7 @@ class Service:
                          "pid": watchdog.pid if watchdog is not None else None,
                          "timeout_s": self.cfg.watchdog_timeout},
             "thawed_at_start": self.state.thawed_at_start,
+            "expedite": self.state.expedite,
             "prepares": {"done": self.done, "failed": self.failed,
                          "running": list(self.running.values()), "last": self.last},
         }
@@ -323,10 +330,12 @@ async def serve(cfg: ServeConfig, state_dir: str) -> int:
     loop = asyncio.get_running_loop()
     # Thaws what a previous agent left frozen, starts the watchdog process.
     state = await loop.run_in_executor(None, lambda: HostState.open(
-        state_dir, hook=hook, freeze_timeout=cfg.watchdog_timeout))
+        state_dir, hook=hook, freeze_timeout=cfg.watchdog_timeout, expedite=cfg.expedite))
     for t in state.thawed_at_start:
         log.warning("%s was left frozen by agent pid %s (watchdog pid %s): %s", t["mountpoint"],
                     t.get("agent_pid"), t.get("watchdog_pid"), t["result"])
+    if state.rcu_restored:
+        log.warning("%s", state.rcu_restored)
     service = Service(cfg, state, tokens)
     servers: list[TokenServer] = []
     try:
@@ -404,6 +413,7 @@ configuration:
       tls_key = "/etc/splitd-host/key.pem"
       watchdog_timeout = 10
       hook = "/etc/splitd-host/freeze-hook"
+      expedite = true       # false: as --no-expedite
 
 methods (newline-delimited JSON, as splitd's admin API):
   ping, list, status             scope read
@@ -425,7 +435,7 @@ examples:
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     # Here, not at the top: cli imports this module to register it.
-    from agents.host.cli import _positive as seconds
+    from agents.host.cli import EXPEDITE_HELP, _positive as seconds
 
     p = commands.add_parser(
         "serve", parents=[common], help="run the agent's service (prepare over TCP/TLS)",
@@ -455,4 +465,6 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
                    help="a TCP client must finish TLS and send its token within S seconds "
                         "(default 10)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    p.add_argument("--no-expedite", dest="expedite", action="store_const", const=False,
+                   default=None, help=EXPEDITE_HELP)
     p.set_defaults(run=_run)

@@ -93,21 +93,28 @@ class HostState:
     hook: HookConfig = field(default_factory=HookConfig)
     freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT
     thawed_at_start: list[dict] = field(default_factory=list)
+    # Expedite RCU grace periods during FIFREEZE (agents/host/rcu.py).
+    expedite: bool = True
+    # What was done about the RCU knob a dead agent left set (or None).
+    rcu_restored: str | None = None
     _locks: dict[tuple[int, int], threading.Lock] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, state_dir: str | os.PathLike | None = None, *, hook: HookConfig | None = None,
-             freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT, start_watchdog: bool = True
-             ) -> HostState:
+             freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT, start_watchdog: bool = True,
+             expedite: bool = True) -> HostState:
         """Make the state directory, thaw what a previous agent left frozen
-        (thawed_at_start says what), and start the watchdog."""
+        (thawed_at_start says what) and put back the RCU knob it left set
+        (rcu_restored), and start the watchdog."""
+        from agents.host.rcu import restore_leftover
         from agents.host.watchdog import Watchdog, thaw_leftovers
 
         state = cls(Path(state_dir or default_state_dir()), hook=hook or HookConfig(),
-                    freeze_timeout=freeze_timeout)
+                    freeze_timeout=freeze_timeout, expedite=expedite)
         state.ensure_dirs()
         state.thawed_at_start = thaw_leftovers(state.state_dir)
+        state.rcu_restored = restore_leftover(state.state_dir)
         if start_watchdog:
             state.watchdog = Watchdog(state.state_dir)
             state.watchdog.start()

@@ -20,6 +20,11 @@ with -9, crashes), a filesystem it froze is thawed:
   directory fsynced), before the agent freezes; disarm() removes it after
   the thaw.
 
+The same goes for the RCU knob an agent sets for the length of a FIFREEZE
+(agents/host/rcu.py): the watchdog, seeing its agent go or being stopped,
+puts it back if the agent left its marker (restore_leftover), and so do
+thaw_leftovers' callers (the next agent, thaw-all).
+
 Journal: STATE_DIR/frozen/WATCHDOGPID-MAJOR-MINOR.json, one per frozen
 filesystem: {"mountpoint", "devno", "frozen_at", "timeout", "agent_pid",
 "watchdog_pid"}.
@@ -49,6 +54,7 @@ from typing import Any
 
 from agents.host.freeze import open_mountpoint, thaw_fd
 from agents.host.mounts import device_number
+from agents.host.rcu import restore_leftover
 from agents.host.state import read_json, remove_durably, write_json
 
 __all__ = ["Watchdog", "WatchdogError", "thaw_leftovers"]
@@ -80,6 +86,8 @@ class _Armed:
 class _Process:
     def __init__(self, sock: socket.socket, state_dir: Path):
         self.sock = sock
+        self.state_dir = state_dir
+        self.agent_pid = os.getppid()   # the agent that started us
         self.journal_dir = state_dir / "frozen"
         self.armed: dict[str, _Armed] = {}
         self.fired: dict[str, dict] = {}
@@ -104,6 +112,7 @@ class _Process:
                     _log(f"the agent went away with {len(self.armed)} filesystem(s) frozen: "
                          "thawing now")
                 self.thaw_all("the agent went away")
+                self.restore_rcu(self.agent_pid)
                 return
             buf += data
             while b"\n" in buf:
@@ -193,6 +202,11 @@ class _Process:
         for mountpoint in list(self.armed):
             self.thaw(mountpoint, why)
 
+    def restore_rcu(self, gone_pid: int | None) -> None:
+        done = restore_leftover(self.state_dir, gone_pid)
+        if done:
+            _log(done)
+
 
 def _main(argv: list[str]) -> int:
     state_dir, fd = Path(argv[0]), int(argv[1])
@@ -209,6 +223,7 @@ def _main(argv: list[str]) -> int:
         proc.run()
     finally:
         proc.thaw_all("the watchdog was stopped")
+        proc.restore_rcu(None)
     return 0
 
 

@@ -42,7 +42,7 @@ def rounds() -> int:
 
 def drive(argv: list[str]) -> int:
     """PREPARE_ROUNDS x (prepare timed, pair.resync); one JSON line per prepare
-    on stdout: {"e2e_ms", "window_ms", "freeze_ms", "agent_ms", "split_gen"}."""
+    on stdout: {"e2e_ms", "window_ms", "freeze_ms", "agent_ms", "split_gen", "expedited"}."""
     # The agent speaks the daemon's remote admin protocol (splitctl's
     # HostAgentClient is this client with other words in its errors).
     from splitctl.client import RemoteAdminClient
@@ -70,7 +70,8 @@ def drive(argv: list[str]) -> int:
             print(json.dumps({"e2e_ms": round(e2e, 3), "window_ms": answer["window_ms"],
                               "freeze_ms": answer["freeze_ms"],
                               "agent_ms": answer["prepare_ms"],
-                              "split_gen": answer.get("split_gen")}), flush=True)
+                              "split_gen": answer.get("split_gen"),
+                              "expedited": answer.get("expedited")}), flush=True)
     return 0
 
 
@@ -140,6 +141,9 @@ def one_size(ctx: Context, label: str, size: int, n: int) -> dict:
             "window_p50_ms": percentile(windows, 50), "window_p99_ms": percentile(windows, 99),
             "window_max_ms": max(windows),
             "freeze_p50_ms": percentile([r["freeze_ms"] for r in rows], 50),
+            "freeze_p99_ms": percentile([r["freeze_ms"] for r in rows], 99),
+            "split_p50_ms": percentile([r["window_ms"] - r["freeze_ms"] for r in rows], 50),
+            "expedited": sum(1 for r in rows if r.get("expedited")),
             "e2e_p50_ms": round(percentile(e2e, 50), 1), "e2e_p99_ms": round(percentile(e2e, 99), 1),
             "e2e_max_ms": round(max(e2e), 1),
             "agent_p50_ms": percentile([r["agent_ms"] for r in rows], 50),
@@ -190,7 +194,10 @@ def section_prepare(ctx: Context) -> dict:
               f"ms  max {r['e2e_max_ms']:6.1f} ms   (target p99 < {PREPARE_P99_TARGET_MS:g} ms)  "
               f"{verdict(ok_e)}")
         print(f"  {'':6s} {r['rounds']} prepares in {r['wall_s']} s; agent's own prepare p50 "
-              f"{r['agent_p50_ms']:.1f} ms, FIFREEZE p50 {r['freeze_p50_ms']:.1f} ms; the writer "
+              f"{r['agent_p50_ms']:.1f} ms; FIFREEZE p50 {r['freeze_p50_ms']:.1f} ms, p99 "
+              f"{r['freeze_p99_ms']:.1f} ms (RCU grace periods expedited in {r['expedited']} of "
+              f"{r['rounds']}), the rest of the window (split) p50 {r['split_p50_ms']:.1f} ms; "
+              "the writer "
               f"completed {r['files_written']} files; `splitctl backup prepare` (a process, "
               f"Python's start-up included) p50 {r['cli_p50_ms']:.0f} ms over {CLI_ROUNDS}")
     return out

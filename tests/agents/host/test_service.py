@@ -172,6 +172,7 @@ def test_ready_status_and_clean_stop(agent):
         assert c.call("list") == {"attachments": []}
     assert status["pid"] == agent.proc.pid and status["watchdog"]["alive"]
     assert status["watchdog"]["timeout_s"] == 10.0 and status["thawed_at_start"] == []
+    assert status["expedite"] is True
     assert status["prepares"] == {"done": 0, "failed": 0, "running": [], "last": None}
     assert str(agent.socket) in status["listeners"]
     assert f"127.0.0.1:{agent.port}" in status["listeners"]
@@ -192,7 +193,14 @@ def test_configuration_file_and_refusals(host, make_agent, tmp_path, pki):
     config.write_text('watchdog_timeout = 3\nhandshake_timeout = 2.5\nlog_level = "debug"\n')
     agent = make_agent("--config", str(config), "--watchdog-timeout", "4")
     with agent.local() as c:
-        assert c.call("status")["watchdog"]["timeout_s"] == 4.0     # the flag wins
+        status = c.call("status")
+    assert status["watchdog"]["timeout_s"] == 4.0     # the flag wins
+    assert status["expedite"] is True
+    assert agent.stop() == 0
+    config.write_text("expedite = true\n")
+    agent = make_agent("--config", str(config), "--no-expedite")
+    with agent.local() as c:
+        assert c.call("status")["expedite"] is False     # the flag wins
     assert agent.stop() == 0
 
     for args, words in [
@@ -208,6 +216,9 @@ def test_configuration_file_and_refusals(host, make_agent, tmp_path, pki):
     config.write_text("watchdog_timeout = 0\n")
     cp = host.run("serve", "--config", config, check=False)
     assert cp.returncode == 2 and "watchdog_timeout: give seconds" in one_line_error(cp)
+    config.write_text('expedite = "no"\n')
+    cp = host.run("serve", "--config", config, check=False)
+    assert cp.returncode == 2 and "expedite: give true or false" in one_line_error(cp)
     config.write_text('listn = "tcp://127.0.0.1:1"\n')
     cp = host.run("serve", "--config", config, check=False)
     assert cp.returncode == 2 and "unknown key 'listn'" in one_line_error(cp)
@@ -589,3 +600,4 @@ def test_example_configuration_loads():
     cfg = load_config(flags)
     assert cfg.listen == "tcp://0.0.0.0:10811" and cfg.watchdog_timeout == 10.0
     assert cfg.socket == "/run/splitd-host/agent.sock"
+    assert cfg.expedite is True
