@@ -298,7 +298,7 @@ def test_migration_from_v3_keeps_pairs(tmp_path):
 
     env = Env(data)
     try:
-        assert env.pairs.store.schema_version == SCHEMA_VERSION == 4
+        assert env.pairs.store.schema_version == SCHEMA_VERSION == 5
         # Every pair as it was, its v3 columns unchanged.
         new_rows = [tuple(r)[:10] for r in env.pairs.store.list_pairs()]
         assert new_rows == sorted(old_rows)
