@@ -459,6 +459,10 @@ class PairManager:
     def get(self, name: str) -> Pair:
         pair = self.pairs.get(validate_name(name))
         if pair is None:
+            if name in self.dissolved:
+                raise NotFound(f"no pair named {name!r}: the instant restore of volume {name!r} "
+                               f"ended ({self.dissolved[name]['state']}) and its pair is "
+                               f"dissolved (splitctl backup restore-status {name})")
             raise NotFound(f"no pair named {name!r} (a pair is named by its secondary volume)")
         return pair
 

@@ -103,12 +103,17 @@ def test_every_byte_equals_the_snapshot(daemon, image, tmp_path):
     subprocess.run(["cmp", str(out), "-"], input=plain, check=True)
     show = daemon.call("pair.show", name="r")
     assert show["source"]["snapshot"] == sid and show["copy_on_read"] > 0, show
+    assert "restore" in daemon.splitctl("pair", "show", "r").stdout
+    assert "r" in daemon.splitctl("pair", "list").stdout
+    assert "restoring from snapshot" in daemon.splitctl("backup", "restore-status", "r").stdout
     # Done: the pair is dissolved, the volume stands alone and equal.
     daemon.call("pair.set", name="r", rate=0)
     st = json.loads(daemon.splitctl("backup", "restore-status", "r", "--wait", "--interval", "0.2",
                                     "--json").stdout)
     assert st["state"] == "restored", st
     assert "r" not in daemon.call("status")["pairs"]
+    err = daemon.splitctl("pair", "show", "r", "--json", check=False)
+    assert err.returncode == 1 and "dissolved" in err.stdout, err.stdout
     assert _read_all(daemon, "r") == plain
     # Sparse: the zero chunks were never written.
     assert daemon.call("volume.show", name="r")["allocated"] <= 8 * MiB
