@@ -62,7 +62,6 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agents.store.index import ZERO_ID
 from volumes.bitmap import Bitmap
 from volumes.files import write_all
 
@@ -126,10 +125,9 @@ class SnapshotSource:
         index = self.backend.index
         cs = index.chunk_size
         bm = Bitmap(nbits)
-        for i in range(index.count):
-            if index.id_at(i) != ZERO_ID:
-                start = i * cs
-                bm.set_range(start // region_size, (start + index.chunk_len(i) - 1) // region_size)
+        for first, last in index.nonzero_runs():
+            end = last * cs + index.chunk_len(last)
+            bm.set_range(first * cs // region_size, (end - 1) // region_size)
         return bm.copy_bits()
 
     def read_now(self, offset: int, length: int) -> bytes | None:

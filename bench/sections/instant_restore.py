@@ -67,6 +67,7 @@ def _background(d: BenchSplitd, env: dict, store: str, sid: str, size: int) -> d
 
 def section_instant_restore(ctx: Context) -> dict:
     work = ctx.tempdir("/var/tmp", "splitd-bench-instant.")
+    (work / "d").mkdir()
     d = BenchSplitd(ctx, work / "d").start()
     env = dict(os.environ, SPLITD_ADMIN_SOCKET=str(d.admin_socket))
     out: dict = {"rounds": ROUNDS, "target_s": READY_TARGET_S, "images": {}}
