@@ -222,7 +222,7 @@ class SourcePair(Pair):
         self.kick()
         self.want_round()
         if self.read_waiters:
-            self._retry_reads()
+            self.retry_reads()
 
     # -- the data path: P -------------------------------------------------------------------
 
@@ -267,7 +267,9 @@ class SourcePair(Pair):
             return None
         return self.primary.read(offset, length)
 
-    def _retry_reads(self) -> None:
+    def retry_reads(self) -> None:
+        """Answer the reads waiting for fetches whose regions can be restored
+        (or are) now; the others wait on."""
         waiting, self.read_waiters = self.read_waiters, []
         for w in waiting:
             if w.future.done():

@@ -301,6 +301,9 @@ class PairManager:
         self.store.remove_pair(pair.name)
         self._unwire(pair)
         del self.pairs[pair.name]
+        # Reads still waiting for a fetch: restored meanwhile (by the engine),
+        # they are answered from P; the others (a delete) fail.
+        pair.retry_reads()
         pair.fail_waiters()
         for bm in pair.bm.values():
             bm.close()
