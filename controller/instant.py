@@ -293,6 +293,11 @@ class SourcePair(Pair):
         for w in waiting:
             if not w.future.done():
                 w.future.set_exception(self._unrestored())
+        if self.state == st.ERROR:
+            # Nothing is read from the snapshot in error: let the store and
+            # the chunk cache go.
+            self.source.close()
+            self.source.reason = "the pair is in error"
 
     def primary_extents(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int]]:
         if self.state not in (st.RESTORE, st.ERROR):

@@ -287,12 +287,15 @@ class Controller:
                                key_file: Param = None, rate: Param = 0) -> Reply:
         """A new volume restored from a snapshot, usable at once; the rest is
         restored in the background (controller/instant.py)."""
-        if not isinstance(store, str) or not store:
-            raise BadInput("store must be the path of a backup store directory or s3://BUCKET/PREFIX")
+        # Both are kept in the pair's row and opened again at every start:
+        # absolute, not relative to wherever the daemon runs.
+        if not isinstance(store, str) or not (store.startswith(("/", "s3://"))):
+            raise BadInput(f"store {quoted(store)} must be the absolute path of a backup store "
+                           "directory, or s3://BUCKET/PREFIX")
         if not isinstance(snapshot, str) or not snapshot:
             raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
-        if key_file is not None and not isinstance(key_file, str):
-            raise BadInput("key_file must be a path")
+        if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
+            raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
         volume = validate_name(volume)
         if self.served is not None and self.served.get(volume) is not None:
             raise Conflict(f"export name {volume!r} serves a backup snapshot; give the volume "

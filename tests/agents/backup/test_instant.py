@@ -258,16 +258,20 @@ def test_store_gone_at_restart(daemon, image):
     assert _read_all(daemon, "g") == plain
 
 
-def test_corrupt_chunk_is_eio_and_error(daemon, image):
-    store, sid, plain = image
+def _corrupt_chunk(store: Path, sid: str, i: int) -> None:
     from agents.store import open_dir
     from agents.store.names import chunk_name
     with open_dir(str(store)) as st:
-        path = store / chunk_name(st.index(sid).id_at(20))
+        path = store / chunk_name(st.index(sid).id_at(i))
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF
     os.chmod(path, 0o644)
     path.write_bytes(bytes(raw))
+
+
+def test_corrupt_chunk_is_eio_and_error(daemon, image):
+    store, sid, plain = image
+    _corrupt_chunk(store, sid, 20)
     _instant(daemon, store, sid, "c", "--rate", "64K")
     h = nbd.NBD()
     h.connect_uri(daemon.uri("c"))
@@ -288,6 +292,47 @@ def test_corrupt_chunk_is_eio_and_error(daemon, image):
     assert daemon.call("pair.show", name="c")["state"] == "error"
     with pytest.raises(nbd.Error):
         _read_all(daemon, "c")
+
+
+def test_corrupt_chunk_met_by_the_background_copy(daemon, image):
+    store, sid, plain = image
+    _corrupt_chunk(store, sid, 3)
+    _instant(daemon, store, sid, "b")         # unthrottled: the engine meets it first
+    deadline = time.monotonic() + 60
+    while (st := _status(daemon, "b"))["state"] == "restore" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert st["state"] == "error" and "chunk at 3145728+1048576" in st["reason"], st
+    assert "corrupt object" in st["reason"], st
+    h = nbd.NBD()
+    h.connect_uri(daemon.uri("b"))
+    with pytest.raises(nbd.Error) as e:
+        h.pread(4096, 3 * MiB + 4096)
+    assert e.value.errno == "EIO", e.value
+    assert h.pread(4096, 10 * MiB) == bytes(4096)     # a zero chunk
+    h.shutdown()
+
+
+def test_wrong_key_at_restart(daemon, tmp_path):
+    daemon.create_volume("k", 4 * MiB)
+    write_blocks(daemon, "k", [0], seed=6, length=4 * MiB)
+    store, key, other = tmp_path / "enc", tmp_path / "key", tmp_path / "other.key"
+    backup(daemon, "init", str(store), "--encrypt", str(key), "--chunk-size", "1M")
+    backup(daemon, "init", str(tmp_path / "other"), "--encrypt", str(other))
+    sid = backup(daemon, "run", "--volume", daemon.uri("k"), "--to", str(store),
+                 "--key-file", str(key))["snapshot"]
+    _instant(daemon, store, sid, "k2", "--key-file", str(key), "--rate", "64K")
+    daemon.kill9()
+    key.write_bytes(other.read_bytes())
+    daemon.start()
+    show = daemon.call("pair.show", name="k2")
+    assert show["state"] == "error" and "cannot reopen snapshot" in show["reason"], show
+    assert "key" in show["reason"], show
+    # Paths kept for restarts must be absolute (splitctl makes them so).
+    with pytest.raises(Exception, match="absolute"):
+        daemon.call("backup.instant_restore", store="enc", snapshot=sid, volume="k3")
+    with pytest.raises(Exception, match="absolute"):
+        daemon.call("backup.instant_restore", store=str(store), snapshot=sid, volume="k3",
+                    key_file="key")
 
 
 # -- ext4 on it, mounted at once (nbdfuse + loop), across kill -9 -----------------------
