@@ -1,7 +1,9 @@
 """splitctl backup serve | unserve | served | files | restore-files: a snapshot
 served read-only by the daemon straight from its store (controller/served.py),
 and the files of its backed-up directory listed or copied out of it
-(agents/backup/files.py).
+(agents/backup/files.py); `backup restore --instant` and `restore-status`: a
+snapshot restored by the daemon into a new volume usable at once
+(controller/instant.py).
 
 The daemon opens the store itself: it must be able to read the store's
 directory (and the key file of an encrypted store) at the paths given, made
