@@ -47,7 +47,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The sections, in the order they run (modules of bench/sections/).
 SECTION_MODULES = ("foundation", "scale", "split", "paired_writes", "copy_engine", "pair_memory",
-                   "prepare", "backup")
+                   "prepare", "backup", "instant_restore")
 
 NOTHING_RATE = 1                    # bytes/s: the engine copies (next to) nothing
 

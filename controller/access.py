@@ -32,6 +32,7 @@ METHOD_SCOPES: dict[str, Scope] = {
     "locate": Scope.READ,
     "port.list": Scope.READ,
     "backup.served": Scope.READ,
+    "backup.restore_status": Scope.READ,
     "pair.split": Scope.SPLIT,
     "group.split": Scope.SPLIT,
     # Only a normal resync of a split pair (authorize below): the host agent

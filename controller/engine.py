@@ -219,7 +219,7 @@ class CopyEngine:
 
 def _has_work(pair) -> bool:
     bm = pair.work_bitmap()
-    if bm is None:
+    if bm is None or pair.copy_waits():
         return False
     # A copy, resync or restore with nothing (left) to copy still needs one
     # step: the step is what moves it on to `pair`. Without this a resync of an

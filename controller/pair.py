@@ -146,6 +146,12 @@ class Pair:
             return self.diff
         return None
 
+    def copy_waits(self) -> bool:
+        """Whether the copy engine must leave this pair alone for now: its
+        source is still fetching what it needs (controller/instant.py; the
+        fetch kicks the engine when it is in)."""
+        return False
+
     def start_drain(self) -> None:
         """Progress counts afresh: from 0 to what this state has to copy."""
         work = self.work_bitmap()
@@ -178,6 +184,22 @@ class Pair:
         if (dst is self.primary and not self._siblings_ready(first, last)
                 and (not self.settle() or not self._siblings_ready(first, last))):
             raise NotReady
+        copied = self.copy_bytes(first, last, src, dst)
+        # In memory now; in the file once both copies are durable.
+        bitmap.clear_lazily(first, last)
+        n = last - first + 1
+        self.copied_regions += n
+        self.copied_bytes += copied
+        self.drain_done += n
+        if self.waiters:
+            self.wake_waiters()
+        self.poke()
+        return copied
+
+    def copy_bytes(self, first: int, last: int, src, dst) -> int:
+        """The bytes of regions first..last, from src to dst (staged buffers
+        instead of src where there are some); returns data bytes copied.
+        NotReady if they cannot be copied yet (controller/instant.py)."""
         copied = 0
         r = first
         while r <= last:
@@ -196,15 +218,6 @@ class Pair:
             off, length = self.span(r, end)
             copied += copy_range(src, dst, off, length, self.region_size)
             r = end + 1
-        # In memory now; in the file once both copies are durable.
-        bitmap.clear_lazily(first, last)
-        n = last - first + 1
-        self.copied_regions += n
-        self.copied_bytes += copied
-        self.drain_done += n
-        if self.waiters:
-            self.wake_waiters()
-        self.poke()
         return copied
 
     def _siblings_ready(self, first: int, last: int) -> bool:
@@ -390,7 +403,7 @@ class Pair:
         self.drain_total += diff.count() - before
         self.kick()
 
-    def primary_read(self, offset: int, length: int) -> bytes | None:
+    def primary_read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes] | None:
         """During a restore, P regions not yet restored come from S: copied
         into P first (copy-on-read), or, while P's other pairs are not ready
         for that change of P, read from S as they are. None: read P's file."""

@@ -39,23 +39,29 @@ when delta_base == N.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from volumes.bitmap import Bitmap
 from volumes.errors import BadInput, Conflict, NotFound, SplitdError
-from volumes.names import format_size, parse_rate, quoted, validate_name
+from volumes.names import DEFAULT_REGION_SIZE, format_size, parse_rate, quoted, validate_name
 from volumes.pairfiles import PairFiles
 from volumes.store import PairRecord
 
 from . import states as st
 from .durability import Durability
 from .engine import CopyEngine
+from .instant import SnapshotSource, SourcePair, parse_source, source_spec
 from .layers import ClientOps, ManagedVolume
 from .pair import BITMAPS, INLINE_FILL, READ_POLICIES, Pair
+from .served import WORKERS
 
 log = logging.getLogger("splitd.pairs")
 
@@ -84,6 +90,10 @@ class PairManager:
         self.engine = CopyEngine(lambda: list(self.pairs.values()), self._drained, self.fail,
                                  global_rate, self.ops)
         self.durability.on_round = self.engine.kick
+        # Instant restores (controller/instant.py): the threads that fetch
+        # their chunks, and the last ones dissolved (backup.restore_status).
+        self._fetch_pool: ThreadPoolExecutor | None = None
+        self.dissolved: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._load()
 
     # -- layers ------------------------------------------------------------------
@@ -112,7 +122,8 @@ class PairManager:
 
     def _wire(self, pair: Pair) -> None:
         self.layer(pair.primary.name).primary_of.append(pair)
-        self.layer(pair.secondary.name).secondary_of = pair
+        if not isinstance(pair, SourcePair):    # its S is no volume
+            self.layer(pair.secondary.name).secondary_of = pair
         primary_layer = self.layer(pair.primary.name)
         pair.siblings = lambda: [p for p in primary_layer.primary_of if p is not pair]
         pair.on_fault = lambda reason: self.fail(pair, reason)
@@ -136,7 +147,8 @@ class PairManager:
     def _load(self) -> None:
         for rec in self.store.list_pairs():
             p_vol = self.volumes.find(rec.primary_vol)
-            s_vol = self.volumes.find(rec.secondary)
+            # An instant restore names its volume in both columns (its S is no volume).
+            s_vol = self.volumes.find(rec.secondary) if rec.source is None else p_vol
             if p_vol is None or s_vol is None:
                 missing = rec.primary_vol if p_vol is None else rec.secondary
                 self.unavailable[rec.secondary] = f"volume {missing!r} is not available"
@@ -155,9 +167,15 @@ class PairManager:
                 generation += 1
                 bitmaps = self.files.write_generation(rec.secondary, nbits, generation, {})
             # The pair as its row says; the bitmaps may already be the fresh ones.
-            pair = Pair(rec.secondary, p_vol, s_vol, rec.state, rec.read_policy, rec.rate,
-                        rec.grp, rec.generation, bitmaps, rec.reason, rec.created, rec.split_at,
-                        rec.split_gen, rec.delta_base)
+            args = (rec.secondary, p_vol, s_vol, rec.state, rec.read_policy, rec.rate,
+                    rec.grp, rec.generation, bitmaps, rec.reason, rec.created, rec.split_at,
+                    rec.split_gen, rec.delta_base)
+            source_failed = ""
+            if rec.source is None:
+                pair = Pair(*args)
+            else:
+                source, source_failed = self._reopen_source(rec, bitmaps, bool(unreadable))
+                pair = SourcePair(*args, source=source)
             if unreadable:
                 self._transition([pair], "fail", reason=unreadable,
                                  generation=(generation, bitmaps))
@@ -181,7 +199,137 @@ class PairManager:
             self.pairs[pair.name] = pair
             self._wire(pair)
             log.info("pair %s (%s -> %s): %s, %d regions to copy", pair.name, p_vol.name,
-                     s_vol.name, pair.state, pair.drain_total)
+                     pair.secondary.name, pair.state, pair.drain_total)
+            if source_failed and pair.state != st.ERROR:
+                self.fail(pair, source_failed)
+            elif isinstance(pair, SourcePair) and pair.state == st.RESTORE \
+                    and not pair.bm["restore"].count():
+                # Restored before the stop, but not yet dissolved.
+                self._dissolve(pair, "restored")
+
+    def _reopen_source(self, rec: PairRecord, bitmaps: dict[str, Bitmap],
+                       unreadable: bool) -> tuple[SnapshotSource, str]:
+        """The source of an instant restore at start: (it, why it failed to
+        open or ""). Not opened when nothing is left to restore or the pair
+        is in error (nothing will be read from it)."""
+        try:
+            spec = parse_source(rec.source or "")
+        except ValueError as e:
+            spec = source_spec("?", "?", None)
+            return SnapshotSource(spec, 0, reason=str(e)), f"cannot restart the restore: {e}"
+        size = self.volumes.get(rec.primary_vol).size
+        if unreadable or rec.state == st.ERROR:
+            return SnapshotSource(spec, size, reason=rec.reason or "the pair is in error"), ""
+        if not bitmaps["restore"].count():
+            return SnapshotSource(spec, size, reason="nothing left to restore"), ""
+        try:
+            loop = asyncio.get_running_loop()
+            return SnapshotSource.open(spec, self.fetch_pool(), loop), ""
+        except (SplitdError, OSError, ValueError, RuntimeError) as e:
+            why = (f"cannot reopen snapshot {spec['snapshot']} of {spec['store']} at start: {e} "
+                   f"(a resync cannot repair this: fix the store or key, or delete the pair "
+                   f"and volume {rec.primary_vol!r} and restore again)")
+            return SnapshotSource(spec, size, reason=str(e)), why
+
+    def fetch_pool(self) -> ThreadPoolExecutor:
+        if self._fetch_pool is None:
+            self._fetch_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="restore")
+        return self._fetch_pool
+
+    # -- instant restore (controller/instant.py) ----------------------------------------------
+
+    def create_instant(self, store: str, snapshot: str, volume: str, key_file: str | None,
+                       rate: int = 0) -> SourcePair:
+        """A new volume `volume`, restored from `snapshot` of `store`:
+        usable at once, restored in the background (controller/instant.py).
+        Checks first, then opens the store (a wrong key refused: nothing is
+        made), then the bitmap files, then the volume's and pair's rows in
+        one commit."""
+        volume = validate_name(volume)
+        rate = parse_rate(rate, f"rate of the restore of {volume!r}")
+        if self.volumes.find(volume) is not None or volume in self.volumes.unavailable \
+                or self.store.get_volume(volume) is not None:
+            raise Conflict(f"volume {volume!r} already exists: an instant restore makes a new "
+                           "volume (give another name, or delete that one first)")
+        if volume in self.unavailable:
+            raise Conflict(f"pair {volume!r} exists but is unavailable "
+                           f"({self.unavailable[volume]}); delete it first")
+        spec = source_spec(store, snapshot, key_file)
+        source = SnapshotSource.open(spec, self.fetch_pool(), asyncio.get_running_loop())
+        made_files = False
+        try:
+            size = source.size
+            if size <= 0 or size % 4096:
+                raise BadInput(f"snapshot {snapshot} is {size} bytes, not a multiple of 4096: "
+                               "restore it into a volume of your choosing instead "
+                               "(splitctl backup restore --to-volume NAME)")
+            rs = DEFAULT_REGION_SIZE
+            nbits = (size + rs - 1) // rs
+            generation = 1
+            self.files.remove_generation(volume, generation)
+            self.files.make_folder(volume)
+            made_files = True
+            self.files.make_fault_file(volume)
+            bitmaps = self.files.write_generation(
+                volume, nbits, generation,
+                {"restore": source.restore_bits(nbits, rs), "delta": _all_bits(nbits)})
+            now = time.time()
+            rec = PairRecord(volume, volume, st.RESTORE, "copy-on-read", rate, None, generation,
+                             "", now, None, split_gen=0, delta_base=None,
+                             source=json.dumps(spec))
+            vol = self.volumes.create(volume, size, rs, pair=rec)
+        except BaseException:
+            source.close()
+            if made_files:
+                self.files.remove_all(volume)
+            raise
+        pair = SourcePair(volume, vol, vol, st.RESTORE, "copy-on-read", rate, None, generation,
+                          bitmaps, "", now, None, source=source)
+        pair.start_drain()
+        self.pairs[volume] = pair
+        self._wire(pair)
+        pair.kick()
+        self.dissolved.pop(volume, None)
+        log.info("instant restore of snapshot %s of %s into new volume %s (%s): %d of %d "
+                 "regions to restore", snapshot, store, volume, format_size(size),
+                 pair.drain_total, nbits)
+        return pair
+
+    def _dissolve(self, pair: SourcePair, outcome: str) -> None:
+        """An instant restore ends: its row removed (the volume stands alone
+        from that commit on), then its files; remembered for restore_status."""
+        self.store.remove_pair(pair.name)
+        self._unwire(pair)
+        del self.pairs[pair.name]
+        # Reads still waiting for a fetch: restored meanwhile (by the engine),
+        # they are answered from P; the others (a delete) fail.
+        pair.retry_reads()
+        pair.fail_waiters()
+        for bm in pair.bm.values():
+            bm.close()
+        self.files.remove_all(pair.name)
+        pair.source.close()
+        info = pair.describe()
+        info.update(state=outcome, finished=time.time(), remaining=0 if outcome == "restored"
+                    else info["remaining"])
+        self.dissolved[pair.name] = info
+        while len(self.dissolved) > 64:
+            self.dissolved.popitem(last=False)
+        log.info("instant restore of volume %s %s; the pair is dissolved", pair.name, outcome)
+
+    def restore_status(self, volume: str) -> dict[str, Any]:
+        """An instant restore of `volume`: running (its pair.show), or done."""
+        volume = validate_name(volume)
+        pair = self.pairs.get(volume)
+        if isinstance(pair, SourcePair):
+            return pair.describe()
+        if volume in self.dissolved:
+            return self.dissolved[volume]
+        if pair is None and self.volumes.find(volume) is not None and not self.roles(volume):
+            # Dissolved before a restart (or never an instant restore): it stands alone.
+            return {"name": volume, "primary": volume, "state": "restored", "remaining": 0,
+                    "kind": "instant-restore", "progress": None, "finished": None}
+        raise NotFound(f"no instant restore of volume {volume!r}")
 
     # -- create / delete -------------------------------------------------------------------
 
@@ -201,6 +349,10 @@ class PairManager:
                                "letter or digit") from None
         if primary == secondary:
             raise BadInput(f"cannot pair volume {primary!r} with itself")
+        for vol in (primary, secondary):
+            if isinstance(self.pairs.get(vol), SourcePair):
+                raise Conflict(f"volume {vol!r} is being restored from a backup snapshot "
+                               f"(splitctl pair show {vol}); pair it once that is done")
         p_vol = self.volumes.get(primary)
         # A pair not loaded (one of its volumes is unavailable) still owns its
         # row and bitmap files: pairing over it failed inside SQLite, and the
@@ -294,6 +446,9 @@ class PairManager:
             if pair.state == st.RESTORE:
                 raise Refused(f"pair {name!r} is restoring: deleting it now leaves the primary "
                               "half restored (wait, or use --force)")
+        if isinstance(pair, SourcePair):
+            self._dissolve(pair, "deleted")
+            return {"name": name, "deleted": True, "state_was": pair.state}
         self.store.remove_pair(name)
         self._close_secondary(pair, "pair deleted")
         self._unwire(pair)
@@ -307,6 +462,10 @@ class PairManager:
     def get(self, name: str) -> Pair:
         pair = self.pairs.get(validate_name(name))
         if pair is None:
+            if name in self.dissolved:
+                raise NotFound(f"no pair named {name!r}: the instant restore of volume {name!r} "
+                               f"ended ({self.dissolved[name]['state']}) and its pair is "
+                               f"dissolved (splitctl backup restore-status {name})")
             raise NotFound(f"no pair named {name!r} (a pair is named by its secondary volume)")
         return pair
 
@@ -342,6 +501,13 @@ class PairManager:
             new = st.next_state(pair.name, pair.state, action)
         except st.TransitionRefused as e:
             raise Refused(str(e)) from None
+        if isinstance(pair, SourcePair) and action not in ("drained", "fail"):
+            spec = pair.source.spec
+            raise Refused(f"pair {pair.name!r} is the instant restore of volume {pair.name!r} "
+                          f"from snapshot {spec['snapshot']} of {spec['store']}: it cannot "
+                          f"{action} (a resync cannot repair a failed one: delete the pair and "
+                          f"the volume, splitctl pair delete {pair.name} --force; splitctl volume "
+                          f"delete {pair.name}, and restore again)")
         if action in ("split", "restore"):
             # While a pair restores P, P's file is not yet P's image: regions
             # still to restore are read from S. A split of another pair of P
@@ -520,6 +686,9 @@ class PairManager:
                     self.durability.want_round()
                     return
                 self.durability.round_now(everything=True)
+        if isinstance(pair, SourcePair):
+            self._dissolve(pair, "restored")
+            return
         was = pair.state
         self._transition([pair], "drained")
         log.info("pair %s: %s done, now %s", pair.name, was, pair.state)
@@ -531,7 +700,9 @@ class PairManager:
         it cannot be recorded at all, pair.unrecorded stays set and the
         primary's writes are refused (Pair.primary_change_ready) until it is."""
         if pair.state != st.ERROR:
-            log.error("pair %s: %s; state error (only a full resync leaves it)", pair.name, reason)
+            log.error("pair %s: %s; state error (%s)", pair.name, reason,
+                      "delete the pair and the volume, restore again"
+                      if isinstance(pair, SourcePair) else "only a full resync leaves it")
         recorded = False
         # The fault file first: it was allocated with the pair, so this
         # write needs no new space when the SQLite commit fails for want of it.
@@ -572,6 +743,10 @@ class PairManager:
         for pair in self.pairs.values():
             for bm in pair.bm.values():
                 bm.close()
+            if isinstance(pair, SourcePair):
+                pair.source.close()
+        if self._fetch_pool is not None:
+            self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_read_policy(policy, pair_name: str) -> None:

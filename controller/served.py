@@ -245,6 +245,32 @@ class SnapshotBackend:
         self.store.close()
 
 
+def open_snapshot(store: str, snapshot: str, key_file: str | None) -> tuple[Store, dict[str, Any], Index]:
+    """Open `store` and load `snapshot`'s index, checked against its manifest:
+    (the open store, the manifest, the index). Blocking (a metadata read or
+    two); the caller closes the store. Used by `backup.serve` and by an
+    instant restore (controller/instant.py)."""
+    try:
+        st = open_dir(store, key_file=key_file)
+    except SplitdError:
+        raise
+    except OSError as e:
+        raise BadInput(f"cannot open backup store {store}: {e.strerror or e}") from None
+    try:
+        manifest = st.manifest(snapshot)
+        # Loaded once (32 bytes a chunk: 8 MiB for 1 TiB at 4 MiB chunks),
+        # and checked: the digest covers every chunk id.
+        index = st.index(snapshot)
+        if index.size != manifest["size"] or \
+                index.digest(st._zero_map(index)) != manifest["image_digest"]:
+            raise Conflict(f"snapshot {snapshot}: {index_name(snapshot)} does not match "
+                           "the manifest's image digest (run splitctl backup verify)")
+    except BaseException:
+        st.close()
+        raise
+    return st, manifest, index
+
+
 class ServedSnapshots:
     """The snapshots this daemon serves, by export name."""
 
@@ -279,24 +305,7 @@ class ServedSnapshots:
                            f"; unserve it first (splitctl backup unserve {name})")
         if self.volume_exists(name):
             raise Conflict(f"export name {name!r} is a volume's; give another (--as NAME)")
-        try:
-            st = open_dir(store, key_file=key_file)
-        except SplitdError:
-            raise
-        except OSError as e:
-            raise BadInput(f"cannot open backup store {store}: {e.strerror or e}") from None
-        try:
-            manifest = st.manifest(snapshot)
-            # Loaded once (32 bytes a chunk: 8 MiB for 1 TiB at 4 MiB chunks),
-            # and checked: the digest covers every chunk id.
-            index = st.index(snapshot)
-            if index.size != manifest["size"] or \
-                    index.digest(st._zero_map(index)) != manifest["image_digest"]:
-                raise Conflict(f"snapshot {snapshot}: {index_name(snapshot)} does not match "
-                               "the manifest's image digest (run splitctl backup verify)")
-        except BaseException:
-            st.close()
-            raise
+        st, manifest, index = open_snapshot(store, snapshot, key_file)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="served")
         backend = SnapshotBackend(st, snapshot, index, limit, self._pool, asyncio.get_running_loop())

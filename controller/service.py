@@ -270,14 +270,45 @@ class Controller:
     def backup_serve(self, store: Param, snapshot: Param, name: Param = None,
                      key_file: Param = None, cache_size: Param = None) -> Reply:
         out = self._served.serve(store, snapshot, name, key_file, cache_size)
-        # Where to reach it: through every port, as locate answers.
-        out["uris"] = {}
+        out["uris"] = self._uris(out["name"])
+        return out
+
+    def _uris(self, export: str) -> dict[str, list[str]]:
+        """Where to reach an export: through every port, as locate answers."""
+        uris = {}
         for lst in self.info()["listeners"]:
             try:
-                out["uris"][lst["name"]] = ports.export_uris(lst, out["name"])
+                uris[lst["name"]] = ports.export_uris(lst, export)
             except Conflict:
                 pass        # a wildcard address: no one URI to give
+        return uris
+
+    def backup_instant_restore(self, store: Param, snapshot: Param, volume: Param,
+                               key_file: Param = None, rate: Param = 0) -> Reply:
+        """A new volume restored from a snapshot, usable at once; the rest is
+        restored in the background (controller/instant.py)."""
+        # Both are kept in the pair's row and opened again at every start:
+        # absolute, not relative to wherever the daemon runs.
+        if not isinstance(store, str) or not (store.startswith(("/", "s3://"))):
+            raise BadInput(f"store {quoted(store)} must be the absolute path of a backup store "
+                           "directory, or s3://BUCKET/PREFIX")
+        if not isinstance(snapshot, str) or not snapshot:
+            raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
+        if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
+            raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
+        volume = validate_name(volume)
+        if self.served is not None and self.served.get(volume) is not None:
+            raise Conflict(f"export name {volume!r} serves a backup snapshot; give the volume "
+                           "another name")
+        pair = self._pair_manager.create_instant(store, snapshot, volume, key_file, rate)
+        out = pair.describe()
+        out["uris"] = self._uris(volume)
         return out
+
+    def backup_restore_status(self, volume: Param) -> Reply:
+        """An instant restore: its progress while it runs (as pair.show), or
+        state "restored" (or "deleted") once its pair is dissolved."""
+        return self._pair_manager.restore_status(volume)
 
     def backup_unserve(self, name: Param, force: Param = False) -> Reply:
         return self._served.unserve(name, force)
@@ -340,6 +371,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "backup.serve": Controller.backup_serve,
     "backup.unserve": Controller.backup_unserve,
     "backup.served": Controller.backup_served,
+    "backup.instant_restore": Controller.backup_instant_restore,
+    "backup.restore_status": Controller.backup_restore_status,
 }
 
 

@@ -9,8 +9,10 @@ Each round starts a fresh daemon, fills a primary P with known blocks,
 creates a pair with a low copy rate (so the kill lands mid-copy) and drives
 it to one phase -- the initial copy, a split with regions still pending, a
 resync, or a restore (and with --power also `pair`: mirrored, writes
-flowing) -- while writer threads keep writing. Then kill -9 at a random
-moment, restart, and check:
+flowing) -- while writer threads keep writing; or (phase `instant`) backs P
+up into a store and restores it with `backup restore --instant` into a new
+volume s, written and read at once. Then kill -9 at a random moment,
+restart, and check:
 
   * the pair is in a state its phase allows, or in `error` with a reason;
   * P holds every acknowledged write (the page cache outlives kill -9);
@@ -19,6 +21,8 @@ moment, restart, and check:
   * copy / pair / resync / restore: the pair drains to `pair`, and then
     S == P (checked by splitting the quiet pair and reading S through NBD);
   * restore: P is S's image at the restore plus P's later writes;
+  * instant: s reads as the snapshot plus s's writes while it restores (a
+    writer checks its reads), and is exactly that once restored;
   * the daemon logged no traceback.
 
 --power: the kill is a power cut. The data directory is on ext4 on a disk
@@ -52,6 +56,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import random
 import shutil
 import signal
@@ -67,7 +73,7 @@ from pathlib import Path
 import nbd  # python3-libnbd
 
 from harness.powerloss.stack import PowerDisk, missing_requirements
-from harness.splitd import Splitd
+from harness.splitd import BIN, Splitd
 from splitctl.client import AdminError
 
 MiB = 1 << 20
@@ -76,9 +82,9 @@ REGION = 64 * 1024
 SIZE = 64 * MiB
 NBLOCKS = SIZE // BLOCK
 RATE = 2 * MiB                  # 32 regions/s: a full copy takes ~30 s
-PHASES = ("copy", "split", "resync", "restore")
+PHASES = ("copy", "split", "resync", "restore", "instant")
 # --power adds `pair`: mirrored, writes flowing (a kill -9 round may use it too).
-POWER_PHASES = ("copy", "pair", "split", "resync", "restore")
+POWER_PHASES = ("copy", "pair", "split", "resync", "restore", "instant")
 ALL_PHASES = POWER_PHASES
 AT_CALL_PHASES = ("split", "resync", "restore")     # phases begun by a request
 POLICIES = ("copy-on-read", "staging", "wait")
@@ -89,6 +95,9 @@ ALLOWED_AFTER = {
     "split": {"split"},
     "resync": {"resync", "pair"},
     "restore": {"restore", "pair"},
+    # An instant restore (controller/instant.py) of P's backup into volume s:
+    # its pair is named s; "restored" once it is dissolved.
+    "instant": {"restore", "restored"},
 }
 P_SIDE, S_SIDE = 0, 1
 
@@ -567,6 +576,9 @@ class Round:
         d, rng = self.d, self.rng
         d.call("volume.create", name="p", size=SIZE, region_size=REGION)
         prefill(d.uri("p"), self.p, rng)
+        if self.phase == "instant":
+            self._instant()
+            return
         hot = _window(rng, 512)
         # During a split or a restore every P write to a region copies it at
         # once; writers keep to a part of the volume there, so regions stay
@@ -638,15 +650,38 @@ class Round:
         self.say(f"restore with {info['to_restore']} to restore")
         self._kill_after(rng.uniform(0.1, 1.5))
 
+    def _instant(self) -> None:
+        """P (prefilled, quiet) backed up into a store, then restored with
+        --instant into a new volume s (a pair named s, in restore) at the
+        round's copy rate; a writer on s checks its reads; kill -9."""
+        d, rng = self.d, self.rng
+        store = self.dir / "store"
+        env = dict(os.environ, SPLITD_ADMIN_SOCKET=str(d.admin_socket))
+        for args in (["init", str(store), "--chunk-size", "1M"],
+                     ["run", "--volume", d.uri("p"), "--to", str(store), "--json"]):
+            cp = subprocess.run([str(BIN / "splitctl"), "backup", *args], capture_output=True,
+                                text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+            if cp.returncode != 0:
+                raise RoundFailed(f"backup {args[0]}: {(cp.stderr or cp.stdout).strip()}")
+        sid = json.loads(cp.stdout)["snapshot"]
+        # The snapshot is outside the data directory (a power cut keeps it).
+        self.s = VolumeModel(self.p.all_candidates())
+        info = d.call("backup.instant_restore", store=str(store), snapshot=sid, volume="s",
+                      rate=self.copy_rate)
+        self.say(f"instant restore with {info['remaining']} regions to restore")
+        self.worker("s", self.s, S_SIDE, check_reads=True, area=_window(rng, NBLOCKS // 4))
+        self._kill_after(rng.uniform(0.1, 1.5))
+
     def _kill_after(self, delay: float) -> None:
         time.sleep(delay)
         info = self.d.call("pair.show", name="s")
         self.say(f"kill -9 after {delay:.2f} s in {info['state']} "
                  f"(remaining {info['remaining']}, pending {info['pending']})")
         self.killed_in = info["state"]
+        state = "restore" if self.phase == "instant" else self.phase
         if self.phase == "pair":
             self.landed = f"{info['remaining']} regions to copy at the kill"
-        elif info["state"] != self.phase or info["remaining"] == 0:
+        elif info["state"] != state or info["remaining"] == 0:
             self.landed = f"kill landed after the {self.phase}: {info['state']}, " \
                           f"{info['remaining']} left"
         else:
@@ -693,7 +728,10 @@ class Round:
     def _after_restart(self) -> None:
         d = self.d
         d.start()
-        info = d.call("pair.show", name="s")
+        if self.phase == "instant":
+            info = d.call("backup.restore_status", volume="s")
+        else:
+            info = d.call("pair.show", name="s")
         self.say(f"after restart: {brief(info)}")
         state = info["state"]
         if self.phase == "restore" and state == "split":
@@ -710,7 +748,9 @@ class Round:
                               f"{state!r} (expected {' or '.join(sorted(self.allowed))}): "
                               f"{brief(info)}")
         self._first_look(info)
-        if state == "split":
+        if self.phase == "instant":
+            self._check_instant()
+        elif state == "split":
             self._check_split()
         else:
             self._check_converges()
@@ -747,6 +787,33 @@ class Round:
                              explain=self.explain)
         if errors:
             raise RoundFailed("S after draining is not the image at the split: "
+                              + "; ".join(errors))
+        self._check_p()
+
+    def _check_instant(self) -> None:
+        """s is the snapshot plus its writes: while it restores (a writer
+        reads), and once the restore is done (then it stands alone)."""
+        d = self.d
+        self.worker("s", self.s, S_SIDE, check_reads=True, area=_window(self.rng, NBLOCKS // 4))
+        time.sleep(self.rng.uniform(0.2, 0.5))
+        self.stop_workers()
+        errors = check_image("s", read_all(d.uri("s")), self.s.all_candidates(),
+                             explain=self.explain)
+        if errors:
+            raise RoundFailed("s is not the snapshot plus its writes: " + "; ".join(errors))
+        try:
+            d.call("pair.set", name="s", rate=0)
+        except AdminError:
+            pass        # done already: the reads above restored what was left
+        deadline = time.monotonic() + 60
+        while (info := d.call("backup.restore_status", volume="s"))["state"] != "restored":
+            if info["state"] == "error" or time.monotonic() > deadline:
+                raise RoundFailed(f"the instant restore did not finish: {brief(info)}")
+            time.sleep(0.05)
+        errors = check_image("s (restored)", read_all(d.uri("s")), self.s.all_candidates(),
+                             explain=self.explain)
+        if errors:
+            raise RoundFailed("s once restored is not the snapshot plus its writes: "
                               + "; ".join(errors))
         self._check_p()
 

@@ -24,7 +24,7 @@ import os
 from volumes.errors import BadInput, Conflict, NotFound
 from volumes.files import fsync_dir
 from volumes.names import DEFAULT_REGION_SIZE, format_size, parse_region_size, parse_size, validate_name
-from volumes.store import MetadataStore
+from volumes.store import MetadataStore, PairRecord
 from volumes.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,10 @@ class VolumeManager:
     # -- changes ----------------------------------------------------------
 
     def create(self, name: str, size, region_size=DEFAULT_REGION_SIZE,
-               read_only: bool = False) -> Volume:
+               read_only: bool = False, pair: PairRecord | None = None) -> Volume:
+        """A new volume, sparse. With `pair`, that pair's row is committed
+        with the volume's (one transaction): a volume born in a pair (an
+        instant restore) never exists without it, even after a crash."""
         name = validate_name(name)
         size = parse_size(size)
         region_size = parse_region_size(region_size)
@@ -151,7 +154,7 @@ class VolumeManager:
         try:
             vol.open()
             fsync_dir(self.volumes_dir)  # the new file's name survives a crash
-            self.store.add_volume(name, size, region_size, read_only)
+            self.store.add_volume(name, size, region_size, read_only, pair=pair)
         except BaseException:
             vol.close()
             _remove_file(path)

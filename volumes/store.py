@@ -75,6 +75,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE pairs ADD COLUMN delta_base INTEGER;
     UPDATE pairs SET split_gen = 1 WHERE split_at IS NOT NULL;
     """,
+    # 4 -> 5: pairs whose secondary is no volume but a read-only source (an
+    # instant restore from a backup snapshot, controller/instant.py). `source`
+    # is JSON naming it (store, snapshot, key file), NULL for a pair of two
+    # volumes; such a pair is named by its primary, which both volume
+    # columns then hold.
+    """
+    ALTER TABLE pairs ADD COLUMN source TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -149,7 +157,9 @@ class MetadataStore:
     # -- volumes ------------------------------------------------------------
 
     def add_volume(self, name: str, size: int, region_size: int, read_only: bool,
-                   created: float | None = None) -> VolumeRecord:
+                   created: float | None = None, pair: PairRecord | None = None) -> VolumeRecord:
+        """The volume's row; with `pair`, that pair's row in the same
+        transaction (a volume born in a pair: an instant restore)."""
         record = VolumeRecord(name, size, region_size, bool(read_only),
                               time.time() if created is None else created)
         with self.transaction() as db:
@@ -157,6 +167,8 @@ class MetadataStore:
                        "VALUES (?, ?, ?, ?, ?)",
                        (record.name, record.size, record.region_size, int(record.read_only),
                         record.created))
+            if pair is not None:
+                _insert_pair(db, pair)
         return record
 
     def get_volume(self, name: str) -> VolumeRecord | None:
@@ -187,8 +199,7 @@ class MetadataStore:
 
     def add_pair(self, rec: PairRecord) -> None:
         with self.transaction() as db:
-            db.execute(f"INSERT INTO pairs ({_PAIR_COLUMNS}) VALUES "
-                       f"({', '.join('?' * len(PairRecord._fields))})", rec)
+            _insert_pair(db, rec)
 
     def list_pairs(self) -> list[PairRecord]:
         with self._lock:
@@ -258,9 +269,15 @@ class PairRecord(NamedTuple):
     split_at: float | None
     split_gen: int = 0              # splits the pair has had
     delta_base: int | None = None   # the split_gen the delta covers changes since
+    source: str | None = None       # JSON: a read-only source instead of a secondary volume
 
 
 _PAIR_COLUMNS = ", ".join(PairRecord._fields)
+
+
+def _insert_pair(db: sqlite3.Connection, rec: PairRecord) -> None:
+    db.execute(f"INSERT INTO pairs ({_PAIR_COLUMNS}) VALUES "
+               f"({', '.join('?' * len(PairRecord._fields))})", rec)
 
 
 def _volume(row) -> VolumeRecord:

@@ -37,6 +37,9 @@ ZERO_ID = bytes(ID_LEN)
 _HEAD = struct.Struct(">4sB3xQII")
 _MAGIC = b"SPIX"
 _DIGEST_CONTEXT = b"splitd image digest v1"
+# Entries looked at together where an index may be sparse.
+_BLOCK = 64
+_ZERO_BLOCK = bytes(_BLOCK * ID_LEN)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -82,11 +85,51 @@ class Index:
             raise CorruptObject(name, "index header disagrees with its length")
         return cls(size, chunk_size, bytearray(data[_HEAD.size:]))
 
+    def _zero_block(self, i: int) -> bool:
+        """Whether the _BLOCK entries from i on are all zero chunks of the
+        full chunk size (a sparse image's index is mostly such blocks)."""
+        end = i + _BLOCK
+        return (end * self.chunk_size <= self.size
+                and self.entries[i * ID_LEN:end * ID_LEN] == _ZERO_BLOCK)
+
+    def nonzero_runs(self) -> Iterator[tuple[int, int]]:
+        """(first, last) of each run of chunks that are not zero chunks."""
+        entries = self.entries
+        count = self.count
+        start = -1
+        i = 0
+        while i < count:
+            if self._zero_block(i):
+                if start >= 0:
+                    yield start, i - 1
+                    start = -1
+                i += _BLOCK
+                continue
+            zero = entries[i * ID_LEN:(i + 1) * ID_LEN] == ZERO_ID
+            if zero and start >= 0:
+                yield start, i - 1
+                start = -1
+            elif not zero and start < 0:
+                start = i
+            i += 1
+        if start >= 0:
+            yield start, count - 1
+
     def digest(self, zero_id: dict[int, bytes]) -> str:
         """The image digest (module docstring); `zero_id` maps a chunk length
-        to the id of that many zero bytes."""
+        to the id of that many zero bytes. Blocks of zero chunks are hashed
+        at once (a 1 TiB sparse index: 0.5 s one entry at a time)."""
         h = blake3.blake3(_DIGEST_CONTEXT)
         h.update(struct.pack(">QI", self.size, self.chunk_size))
-        for i, cid in enumerate(self.ids()):
+        entries = self.entries
+        zero_run = zero_id[self.chunk_size] * _BLOCK if self.chunk_size in zero_id else None
+        i = 0
+        while i < self.count:
+            if zero_run is not None and self._zero_block(i):
+                h.update(zero_run)
+                i += _BLOCK
+                continue
+            cid = entries[i * ID_LEN:(i + 1) * ID_LEN]
             h.update(zero_id[self.chunk_len(i)] if cid == ZERO_ID else cid)
+            i += 1
         return h.hexdigest()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.errors import BadInput, ErrorCode, SplitdError
 from common.names import format_size
-from splitctl.args import EXIT_USAGE, Commands
+from splitctl.args import EXIT_USAGE, Commands, rate as args_rate
 from splitctl.client import ENV_HOST_TLS_CA, ENV_HOST_TOKEN_FILE, AdminClient, AdminError
 from splitctl.commands.port import port_name
 from splitctl.output import print_fields, print_table
@@ -421,6 +421,9 @@ def show_gc(r: dict[str, Any], args: Namespace) -> None:
 
 
 def run_restore(client: AdminClient, args: Namespace) -> Any:
+    if args.instant:
+        from splitctl.commands.backup_served import run_instant_restore
+        return run_instant_restore(client, args)
     import asyncio
 
     from agents.backup import restore_to_file, restore_to_uri
@@ -472,6 +475,10 @@ def _target_volume(client: AdminClient, args: Namespace, size: int) -> tuple[str
 
 
 def show_restore(r: dict[str, Any], args: Namespace) -> None:
+    if args.instant:
+        from splitctl.commands.backup_served import show_instant_restore
+        show_instant_restore(r, args)
+        return
     check = "image digest read back and matched" if r["digest_checked"] else "not read back (--no-check)"
     made = " (volume created)" if r.get("volume_created") else ""
     print(f"restored {r['snapshot']} to {r['target']}{made}: {format_size(r['bytes_written'])} "
@@ -487,6 +494,15 @@ def check_restore(args: Namespace) -> None:
         raise BadInput("--port goes with --to-volume")
     if args.connections < 1 or args.connections > 64:
         raise BadInput(f"--connections {args.connections}: give 1 to 64")
+    if args.instant:
+        if not args.to_volume:
+            raise BadInput("--instant goes with --to-volume NAME (a new volume)")
+        if args.port or args.no_check:
+            raise BadInput("--port and --no-check do not go with --instant (the daemon restores)")
+    else:
+        for flag, value in (("--wait", args.wait), ("--rate", args.rate is not None)):
+            if value:
+                raise BadInput(f"{flag} goes with --instant")
 
 
 # -- the commands ---------------------------------------------------------------------
@@ -723,8 +739,24 @@ def add_commands(backup: Commands) -> None:
                     "fetched and decompressed in parallel and written with many requests in\n"
                     "flight over several connections; zero runs are written as WRITE_ZEROES\n"
                     "(holes in a file). At the end the target is read back and its image\n"
-                    "digest compared with the snapshot's (--no-check skips that).",
+                    "digest compared with the snapshot's (--no-check skips that).\n\n"
+                    "--instant --to-volume NAME: the daemon makes volume NAME (the\n"
+                    "snapshot's size; it must not exist) and it is usable at once,\n"
+                    "read-write, whatever its size, while the daemon restores it in the\n"
+                    "background: a read of a region not yet restored is restored first from\n"
+                    "the store (copy-on-read), a write fills its region first, the copy\n"
+                    "engine does the rest at --rate. It is a pair in state restore named\n"
+                    "NAME (splitctl pair show NAME; pair set NAME --rate), kept across\n"
+                    "restarts (the daemon opens the store and key file again, at the paths\n"
+                    "given, made absolute). When done the pair is dissolved and the volume\n"
+                    "stands alone. A missing or corrupt chunk, or a store that cannot be\n"
+                    "opened at restart, puts it in state error with the reason: regions not\n"
+                    "restored then fail with EIO (never wrong bytes); delete the pair and\n"
+                    "the volume and restore again. A wrong key or a taken name is refused\n"
+                    "with nothing made. --wait waits until it is restored (a progress bar on\n"
+                    "a terminal); else see splitctl backup restore-status NAME.",
         examples="  splitctl backup restore ID --from /srv/backup --to-volume vm1-restored --create\n"
+                 "  splitctl backup restore ID --from /srv/backup --to-volume vm1 --instant --wait\n"
                  "  splitctl backup restore ID --from /srv/backup --to nbd://storage1/vm1\n"
                  "  splitctl backup restore ID --from /srv/backup --to /var/tmp/vm1.img",
         exit_status=EXIT_STATUS)
@@ -739,5 +771,13 @@ def add_commands(backup: Commands) -> None:
     sub.add_argument("--connections", metavar="N", type=int, default=4,
                      help="NBD connections where the export allows multi-conn (default 4)")
     sub.add_argument("--no-check", action="store_true", help="do not read the target back")
+    sub.add_argument("--instant", action="store_true",
+                     help="(--to-volume) a new volume, usable at once, restored in the background")
+    sub.add_argument("--rate", metavar="RATE", type=args_rate, default=None,
+                     help="(--instant) background restore rate, bytes/s (default unlimited)")
+    sub.add_argument("--wait", action="store_true",
+                     help="(--instant) wait until restored, with a progress bar on a terminal")
+    sub.add_argument("--interval", metavar="SECONDS", type=float, default=1.0,
+                     help="(--instant --wait) poll this often (default 1)")
     sub.add_argument("--nbd-tls-ca", metavar="PEM", default=None,
                      help="CA of the NBD server's certificate for nbds:// (default: --tls-ca)")

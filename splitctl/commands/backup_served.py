@@ -1,7 +1,9 @@
 """splitctl backup serve | unserve | served | files | restore-files: a snapshot
 served read-only by the daemon straight from its store (controller/served.py),
 and the files of its backed-up directory listed or copied out of it
-(agents/backup/files.py).
+(agents/backup/files.py); `backup restore --instant` and `restore-status`: a
+snapshot restored by the daemon into a new volume usable at once
+(controller/instant.py).
 
 The daemon opens the store itself: it must be able to read the store's
 directory (and the key file of an encrypted store) at the paths given, made
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import sys
 import time
 import uuid
 from argparse import Namespace
@@ -30,17 +33,23 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-def _serve(client: AdminClient, args: Namespace, name: str) -> dict[str, Any]:
+def _store_params(args: Namespace) -> dict[str, Any]:
+    """store, snapshot and key_file as the daemon opens them (absolute paths)."""
     store = getattr(args, "source_store", None) or os.environ.get("SPLITD_BACKUP_STORE")
     if not store:
         raise AdminError(ErrorCode.BAD_INPUT, "which store? give --from DIR or s3://BUCKET/PREFIX "
                                               "(or $SPLITD_BACKUP_STORE)")
     # An s3:// store is opened by the daemon with its own S3 settings (agents/store/s3.py).
     where = store if store.startswith("s3://") else os.path.abspath(store)
-    params: dict[str, Any] = {"store": where, "snapshot": args.id, "name": name}
+    params: dict[str, Any] = {"store": where, "snapshot": args.id}
     key = args.key_file or os.environ.get(ENV_KEY)
     if key:
         params["key_file"] = os.path.abspath(key)
+    return params
+
+
+def _serve(client: AdminClient, args: Namespace, name: str) -> dict[str, Any]:
+    params = dict(_store_params(args), name=name)
     if getattr(args, "cache_size", None):
         params["cache_size"] = args.cache_size
     result: dict[str, Any] = client.call("backup.serve", **params)
@@ -158,6 +167,73 @@ def show_restore_files(r: dict[str, Any], args: Namespace) -> None:
           f"into {r['to']}")
 
 
+# -- instant restore (controller/instant.py) -------------------------------------------
+
+
+def run_instant_restore(client: AdminClient, args: Namespace) -> Any:
+    """`backup restore ID --instant --to-volume NAME`: the daemon makes the
+    volume, usable at once, and restores it in the background; --wait
+    waits for the end."""
+    params = dict(_store_params(args), volume=args.to_volume)
+    if args.rate is not None:
+        params["rate"] = args.rate
+    started = time.monotonic()
+    result: dict[str, Any] = client.call("backup.instant_restore", **params)
+    result["usable_after_s"] = round(time.monotonic() - started, 3)
+    if args.wait:
+        result["final"] = wait_restore(client, args.to_volume, args.interval)
+    return result
+
+
+def wait_restore(client: AdminClient, volume: str, interval: float) -> dict[str, Any]:
+    """Poll backup.restore_status until the restore of `volume` is done (a
+    progress bar on a terminal); PairFailed if it goes to error."""
+    from splitctl.client import PairFailed
+    from splitctl.commands.pair import WaitDisplay
+    display = WaitDisplay(sys.stderr, "restored")
+    try:
+        while True:
+            status: dict[str, Any] = client.call("backup.restore_status", volume=volume)
+            if status.get("progress"):
+                display.update(status)
+            if status["state"] == "restored":
+                return status
+            if status["state"] in ("error", "deleted"):
+                raise PairFailed(dict(status, reason=status.get("reason") or status["state"]))
+            time.sleep(interval)
+    finally:
+        display.close()
+
+
+def show_instant_restore(r: dict[str, Any], args: Namespace) -> None:
+    uris = [u for us in r.get("uris", {}).values() for u in us[:1]]
+    final = r.get("final")
+    if final is not None:
+        print(f"restored snapshot {r['source']['snapshot']} into volume {r['name']}: "
+              f"{final['progress']['total']} regions; it stands alone")
+        return
+    print(f"volume {r['name']} is usable now, read-write ({r['usable_after_s']:.2f} s); "
+          f"{r['remaining']} regions of {format_size(r['region_size'])} are restored in the "
+          f"background (splitctl backup restore-status {r['name']} --wait)")
+    print_fields([("snapshot", r["source"]["snapshot"]), ("store", r["source"]["store"]),
+                  ("uris", ", ".join(uris) or "-")])
+
+
+def run_restore_status(client: AdminClient, args: Namespace) -> Any:
+    if args.wait:
+        return wait_restore(client, args.volume, args.interval)
+    return client.call("backup.restore_status", volume=args.volume)
+
+
+def show_restore_status(r: dict[str, Any], args: Namespace) -> None:
+    from splitctl.output import eta_text, progress_text
+    if r["state"] != "restore":
+        print(f"volume {r['name']}: {r['state']}" + (f" ({r['reason']})" if r.get("reason") else ""))
+        return
+    print(f"volume {r['name']}: restoring from snapshot {r['source']['snapshot']}, "
+          f"{progress_text(r)}, {format_size(r['copy_rate'])}/s, ETA {eta_text(r)}")
+
+
 def _from_option(sub: Any) -> None:
     sub.add_argument("--from", dest="source_store", metavar="DIR",
                      help="the backup store (default: $SPLITD_BACKUP_STORE); the daemon opens it")
@@ -199,6 +275,22 @@ def add_commands(backup: Commands) -> None:
         description="Every snapshot the daemon serves: export name, snapshot, store, size,\n"
                     "bytes in its chunk cache, NBD connections, and reads failed with EIO.",
         examples="  splitctl backup served --json", exit_status=EXIT_STATUS)
+
+    sub = backup.command(
+        "restore-status", run_restore_status, show_restore_status,
+        help="progress of an instant restore",
+        description="Progress of the instant restore of VOLUME (backup restore --instant):\n"
+                    "state restore with regions done/total, bytes/s and ETA while it runs;\n"
+                    "restored once the volume stands alone (the restore's pair is\n"
+                    "dissolved); error with the reason if it failed (then delete the volume\n"
+                    "and restore again). --wait waits for the end (a progress bar on a\n"
+                    "terminal): exit 0 restored, 1 failed.",
+        examples="  splitctl backup restore-status vm1 --wait\n"
+                 "  splitctl backup restore-status vm1 --json", exit_status=EXIT_STATUS)
+    sub.add_argument("volume", metavar="VOLUME", help="the volume being restored")
+    sub.add_argument("--wait", action="store_true", help="wait until it is done")
+    sub.add_argument("--interval", metavar="SECONDS", type=float, default=1.0,
+                     help="(--wait) poll this often (default 1)")
 
     sub = backup.command(
         "files", run_files, show_files, help="list the files of a snapshot's directory",

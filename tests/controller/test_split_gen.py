@@ -298,7 +298,7 @@ def test_migration_from_v3_keeps_pairs(tmp_path):
 
     env = Env(data)
     try:
-        assert env.pairs.store.schema_version == SCHEMA_VERSION == 4
+        assert env.pairs.store.schema_version == SCHEMA_VERSION == 5
         # Every pair as it was, its v3 columns unchanged.
         new_rows = [tuple(r)[:10] for r in env.pairs.store.list_pairs()]
         assert new_rows == sorted(old_rows)
@@ -313,10 +313,11 @@ def test_migration_from_v3_keeps_pairs(tmp_path):
         assert (gens(s1), gens(s2)) == ((2, 1), (1, None))
     finally:
         env.close()
-    # A v4 database opens as it is.
+    # A current database opens as it is; pairs of two volumes have no source (v5).
     store = MetadataStore(str(data / "splitd.db"))
     try:
-        assert store.schema_version == 4
+        assert store.schema_version == SCHEMA_VERSION
         assert [(r.split_gen, r.delta_base) for r in store.list_pairs()] == [(2, 1), (1, None)]
+        assert [r.source for r in store.list_pairs()] == [None, None]
     finally:
         store.close()

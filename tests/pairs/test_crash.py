@@ -1,5 +1,5 @@
-"""kill -9 during the initial copy, a split with regions pending, a resync and
-a restore, under write load: after the restart every pair holds DESIGN.md's
+"""kill -9 during the initial copy, a split with regions pending, a resync, a
+restore and an instant restore from a backup, under write load: after the restart every pair holds DESIGN.md's
 guarantee or is in `error` with a reason (DESIGN.md "Crash safety").
 
 A few rounds of scripts/crash.py (which says what each round checks); `make
@@ -31,7 +31,8 @@ crash = _load_crash()
 # (phase, kill while the request is under way, read policy): each phase once,
 # each read policy at least once; `make crash` runs the rest of the mix.
 CASES = [("copy", False, "wait"), ("split", False, "staging"),
-         ("resync", True, "copy-on-read"), ("restore", False, "copy-on-read")]
+         ("resync", True, "copy-on-read"), ("restore", False, "copy-on-read"),
+         ("instant", False, "copy-on-read")]
 
 
 @pytest.mark.parametrize("phase,at_call,policy", CASES,

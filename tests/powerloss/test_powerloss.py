@@ -154,7 +154,7 @@ crash = _load_crash()
 # runs the rest of the mix (cuts during the requests, cuts that keep part of
 # the disk's cache).
 CASES = [("copy", "wait"), ("pair", "staging"), ("split", "copy-on-read"),
-         ("resync", "staging"), ("restore", "copy-on-read")]
+         ("resync", "staging"), ("restore", "copy-on-read"), ("instant", "copy-on-read")]
 
 
 def _run_round(tmp_path, n: int, phase: str, policy: str, lossless: bool = False):
