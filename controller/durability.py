@@ -26,7 +26,8 @@ A round, on the event loop with the blocking parts in a thread:
     1. pick the lazy clears that are due, and the files they copied between
     2. fdatasync those volumes (thread)
     3. write the clears (only those whose copy is still the one synced)
-    4. fdatasync every bitmap with unsynced bytes (thread)
+    4. fdatasync every bitmap with unsynced bytes, and the metadata store's
+       WAL if a split was committed without a sync (thread)
     5. run the held changes that are now ready, in the order they came
 
 Until start() is called (tests and tools without an event loop), rounds run
@@ -66,9 +67,12 @@ class Held:
 
 
 class Durability:
-    def __init__(self, pairs: Callable[[], Iterable], on_fault: Callable):
+    def __init__(self, pairs: Callable[[], Iterable], on_fault: Callable, store=None):
         self.pairs = pairs              # () -> every Pair
         self.on_fault = on_fault        # (pair, reason): the pair goes to error
+        # volumes.store.MetadataStore: its unsynced commits (splits) are synced
+        # with the bitmaps in step 4, before the changes held for them run.
+        self.store = store
         self.inline = True              # until start(): rounds on the caller's thread
         self.held: collections.deque[Held] = collections.deque()
         self.urgent = False             # a round is wanted now, not lazily
@@ -300,13 +304,41 @@ class Durability:
         return worked
 
     def _sync_bitmaps(self):
-        """Step 4 (a sub-generator of _steps): True if any bitmap was synced."""
+        """Step 4 (a sub-generator of _steps): True if any bitmap (or the
+        metadata store's WAL, holding a split not yet durable) was synced."""
         bms = self._begin_bitmap_sync()
-        if not bms:
+        wal = self._begin_wal_sync()
+        if not bms and wal is None:
             return False
-        failed = yield self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
-        self._end_bitmap_sync(bms, failed)
+        files = self._dups([(p, f"a bitmap of pair {p.name}", bm.fd) for p, bm in bms])
+        if wal is not None:
+            files.append((None, "the metadata store's WAL", wal[1]))
+        failed = yield files
+        self._end_bitmap_sync(bms, [(p, r) for p, r in failed if p is not None])
+        self._end_wal_sync(wal, [r for p, r in failed if p is None])
         return True
+
+    def _begin_wal_sync(self):
+        if self.store is None:
+            return None
+        try:
+            return self.store.wal_sync_begin()
+        except OSError as e:
+            self._end_wal_sync((0, -1), [f"cannot open the metadata store's WAL: {e}"])
+            return None
+
+    def _end_wal_sync(self, wal, failed: list[str]) -> None:
+        if wal is None:
+            return
+        if not failed:
+            self.store.wal_sync_end(wal[0])
+            return
+        # A split that was answered cannot be made durable: the pairs it
+        # moved stop (error, with the reason), rather than let a change
+        # through that a power cut would leave without its split.
+        for pair in self.pairs():
+            if pair.row_commit and not pair.row_synced(pair.row_commit):
+                self.on_fault(pair, f"the split could not be made durable: {failed[0]}")
 
     def _clears(self, due, failed) -> None:
         """Step 3: write the clears whose copies are now durable on both sides."""

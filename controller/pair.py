@@ -81,6 +81,14 @@ class Pair:
         # both with the state (controller/pairs.py, "Split generations").
         self.split_gen = split_gen
         self.delta_base = delta_base
+        # The number of the commit that recorded the pair's current state when
+        # that commit was not synced (a split, controller/pairs.py "Splits are
+        # durable before anything depends on them"); 0 once it is durable.
+        self.row_commit = 0
+        self.row_synced: Callable[[int], bool] = lambda seq: True  # set by PairManager
+        # 1 for the first split after an unclean stop: its split_gen skips one
+        # number (controller/pairs.py, "Splits are durable ...").
+        self.gen_skip = 0
         self.region_size = primary.region_size
         self.size = primary.size
         self.nregions = (self.size + self.region_size - 1) // self.region_size
@@ -298,6 +306,7 @@ class Pair:
             # bit durable first, or a restart would copy this write into S.
             ready = not pending.lazy_in(first, last)
             ready = self.bm["changed_p"].intent(first, last) and ready
+            ready = self.split_durable() and ready
         elif state == st.RESTORE:
             restore = self.bm["restore"]
             ready = True
@@ -455,9 +464,19 @@ class Pair:
             return False
         ready = not pending.lazy_in(first, last)
         ready = self.bm["changed_s"].intent(first, last) and ready
+        ready = self.split_durable() and ready
         if not ready:
             self.want_round()
         return ready
+
+    def split_durable(self) -> bool:
+        """Is the split this pair is in durably recorded? A change of P or S
+        after a split waits for it: until then a power cut may take the pair
+        back to its state before the split, which only holds while nothing
+        has changed since (controller/pairs.py)."""
+        if self.row_commit and self.row_synced(self.row_commit):
+            self.row_commit = 0
+        return not self.row_commit
 
     def secondary_read(self, offset: int, length: int) -> bytes | asyncio.Future[bytes]:
         """Bytes of S's image, or a Future of them (read policy `wait`)."""

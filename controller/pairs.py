@@ -10,6 +10,21 @@ Crash safety (DESIGN.md "Crash safety"):
   kill -9 each file is exactly the bitmap the daemon had.
 - A transition that only changes the state (split, drained, fail) is one
   SQLite transaction; the split moment is that commit, between two requests.
+- Splits are durable before anything depends on them. A split's commit is
+  the one not synced on the spot (DESIGN.md: a split is acknowledged at once,
+  and an fdatasync costs 1-10 ms on a disk): the reply goes out, and the next
+  durability round (asked for at once) syncs the WAL. Until then every change
+  of P or S of that pair is held (Pair.split_durable), as a write waits for
+  its bits. So a power cut before that sync finds the pair in its state
+  before the split with nothing changed since: a mirror (or copy) whose
+  guarantees hold, and copies the engine made of pending regions meanwhile
+  are copies P->S of data P still holds. Two traces of such a lost split are
+  handled at start: changed_p/changed_s bits set (in the file) for held
+  changes that never ran are dropped in the mirroring states, where they
+  mean nothing; and after an unclean stop (the RUNNING marker) the first
+  split of a mirroring pair skips a generation number, so a split that was
+  answered, backed up and then lost never shares its split_gen with a later
+  one (a backup chain matches generations by number, agents/backup/chain.py).
 - A transition that rewrites bitmaps (create, resync, restore) writes the
   new set as generation N+1 files first, then commits the row naming N+1, then
   removes generation N (volumes/pairfiles.py). A crash in between leaves the
@@ -51,6 +66,7 @@ from typing import Any
 
 from volumes.bitmap import Bitmap
 from volumes.errors import BadInput, Conflict, NotFound, SplitdError
+from volumes.files import fsync_dir
 from volumes.names import DEFAULT_REGION_SIZE, format_size, parse_rate, quoted, validate_name
 from volumes.pairfiles import PairFiles
 from volumes.store import PairRecord
@@ -64,6 +80,8 @@ from .pair import BITMAPS, INLINE_FILL, READ_POLICIES, Pair
 from .served import WORKERS
 
 log = logging.getLogger("splitd.pairs")
+
+RUNNING_MARKER = "splitd.running"
 
 # _transition's delta_base when the transition leaves it as it is.
 _KEEP = object()
@@ -86,7 +104,7 @@ class PairManager:
         self.pairs: dict[str, Pair] = {}
         self.unavailable: dict[str, str] = {}
         self.ops = ClientOps()
-        self.durability = Durability(lambda: list(self.pairs.values()), self.fail)
+        self.durability = Durability(lambda: list(self.pairs.values()), self.fail, self.store)
         self.engine = CopyEngine(lambda: list(self.pairs.values()), self._drained, self.fail,
                                  global_rate, self.ops)
         self.durability.on_round = self.engine.kick
@@ -94,7 +112,12 @@ class PairManager:
         # their chunks, and the last ones dissolved (backup.restore_status).
         self._fetch_pool: ThreadPoolExecutor | None = None
         self.dissolved: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # Present while a daemon runs: found at start, the last stop was not
+        # clean and a split may have been answered but lost (module docstring).
+        self.running_marker = os.path.join(volumes.data_dir, RUNNING_MARKER)
+        self.unclean = os.path.exists(self.running_marker)
         self._load()
+        _make_durably(self.running_marker)
 
     # -- layers ------------------------------------------------------------------
 
@@ -128,6 +151,7 @@ class PairManager:
         pair.siblings = lambda: [p for p in primary_layer.primary_of if p is not pair]
         pair.on_fault = lambda reason: self.fail(pair, reason)
         pair.want_round = self.durability.want_round
+        pair.row_synced = self.store.synced
         pair.poke = self.durability.poke
         pair.settle = self.durability.settle
         # Rounds inline (no event loop yet, tests): fills are done on the spot.
@@ -195,6 +219,8 @@ class PairManager:
                     self.files.make_fault_file(rec.secondary)  # a pair made by an older splitd
                 except OSError as e:
                     log.warning("pair %s: cannot make its fault record: %s", rec.secondary, e)
+            if pair.state in st.MIRRORING:
+                self._drop_lost_split(pair)
             pair.start_drain()
             self.pairs[pair.name] = pair
             self._wire(pair)
@@ -330,6 +356,19 @@ class PairManager:
             return {"name": volume, "primary": volume, "state": "restored", "remaining": 0,
                     "kind": "instant-restore", "progress": None, "finished": None}
         raise NotFound(f"no instant restore of volume {volume!r}")
+
+    def _drop_lost_split(self, pair: Pair) -> None:
+        """A mirroring pair at start: drop what a split that did not survive a
+        power cut may have left (module docstring, "Splits are durable ...")."""
+        if self.unclean:
+            pair.gen_skip = 1
+        for kind in ("changed_p", "changed_s"):
+            bm = pair.bm[kind]
+            if bm.count():
+                log.warning("pair %s: %d %s bits in state %s (a split lost in a power cut); "
+                            "dropped", pair.name, bm.count(), kind, pair.state)
+                bm.clear_all()
+                bm.sync()
 
     # -- create / delete -------------------------------------------------------------------
 
@@ -561,10 +600,15 @@ class PairManager:
         rows: list[dict[str, Any]] = [{"state": new, **columns} for new in news]
         if action == "split":
             for pair, row in zip(pairs, rows, strict=True):
-                row["split_gen"] = pair.split_gen + 1
+                row["split_gen"] = pair.split_gen + 1 + pair.gen_skip
+        # A split is synced by the next durability round, before any change
+        # that depends on it (module docstring); every other change now.
+        durable = action != "split"
         unrecorded: Exception | None = None
+        commit = 0
         try:
-            self.store.update_pairs([(pair.name, row) for pair, row in zip(pairs, rows, strict=True)])
+            commit = self.store.update_pairs(
+                [(pair.name, row) for pair, row in zip(pairs, rows, strict=True)], durable=durable)
         except Exception as e:
             if not force:
                 raise
@@ -577,6 +621,9 @@ class PairManager:
                 pair.reason = reason
             if "split_gen" in row:
                 pair.split_gen = row["split_gen"]
+                pair.gen_skip = 0
+            if commit:
+                pair.row_commit = 0 if durable else commit
             if "delta_base" in row:
                 pair.delta_base = row["delta_base"]
             if generation is not None:
@@ -584,6 +631,8 @@ class PairManager:
             if new != st.ERROR:
                 pair.start_drain()
                 pair.kick()
+        if not durable:
+            self.durability.want_round()
         if unrecorded is not None:
             raise unrecorded
 
@@ -736,8 +785,14 @@ class PairManager:
 
     async def stop(self) -> None:
         await self.engine.stop()
-        # Every copy made durable, every lazy clear applied, every bitmap synced.
+        # Every copy made durable, every lazy clear applied, every bitmap
+        # (and the WAL) synced: a clean stop, no split can be lost.
         await self.durability.stop()
+        self.store.sync_wal()
+        try:
+            os.unlink(self.running_marker)
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         for pair in self.pairs.values():
@@ -747,6 +802,16 @@ class PairManager:
                 pair.source.close()
         if self._fetch_pool is not None:
             self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _make_durably(path: str) -> None:
+    """Create `path` (empty) and make it and its directory entry durable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(path))
 
 
 def _check_read_policy(policy, pair_name: str) -> None:

@@ -4,6 +4,11 @@ Rules kept here:
 - Every state change is one transaction (BEGIN IMMEDIATE ... COMMIT), so a
   crash leaves either the old state or the new one, never half of each.
 - WAL journal with synchronous=FULL: a commit that returned is on disk.
+  One exception, asked for by name (`durable=False`, a split): the commit is
+  written to the WAL but not synced (synchronous=NORMAL, which keeps the
+  database whole across a power cut but may lose the last commits); the
+  caller makes it durable later with `sync_wal()` before anything that
+  depends on it, and `synced(seq)` says whether it is.
 - The schema version lives in PRAGMA user_version. MIGRATIONS[i] takes the
   schema from version i to i+1; opening a database applies the missing ones,
   each in its own transaction together with its version bump. A later table
@@ -13,6 +18,7 @@ Rules kept here:
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -109,6 +115,9 @@ class MetadataStore:
         # thread may read it too; the lock keeps one statement group at a time.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
+        # Commits counted; every commit up to `_synced` is durable.
+        self._commits = 0
+        self._synced = 0
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -123,19 +132,64 @@ class MetadataStore:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One state change: everything inside commits together or not at all."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One state change: everything inside commits together or not at all.
+        `durable=False`: the commit is not synced (see the module's docstring);
+        `last_commit` numbers it for `synced()`."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (disk full, say) can leave the transaction
-                # open; roll it back so the next one can BEGIN.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (disk full, say) can leave the transaction
+                    # open; roll it back so the next one can BEGIN.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
+            self._commits += 1
+            if durable:
+                # A synced WAL holds every earlier commit too.
+                self._synced = self._commits
+
+    @property
+    def last_commit(self) -> int:
+        return self._commits
+
+    def synced(self, seq: int) -> bool:
+        """Is commit number `seq` (a `last_commit`) durable?"""
+        return seq <= self._synced
+
+    def wal_sync_begin(self) -> tuple[int, int] | None:
+        """For a durability round: (the commit number a sync now covers, a
+        new fd of the WAL to fdatasync on any thread), or None when every
+        commit is durable. Pass the number to wal_sync_end once synced."""
+        with self._lock:
+            if self._synced >= self._commits:
+                return None
+            return self._commits, os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+
+    def wal_sync_end(self, seq: int) -> None:
+        with self._lock:
+            self._synced = max(self._synced, seq)
+
+    def sync_wal(self) -> None:
+        """Make every commit so far durable, on this thread."""
+        began = self.wal_sync_begin()
+        if began is None:
+            return
+        seq, fd = began
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self.wal_sync_end(seq)
 
     @property
     def schema_version(self) -> int:
@@ -207,9 +261,10 @@ class MetadataStore:
                                     "ORDER BY secondary").fetchall()
         return [PairRecord(*r) for r in rows]
 
-    def update_pairs(self, changes: list[tuple[str, dict]]) -> None:
-        """Change several pairs in one transaction: [(secondary, {column: value})]."""
-        with self.transaction() as db:
+    def update_pairs(self, changes: list[tuple[str, dict]], durable: bool = True) -> int:
+        """Change several pairs in one transaction: [(secondary, {column: value})].
+        Returns the commit's number (see `transaction`, `synced`)."""
+        with self.transaction(durable) as db:
             for secondary, cols in changes:
                 bad = set(cols) - set(PairRecord._fields)
                 if bad:
@@ -219,6 +274,7 @@ class MetadataStore:
                                  (*cols.values(), secondary))
                 if cur.rowcount != 1:
                     raise KeyError(secondary)
+        return self._commits
 
     def remove_pair(self, secondary: str) -> bool:
         with self.transaction() as db:

@@ -15,6 +15,10 @@ durable:
     request durable at once; earlier unflushed writes stay in the overlay.
   * TRIM reads back as zeroes, like WRITE_ZEROES (a durable TRIM punches a
     hole in FILE).
+  * "hold" (on the control socket) makes every FLUSH wait, unanswered, until
+    the cut: a disk whose flushes are slow enough that the power goes first.
+    Writes and reads go on meanwhile (on other connections; a connection's
+    requests after its held FLUSH wait with it).
   * "cut" (on the control socket) drops the overlay -- or keeps a random part
     of it, as a disk may have written back some of its cache before the power
     went -- and from then on answers every WRITE / TRIM / WRITE_ZEROES with
@@ -36,6 +40,7 @@ cut.
 
 The control socket takes one line per connection and answers one line:
     cut [keep=FRACTION] [seed=N]  ->  ok dropped=BLOCKS kept=BLOCKS flushes=N
+    hold                          ->  ok (FLUSHes wait until the cut)
     stats                         ->  {"writes": ..., "flushes": ..., ...}  (JSON)
 
 The protocol numbers come from nbdwire, the one place splitd writes them down
@@ -138,6 +143,8 @@ class Disk:
         self.overlay: dict[int, bytes] = {}
         self.cut = False
         self.lock = threading.Lock()
+        self.released = threading.Event()   # cleared by "hold", set by the cut
+        self.released.set()
         self.stats = {"writes": 0, "fua": 0, "flushes": 0, "trims": 0, "zeroes": 0,
                       "reads": 0, "ignored": 0, "merged_blocks": 0, "connections": 0}
 
@@ -280,6 +287,7 @@ class Disk:
         self._merge(kept)
         self.overlay.clear()
         self.cut = True
+        self.released.set()
         return len(blocks) - len(kept), len(kept)
 
 
@@ -375,6 +383,8 @@ def serve(sock: socket.socket, disk: Disk) -> None:
             elif cmd == CMD_READ and length > MAX_PAYLOAD:
                 error = EINVAL
             else:
+                if cmd == CMD_FLUSH:
+                    disk.released.wait()    # "hold": until the cut
                 with disk.lock:
                     if cmd == CMD_READ:
                         data = disk.read(offset, length) if length else b""
@@ -412,6 +422,9 @@ def control(conn: socket.socket, disk: Disk) -> None:
             answer = f"ok dropped={dropped} kept={kept} flushes={flushes}"
             print(f"cutdisk: cut: {dropped} unflushed blocks dropped, {kept} kept",
                   file=sys.stderr, flush=True)
+        elif words == ["hold"]:
+            disk.released.clear()
+            answer = "ok"
         elif words and words[0] == "stats":
             with disk.lock:
                 answer = json.dumps(dict(disk.stats, overlay_blocks=len(disk.overlay),
@@ -502,6 +515,10 @@ class CutDisk:
 
     def stats(self) -> dict:
         return json.loads(self.command("stats"))
+
+    def hold(self) -> None:
+        """From now until the cut, FLUSH requests wait unanswered."""
+        self.command("hold")
 
     def cut(self, keep: float = 0.0, seed: int | None = None) -> tuple[int, int]:
         """The power cut; returns (unflushed blocks dropped, kept).

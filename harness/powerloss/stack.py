@@ -183,6 +183,11 @@ class PowerDisk:
     def stats(self) -> dict:
         return self.cutdisk.stats()
 
+    def hold_flushes(self) -> None:
+        """Every flush from now until the cut waits (the disk never makes
+        anything durable again before the power goes)."""
+        self.cutdisk.hold()
+
     # -- down -----------------------------------------------------------------------------
 
     def down(self) -> None:

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,80 @@ def test_a_cut_that_loses_nothing_is_a_kill9(tmp_path):
     before the cut, the round must hold as a kill -9 round does; so what the
     rounds above find comes from what the cut lost, not from the harness."""
     _run_round(tmp_path, 9, "pair", "wait", lossless=True)
+
+
+# -- a split lost in a power cut --------------------------------------------------------------
+
+
+def test_a_split_lost_before_its_sync_leaves_the_pair_as_it_was(power_disk, tmp_path):
+    """A split is answered before its record is synced (controller/pairs.py,
+    "Splits are durable before anything depends on them"). With the disk's
+    flushes held from just before the split to the cut, that sync never
+    happens: the split is answered at once all the same (before, the answer
+    waited for the flush, and this test timed out), a P write sent after it
+    is held, unanswered, and after the cut the pair is back in `pair`, a
+    mirror of P's image with nothing lost. Its next split skips the lost
+    split's generation number: a backup of the lost split must never pass
+    for a backup of a later one (agents/backup/chain.py matches numbers)."""
+    d = Daemon(tmp_path / "splitd", tcp=False)
+    d.tmp.mkdir()
+    d.data_dir = power_disk.mnt / "data"
+    d.start()
+    held = False
+    try:
+        d.create_volume("p", 16 * MiB)
+        h = nbd.NBD()
+        h.connect_uri(d.uri("p"))
+        h.pwrite(tagged(b"before the split "), 0)
+        h.flush()
+        d.call("pair.create", primary="p", secondary="s", create_secondary=True)
+        deadline = time.monotonic() + 60
+        while d.call("pair.show", name="s")["state"] != "pair":
+            assert time.monotonic() < deadline, d.call("pair.show", name="s")
+            time.sleep(0.05)
+        d.call("pair.split", name="s")          # synced: a split that holds
+        d.call("pair.resync", name="s")
+        while (info := d.call("pair.show", name="s"))["state"] != "pair":
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
+        gen = info["split_gen"]
+        assert gen == 1, info
+        os.sync()                               # everything so far is on the disk
+        power_disk.hold_flushes()
+        held = True
+        with d.admin(timeout=10) as a:          # answered although nothing can be synced
+            split = a.call("pair.split", name="s")
+        assert split["state"] == "split" and split["split_gen"] == gen + 1, split
+        cookie = h.aio_pwrite(tagged(b"after the split "), 0)
+        time.sleep(1.0)
+        assert not h.aio_command_completed(cookie), \
+            "a P write after a split ran before the split was durable"
+        power_disk.cut()
+        held = False
+        d.kill9()
+        del h
+        power_disk.down()
+        power_disk.up()
+        d.start()
+        info = d.call("pair.show", name="s")
+        assert info["state"] == "pair" and info["split_gen"] == gen, \
+            f"the split survived although nothing was flushed after it: {info}"
+        while (info := d.call("pair.show", name="s"))["state"] != "pair" or info["pending"]:
+            assert time.monotonic() < deadline + 60, info
+            time.sleep(0.05)
+        split = d.call("pair.split", name="s")
+        assert split["split_gen"] == gen + 2, \
+            f"the split after the lost one reused its generation number: {split}"
+        for name in ("p", "s"):
+            h = nbd.NBD()
+            h.connect_uri(d.uri(name))
+            assert h.pread(BLOCK, 0) == tagged(b"before the split "), name
+            h.shutdown()
+    finally:
+        if held:
+            # Flushes still held: nothing could stop (a sync waits in D state).
+            power_disk.cut()
+            d.kill9()
+        else:
+            d.stop()
+    assert "Traceback" not in d.log()
