@@ -57,6 +57,14 @@ def _check_name(name: str) -> None:
         raise StoreBadInput(f"bad object name {name!r}")
 
 
+def _mountpoint(path: str) -> str:
+    """The mount point of the filesystem holding `path` (which exists)."""
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
 class DirBackend:
     """A store in a local directory: one file per object.
 
@@ -98,7 +106,9 @@ class DirBackend:
             raise
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"store {self.root} is full: cannot write {name}") from e
+                full = "is full" if e.errno == errno.ENOSPC else "is over its quota"
+                raise NoSpace(f"filesystem {_mountpoint(self.root)} {full}: cannot write "
+                              f"{name} of store {self.root}") from e
             raise StoreError(f"cannot write {name} in store {self.root}: {e.strerror}") from e
 
     def _write_temp(self, path: str, data: bytes) -> str:
