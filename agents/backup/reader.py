@@ -39,7 +39,7 @@ from agents import nbd
 from agents.backup.chain import BackupSource, ChainDecision, choose_parent
 from agents.store import Store
 from agents.store.index import chunk_count
-from common.errors import Conflict, SplitdError
+from common.errors import Conflict, NoSpace, SplitdError
 
 # When waiting for pending = 0 (--wait-copy): how often to look again.
 PENDING_POLL = 0.5
@@ -171,6 +171,11 @@ async def backup_export(uri: str, store: Store, src: BackupSource, *, full: bool
                 ConnectionError) as e:
             raise BackupFailed(f"backup of {uri} failed while reading: {e}; nothing committed "
                                "(the chunks stored so far are reused by the next run)") from None
+        except NoSpace as e:
+            # The store's filesystem first (the backend's message), then what
+            # it means for this run.
+            raise NoSpace(f"{e}; nothing committed (the chunks stored so far are reused by "
+                          "the next run, once there is space)") from None
 
 
 async def _read_into_store(client: nbd.Client, store: Store, src: BackupSource,

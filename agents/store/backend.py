@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from agents.store.errors import CorruptObject, ObjectMissing, StoreBadInput, StoreError
@@ -55,6 +56,18 @@ def _check_name(name: str) -> None:
     parts = name.split("/")
     if not name or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
         raise StoreBadInput(f"bad object name {name!r}")
+
+
+# Directory fsyncs issued at once by sync().
+SYNC_THREADS = 16
+
+
+def _mountpoint(path: str) -> str:
+    """The mount point of the filesystem holding `path` (which exists)."""
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
 
 
 class DirBackend:
@@ -98,7 +111,9 @@ class DirBackend:
             raise
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace(f"store {self.root} is full: cannot write {name}") from e
+                full = "is full" if e.errno == errno.ENOSPC else "is over its quota"
+                raise NoSpace(f"filesystem {_mountpoint(self.root)} {full}: cannot write "
+                              f"{name} of store {self.root}") from e
             raise StoreError(f"cannot write {name} in store {self.root}: {e.strerror}") from e
 
     def _write_temp(self, path: str, data: bytes) -> str:
@@ -224,12 +239,24 @@ class DirBackend:
         with self._sync_lock:
             with self._dirty_lock:
                 dirty, self._dirty = self._dirty, set()
-            for d in sorted(dirty):
-                try:
-                    with self._writing(os.path.relpath(d, self.root)):
-                        fsync_dir(d)
-                except FileNotFoundError:
-                    pass
+            if len(dirty) <= 1:
+                for d in dirty:
+                    self._fsync_dir(d)
+                return
+            # A full backup dirties every chunks/xx directory (256 of them):
+            # fsyncs issued one after the other each wait for a journal
+            # commit, while fsyncs issued together share one (ext4, jbd2).
+            # Every one is done before sync() returns, so nothing that refers
+            # to these names is written before they are durable.
+            with ThreadPoolExecutor(min(SYNC_THREADS, len(dirty))) as pool:
+                list(pool.map(self._fsync_dir, sorted(dirty)))
+
+    def _fsync_dir(self, d: str) -> None:
+        try:
+            with self._writing(os.path.relpath(d, self.root)):
+                fsync_dir(d)
+        except FileNotFoundError:
+            pass
 
     def remove_stale_temporaries(self, older_than: float) -> int:
         """Remove temporary files a killed writer left (older than

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from harness.splitd import BIN
-from tests.agents.backup.helpers import MiB, backup, write_blocks
+from tests.agents.backup.helpers import MiB, backup, backup_fails, write_blocks
 
 pytest.importorskip("nbd")
 
@@ -107,3 +107,48 @@ def test_two_backups_into_one_store_at_once(daemon, tmp_path):
     made = {json.loads(out)["snapshot"] for out, _ in results}
     assert {m["id"] for m in backup(daemon, "list", "--store", str(store))["snapshots"]} == made
     assert backup(daemon, "check", "--store", str(store))["ok"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB tmpfs of our own (root), 40 MiB of it taken by a ballast file
+    that the test removes to free space; unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", f"backup-full-{os.getpid()}", str(mnt)],
+                   check=True)
+    try:
+        with open(mnt / "ballast", "wb") as f:
+            f.write(bytes(40 * MiB))
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.root
+def test_store_disk_full_mid_backup(daemon, small_fs):
+    """The store's filesystem fills mid-run: exit 1, one line naming the full
+    filesystem first, no snapshot, a clean check; once space is freed the
+    next run completes and reuses the chunks the failed one stored."""
+    size = 48 * MiB                 # random: does not compress; more than the 24 MiB left
+    daemon.create_volume("v", size)
+    write_blocks(daemon, "v", list(range(0, size, 16 * MiB)), seed=3, length=16 * MiB)
+    store = small_fs / "store"
+    backup(daemon, "init", str(store))
+    code, error, err = backup_fails(daemon, "run", "--volume", daemon.uri("v"), "--to", str(store))
+    assert code == 1 and err.count("\n") == 1, (code, error, err)
+    assert error["code"] == "no-space", error
+    assert error["message"].startswith(f"filesystem {small_fs} is full"), error
+    assert "nothing committed" in error["message"], error
+    assert backup(daemon, "list", "--store", str(store))["snapshots"] == []
+    assert backup(daemon, "check", "--store", str(store))["ok"]
+    stored = [p for p in (store / "chunks").rglob("*") if p.is_file()]
+    assert stored and not [p for p in store.rglob(".tmp-*")], "no chunk stored, or temporaries left"
+
+    (small_fs / "ballast").unlink()
+    r = backup(daemon, "run", "--volume", daemon.uri("v"), "--to", str(store))
+    assert r["new_bytes"] == size - len(stored) * 4 * MiB, (r, len(stored))
+    assert backup(daemon, "check", "--store", str(store))["ok"]
+    assert backup(daemon, "verify", r["snapshot"], "--store", str(store))["ok"]

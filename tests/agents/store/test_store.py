@@ -259,7 +259,7 @@ def test_a_full_store_fails_clearly_and_commits_nothing(small_fs):
     s = init_dir(os.path.join(small_fs, "s"), chunk_size=CS)
     image = random.Random(8).randbytes(32 * CS)
     w = s.writer(len(image))
-    with pytest.raises(NoSpace, match=r"store .* is full: cannot write chunks/"):
+    with pytest.raises(NoSpace, match=rf"^filesystem {small_fs} is full: cannot write chunks/"):
         for off in range(0, len(image), CS):
             w.add(off, image[off:off + CS])
         w.commit()
