@@ -22,9 +22,10 @@ Crash safety (DESIGN.md "Crash safety"):
   handled at start: changed_p/changed_s bits set (in the file) for held
   changes that never ran are dropped in the mirroring states, where they
   mean nothing; and after an unclean stop (the RUNNING marker) the first
-  split of a mirroring pair skips a generation number, so a split that was
-  answered, backed up and then lost never shares its split_gen with a later
-  one (a backup chain matches generations by number, agents/backup/chain.py).
+  split of a mirroring pair skips a generation number (a clean stop before
+  that split keeps the marker), so a split that was answered, backed up and
+  then lost never shares its split_gen with a later one (a backup chain
+  matches generations by number, agents/backup/chain.py).
 - A transition that rewrites bitmaps (create, resync, restore) writes the
   new set as generation N+1 files first, then commits the row naming N+1, then
   removes generation N (volumes/pairfiles.py). A crash in between leaves the
@@ -789,6 +790,11 @@ class PairManager:
         # (and the WAL) synced: a clean stop, no split can be lost.
         await self.durability.stop()
         self.store.sync_wal()
+        if any(pair.gen_skip for pair in self.pairs.values()):
+            # A pair has not split since an unclean stop: the number a lost
+            # split of it may have had stays skipped past this clean stop
+            # (the marker stays, so the next start skips it again).
+            return
         try:
             os.unlink(self.running_marker)
         except FileNotFoundError:

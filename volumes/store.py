@@ -155,6 +155,18 @@ class MetadataStore:
                     self._db.execute("PRAGMA synchronous=FULL")
             self._commits += 1
             if durable:
+                if self._synced < self._commits - 1:
+                    # An earlier commit is not synced, and this one may not
+                    # have synced the WAL: SQLite writes (and syncs) nothing
+                    # for a transaction that changes no page (an UPDATE to
+                    # the same values). Sync it here, or it would pass as
+                    # durable on the strength of a sync that never happened.
+                    # If it fails, they stay unsynced: the next durability
+                    # round tries again, and sends their pairs to error.
+                    try:
+                        self._fdatasync_wal()
+                    except OSError:
+                        return
                 # A synced WAL holds every earlier commit too.
                 self._synced = self._commits
 
@@ -181,15 +193,18 @@ class MetadataStore:
 
     def sync_wal(self) -> None:
         """Make every commit so far durable, on this thread."""
-        began = self.wal_sync_begin()
-        if began is None:
-            return
-        seq, fd = began
+        with self._lock:
+            if self._synced >= self._commits:
+                return
+            self._fdatasync_wal()
+            self._synced = self._commits
+
+    def _fdatasync_wal(self) -> None:
+        fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fdatasync(fd)
         finally:
             os.close(fd)
-        self.wal_sync_end(seq)
 
     @property
     def schema_version(self) -> int:
