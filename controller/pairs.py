@@ -486,6 +486,15 @@ class PairManager:
             if pair.state == st.RESTORE:
                 raise Refused(f"pair {name!r} is restoring: deleting it now leaves the primary "
                               "half restored (wait, or use --force)")
+            left = pair.bm["restore"].count()
+            if isinstance(pair, SourcePair) and left:
+                # A failed instant restore: its volume answers EIO where
+                # nothing was restored; without the pair those regions would
+                # read as zeroes, with nothing to say they are wrong.
+                raise Refused(f"instant restore {name!r} failed with {left} regions never "
+                              f"restored: deleting the pair leaves zeroes there ({pair.reason}); "
+                              f"use --force, then `splitctl volume delete {name}`, and restore "
+                              "again")
         if isinstance(pair, SourcePair):
             self._dissolve(pair, "deleted")
             return {"name": name, "deleted": True, "state_was": pair.state}
