@@ -275,6 +275,10 @@ def _open_body(keys: Keys, kind: int, name: str, stored: bytes | memoryview,
             raise CorruptObject(name, "authentication failed (altered, or not this store's)") from None
     if keys.aes is not None:
         raise CorruptObject(name, "not sealed, in an encrypted store")
+    if kind != KIND_CHUNK and not flags & F_CHECKSUM:
+        # seal() always sets it: a cleared bit is damage (the flags byte
+        # is covered by the checksum only while the bit says to check it).
+        raise CorruptObject(name, "no checksum")
     # Views, not slices: a slice of a 4 MiB chunk is a 4 MiB copy.
     body = memoryview(stored)[HEADER.size:]
     if flags & F_CHECKSUM:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from agents.store.envelope import (
+    F_CHECKSUM,
     F_SEALED,
     F_ZSTD,
     HEADER,
@@ -130,3 +131,15 @@ def test_another_name_or_kind_is_refused():
         with pytest.raises(CorruptObject, match="kind"):
             open_sealed(keys, KIND_INDEX, "snapshots/a", stored, 1000)
 
+
+@pytest.mark.parametrize("kind", [KIND_INDEX, KIND_MANIFEST])
+def test_a_cleared_checksum_flag_is_refused(kind):
+    """Found by test_damage_is_detected_or_harmless: in a plain store an index
+    or manifest whose F_CHECKSUM bit is flipped off was opened unchecked
+    (its checksum then read as part of the body)."""
+    stored = bytearray(seal(PLAIN, kind, "x/y", b"\x00", 1))
+    stored[6] ^= F_CHECKSUM
+    with pytest.raises(CorruptObject, match="no checksum"):
+        open_sealed(PLAIN, kind, "x/y", bytes(stored), 1000)
+    with pytest.raises(CorruptObject, match="no checksum"):
+        opened_into(PLAIN, kind, bytes(stored), 1000)
