@@ -52,6 +52,8 @@ F_ZSTD, F_SEALED, F_CHECKSUM = 1, 2, 4
 HEADER = struct.Struct(">4sBBBB")
 NONCE_LEN, TAG_LEN, SUM_LEN = 12, 16, 16
 KEY_FILE_LEN = 32
+# open_sealed_into's piece: decoded, then hashed while in the CPU's cache.
+STEP = 128 * 1024
 
 _CTX_AES = "splitd backup store 2026 aes-256-gcm key"
 _CTX_ID = "splitd backup store 2026 chunk id key"
@@ -211,25 +213,36 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes | memoryview, ma
 
 
 def open_sealed_into(keys: Keys, kind: int, name: str, stored: bytes | memoryview,
-                     out: memoryview) -> int:
+                     out: memoryview, hasher: blake3.blake3 | None = None) -> int:
     """The plaintext of a stored object written into `out`; returns its
     length. A plaintext longer than `out` is CorruptObject, like any failed
     check. Nothing is allocated per call: zstd decompresses straight into
     `out` (a fresh 4 MiB result costs ~1000 page faults, a reused buffer
     none), and an encrypted body is opened into a buffer of the calling
-    thread's. `out` may hold garbage after a failure."""
+    thread's. `out` may hold garbage after a failure.
+
+    `hasher` is fed the plaintext piece by piece as it is written (STEP
+    bytes at a time, while they are still in the CPU's cache): one pass
+    over the chunk instead of a second one to hash it, ~2 ms less a 4 MiB
+    chunk here."""
     flags, body = _open_body(keys, kind, name, stored, _scratch)
     if not flags & F_ZSTD:
         if len(body) > len(out):
             raise CorruptObject(name, f"more than {len(out)} bytes")
-        out[:len(body)] = body
+        for at in range(0, len(body), STEP):
+            piece = out[at:min(at + STEP, len(body))]
+            piece[:] = body[at:at + STEP]
+            if hasher is not None:
+                hasher.update(piece)
         return len(body)
     try:
         if zstandard.frame_content_size(body) > len(out):
             raise CorruptObject(name, f"claims more than {len(out)} bytes")
         reader = _decompressor().stream_reader(body)
         got = 0
-        while got < len(out) and (n := reader.readinto(out[got:])):
+        while got < len(out) and (n := reader.readinto(out[got:got + STEP])):
+            if hasher is not None:
+                hasher.update(out[got:got + n])
             got += n
         if reader.read(1):
             raise CorruptObject(name, f"more than {len(out)} bytes")

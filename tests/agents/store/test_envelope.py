@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import blake3
 import pytest
 from hypothesis import given, strategies as st
 
@@ -40,9 +41,12 @@ def test_roundtrip(keys, kind, plain, level):
 
 
 def opened_into(keys: Keys, kind: int, stored: bytes, room: int) -> bytes:
-    """open_sealed_into a `room`-byte buffer (garbage before): what it wrote."""
+    """open_sealed_into a `room`-byte buffer (garbage before): what it wrote,
+    which is also exactly what its hasher was fed."""
     out = bytearray(os.urandom(room))
-    n = open_sealed_into(keys, kind, "x/y", stored, memoryview(out))
+    hasher = blake3.blake3()
+    n = open_sealed_into(keys, kind, "x/y", stored, memoryview(out), hasher)
+    assert hasher.digest() == blake3.blake3(out[:n]).digest()
     return bytes(out[:n])
 
 
