@@ -55,8 +55,25 @@ MAX_CACHE = 64 << 30
 # which release the GIL).
 READAHEAD = 4
 WORKERS = 4
+# Zero replies up to this size are shared, immutable bytes (a new one would
+# be allocated and zeroed per READ).
+SHARED_ZEROES_MAX = 1 << 20
 
 _HOLE_ZERO = c.STATE_HOLE | c.STATE_ZERO
+
+
+_ZEROES: dict[int, bytes] = {}
+
+
+def _zeroes(length: int) -> bytes:
+    if length > SHARED_ZEROES_MAX:
+        return bytes(length)
+    data = _ZEROES.get(length)
+    if data is None:
+        if len(_ZEROES) >= 16:      # bounded: a client may ask any lengths
+            _ZEROES.clear()
+        data = _ZEROES[length] = bytes(length)
+    return data
 
 
 class ChunkCache:
@@ -133,7 +150,7 @@ class SnapshotBackend:
                 part = b""      # zeroes: filled in by _assemble
             else:
                 part = self.cache.get(cid) or self._load(i, cid)
-                ready = ready and type(part) is bytes
+                ready = ready and not isinstance(part, asyncio.Future)
             parts.append(part)
         if sequential:
             self._read_ahead(last + 1)
@@ -145,22 +162,27 @@ class SnapshotBackend:
 
     async def _finish(self, offset: int, length: int, first: int,
                       parts: list[bytes | asyncio.Future[bytes]]) -> bytes:
-        done = [p if type(p) is bytes else await p for p in parts]   # type: ignore[misc]
+        done = [await p if isinstance(p, asyncio.Future) else p for p in parts]
         return self._assemble(offset, length, first, done)
 
     def _assemble(self, offset: int, length: int, first: int, parts: list[bytes]) -> bytes:
+        """The reply's bytes: at most one copy out of the chunks (a whole
+        chunk goes as it is), zeroes shared."""
         cs = self.chunk_size
         if len(parts) == 1:
             start = offset - first * cs
             data = parts[0]
-            return data[start:start + length] if data else bytes(length)
-        out = bytearray(length)
+            if not data:
+                return _zeroes(length)
+            if start == 0 and length == len(data):
+                return data
+            return bytes(memoryview(data)[start:start + length])
+        pieces: list[bytes | memoryview] = []
         for n, data in enumerate(parts):
             base = (first + n) * cs
             lo, hi = max(offset, base), min(offset + length, base + cs)
-            if data:
-                out[lo - offset:hi - offset] = memoryview(data)[lo - base:hi - base]
-        return bytes(out)
+            pieces.append(memoryview(data)[lo - base:hi - base] if data else _zeroes(hi - lo))
+        return b"".join(pieces)
 
     def _load(self, i: int, cid: bytes) -> asyncio.Future[bytes]:
         """The chunk at index `i`, fetched once however many reads wait on it."""
@@ -199,10 +221,19 @@ class SnapshotBackend:
         fut.set_result(data)
 
     def _read_ahead(self, start: int) -> None:
-        for i in range(start, min(start + READAHEAD, self.index.count)):
+        """The next READAHEAD data chunks from index `start` (zero chunks
+        cost nothing to serve: they do not count, up to 8 x READAHEAD of
+        them are looked past)."""
+        want = READAHEAD
+        for i in range(start, min(start + 8 * READAHEAD, self.index.count)):
             cid = self.index.id_at(i)
-            if cid != ZERO_ID and cid not in self._loading and self.cache.get(cid) is None:
+            if cid == ZERO_ID:
+                continue
+            if cid not in self._loading and self.cache.get(cid) is None:
                 self._load(i, cid)
+            want -= 1
+            if not want:
+                break
 
     # -- block status ------------------------------------------------------------------
 

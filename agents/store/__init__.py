@@ -5,6 +5,8 @@ Start here:
     store.py     Store: init/open, list, show, read (iter_image, restore_to_file),
                  verify, check, forget, prune, gc; the object layout
     writer.py    SnapshotWriter: stream an image in, in any order; commit
+    image.py     an image written out (a file or device; O_DIRECT), and the
+                 digest of what a restore wrote (WrittenImage)
     gc.py        mark-and-sweep safe beside running writers; retention rules
     index.py     the index format and the image digest
     envelope.py  the stored-object format: compression, encryption, keys
@@ -17,6 +19,7 @@ from agents.store.envelope import new_key_file
 from agents.store.errors import (
     ConcurrentSweep,
     CorruptObject,
+    ImageIncomplete,
     KeyRefused,
     ObjectMissing,
     StoreBadInput,

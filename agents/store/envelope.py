@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -51,6 +52,8 @@ F_ZSTD, F_SEALED, F_CHECKSUM = 1, 2, 4
 HEADER = struct.Struct(">4sBBBB")
 NONCE_LEN, TAG_LEN, SUM_LEN = 12, 16, 16
 KEY_FILE_LEN = 32
+# open_sealed_into's piece: decoded, then hashed while in the CPU's cache.
+STEP = 128 * 1024
 
 _CTX_AES = "splitd backup store 2026 aes-256-gcm key"
 _CTX_ID = "splitd backup store 2026 chunk id key"
@@ -105,18 +108,26 @@ class Keys:
         aes_key = _derive(_CTX_AES, secret, seed)
         return cls(id_key=_derive(_CTX_ID, secret, seed), aes=AESGCM(aes_key), aes_key=aes_key)
 
-    def decrypt(self, nonce: bytes, sealed: memoryview, aad: bytes) -> bytes | bytearray:
+    def decrypt(self, nonce: bytes, sealed: memoryview, aad: bytes,
+                scratch: Callable[[int], bytearray] | None = None) -> bytearray | memoryview:
         """AES-256-GCM open of `sealed` (ciphertext | tag); InvalidTag if it
         fails. Through the streaming API into one preallocated buffer, from
         a view of the stored object: AESGCM.decrypt wants bytes (a 4 MiB
         slice copy first) and copies its output again; this is ~25% less
-        CPU a chunk. The plaintext is returned only once finalize() has
-        checked the tag."""
+        CPU a chunk. The buffer is new, or `scratch(n)` (then the result
+        is a view of it). The plaintext is returned only once finalize()
+        has checked the tag."""
         assert self.aes_key is not None
         ct, tag = sealed[:-TAG_LEN], sealed[-TAG_LEN:]
         d = Cipher(algorithms.AES(self.aes_key), modes.GCM(nonce, bytes(tag))).decryptor()
         d.authenticate_additional_data(aad)
-        out = bytearray(len(ct) + 15)       # update_into wants len + block - 1
+        room = len(ct) + 15                 # update_into wants len + block - 1
+        if scratch is not None:
+            buf = scratch(room)
+            n = d.update_into(ct, buf)      # type: ignore[arg-type]  # any buffer
+            d.finalize()
+            return memoryview(buf)[:n]
+        out = bytearray(room)
         n = d.update_into(ct, out)      # type: ignore[arg-type]  # any buffer
         d.finalize()
         del out[n:]
@@ -188,6 +199,72 @@ def seal(keys: Keys, kind: int, name: str, plain: bytes | bytearray, level: int 
 def open_sealed(keys: Keys, kind: int, name: str, stored: bytes | memoryview, max_size: int) -> bytes:
     """The plaintext of a stored object (new bytes, never a view of
     `stored`); raises CorruptObject if it fails any check."""
+    flags, body = _open_body(keys, kind, name, stored, None)
+    if flags & F_ZSTD:
+        try:
+            # -1: size not recorded; decompress() then stops at max_output_size.
+            if zstandard.frame_content_size(body) > max_size:
+                raise CorruptObject(name, f"claims more than {max_size} bytes")
+            out: bytes = _decompressor().decompress(body, max_output_size=max_size)
+            return out
+        except zstandard.ZstdError as e:
+            raise CorruptObject(name, f"zstd: {e}") from None
+    return bytes(body)
+
+
+def open_sealed_into(keys: Keys, kind: int, name: str, stored: bytes | memoryview,
+                     out: memoryview, hasher: blake3.blake3 | None = None) -> int:
+    """The plaintext of a stored object written into `out`; returns its
+    length. A plaintext longer than `out` is CorruptObject, like any failed
+    check. Nothing is allocated per call: zstd decompresses straight into
+    `out` (a fresh 4 MiB result costs ~1000 page faults, a reused buffer
+    none), and an encrypted body is opened into a buffer of the calling
+    thread's. `out` may hold garbage after a failure.
+
+    `hasher` is fed the plaintext piece by piece as it is written (STEP
+    bytes at a time, while they are still in the CPU's cache): one pass
+    over the chunk instead of a second one to hash it, ~2 ms less a 4 MiB
+    chunk here."""
+    flags, body = _open_body(keys, kind, name, stored, _scratch)
+    if not flags & F_ZSTD:
+        if len(body) > len(out):
+            raise CorruptObject(name, f"more than {len(out)} bytes")
+        for at in range(0, len(body), STEP):
+            piece = out[at:min(at + STEP, len(body))]
+            piece[:] = body[at:at + STEP]
+            if hasher is not None:
+                hasher.update(piece)
+        return len(body)
+    try:
+        if zstandard.frame_content_size(body) > len(out):
+            raise CorruptObject(name, f"claims more than {len(out)} bytes")
+        reader = _decompressor().stream_reader(body)
+        got = 0
+        while got < len(out) and (n := reader.readinto(out[got:got + STEP])):
+            if hasher is not None:
+                hasher.update(out[got:got + n])
+            got += n
+        if reader.read(1):
+            raise CorruptObject(name, f"more than {len(out)} bytes")
+        return got
+    except zstandard.ZstdError as e:
+        raise CorruptObject(name, f"zstd: {e}") from None
+
+
+def _scratch(n: int) -> bytearray:
+    """A buffer of at least `n` bytes, the calling thread's, reused."""
+    buf: bytearray | None = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < n:
+        buf = _local.scratch = bytearray(n)
+    return buf
+
+
+def _open_body(keys: Keys, kind: int, name: str, stored: bytes | memoryview,
+               scratch: Callable[[int], bytearray] | None
+               ) -> tuple[int, bytes | bytearray | memoryview]:
+    """(flags, body): the header checked, the body decrypted (into
+    `scratch(n)` if given, else new) or its checksum checked; still
+    compressed if flags say so. CorruptObject if any check fails."""
     if len(stored) < HEADER.size:
         raise CorruptObject(name, "shorter than its header")
     magic, version, got_kind, flags, _ = HEADER.unpack_from(stored)
@@ -204,32 +281,26 @@ def open_sealed(keys: Keys, kind: int, name: str, stored: bytes | memoryview, ma
         if len(stored) < HEADER.size + NONCE_LEN + TAG_LEN:
             raise CorruptObject(name, "shorter than its nonce and tag")
         nonce = bytes(stored[HEADER.size:HEADER.size + NONCE_LEN])
-        body: bytes | bytearray | memoryview
         try:
-            body = keys.decrypt(nonce, memoryview(stored)[HEADER.size + NONCE_LEN:], header + name.encode())
+            return flags, keys.decrypt(nonce, memoryview(stored)[HEADER.size + NONCE_LEN:],
+                                       header + name.encode(), scratch)
         except InvalidTag:
             raise CorruptObject(name, "authentication failed (altered, or not this store's)") from None
-    else:
-        if keys.aes is not None:
-            raise CorruptObject(name, "not sealed, in an encrypted store")
-        # Views, not slices: a slice of a 4 MiB chunk is a 4 MiB copy.
-        body = memoryview(stored)[HEADER.size:]
-        if flags & F_CHECKSUM:
-            if len(body) < SUM_LEN:
-                raise CorruptObject(name, "shorter than its checksum")
-            body, mac = body[:-SUM_LEN], bytes(body[-SUM_LEN:])
-            h = blake3.blake3(header)
-            h.update(name.encode())
-            h.update(body)
-            if h.digest(SUM_LEN) != mac:
-                raise CorruptObject(name, "checksum mismatch")
-    if flags & F_ZSTD:
-        try:
-            # -1: size not recorded; decompress() then stops at max_output_size.
-            if zstandard.frame_content_size(body) > max_size:
-                raise CorruptObject(name, f"claims more than {max_size} bytes")
-            out: bytes = _decompressor().decompress(body, max_output_size=max_size)
-            return out
-        except zstandard.ZstdError as e:
-            raise CorruptObject(name, f"zstd: {e}") from None
-    return bytes(body)
+    if keys.aes is not None:
+        raise CorruptObject(name, "not sealed, in an encrypted store")
+    if kind != KIND_CHUNK and not flags & F_CHECKSUM:
+        # seal() always sets it: a cleared bit is damage (the flags byte
+        # is covered by the checksum only while the bit says to check it).
+        raise CorruptObject(name, "no checksum")
+    # Views, not slices: a slice of a 4 MiB chunk is a 4 MiB copy.
+    body = memoryview(stored)[HEADER.size:]
+    if flags & F_CHECKSUM:
+        if len(body) < SUM_LEN:
+            raise CorruptObject(name, "shorter than its checksum")
+        body, mac = body[:-SUM_LEN], bytes(body[-SUM_LEN:])
+        h = blake3.blake3(header)
+        h.update(name.encode())
+        h.update(body)
+        if h.digest(SUM_LEN) != mac:
+            raise CorruptObject(name, "checksum mismatch")
+    return flags, body

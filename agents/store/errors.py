@@ -7,8 +7,11 @@
      |    +-- CorruptObject         an object failed its checksum, tag or format check:
      |    |                         run `verify`/`check`; the store must be repaired
      |    +-- ConcurrentSweep       a garbage collection removed chunks this backup
-     |                              reused; nothing was committed: give the writer
-     |                              those chunks again (e.offsets), commit again
+     |    |                         reused; nothing was committed: give the writer
+     |    |                         those chunks again (e.offsets), commit again
+     |    +-- ImageIncomplete       an image was written out but for the ranges of
+     |                              chunks that could not be read (e.ranges,
+     |                              e.chunks): the snapshot is damaged
      +-- (NotFound) ObjectMissing   an object the caller named is not in the store
      +-- (BadInput) StoreBadInput   the call itself is wrong (offset, size, policy)
 
@@ -49,3 +52,15 @@ class ObjectMissing(NotFound):
 
 class StoreBadInput(BadInput):
     pass
+
+
+class ImageIncomplete(StoreError):
+    """A snapshot's image was written out except where chunks could not be
+    read (missing, or failing their check): `ranges` (offset, length) of the
+    image not written, and `chunks` {object name: why}. The snapshot is
+    damaged: `verify` names every snapshot those chunks break."""
+
+    def __init__(self, message: str, ranges: list[tuple[int, int]], chunks: dict[str, str]) -> None:
+        super().__init__(message)
+        self.ranges = ranges
+        self.chunks = chunks

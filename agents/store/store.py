@@ -75,7 +75,6 @@ from agents.store.names import (
     manifest_name,
     valid_snapshot_id,
 )
-from volumes.files import write_all
 
 if TYPE_CHECKING:
     from agents.store.gc import GcReport, PrunePlan, RetentionPolicy
@@ -241,7 +240,7 @@ class Store:
 
     # -- chunks -------------------------------------------------------------------
 
-    def chunk_id(self, data: bytes | bytearray) -> bytes:
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
         """The keyed BLAKE3-256 of `data`: its name in this store. Thread-safe."""
         return blake3.blake3(data, key=self.keys.id_key).digest()
 
@@ -256,22 +255,37 @@ class Store:
         re-hashed. Thread-safe: a directory store reads into a buffer of
         the calling thread's, reused (one chunk's size a thread)."""
         name = chunk_name(cid)
-        stored: bytes | memoryview
-        if isinstance(self.backend, DirBackend):
-            # Stored is never more than the plaintext plus header, nonce
-            # and tag: zstd's output is kept only when smaller. Replaced,
-            # never resized: an exception may still hold a view of it.
-            scratch = getattr(_local, "scratch", None)
-            if scratch is None or len(scratch) < length + _CHUNK_OVERHEAD:
-                scratch = _local.scratch = bytearray(length + _CHUNK_OVERHEAD)
-            stored = self.backend.get_into(name, scratch)
-        else:
-            stored = self.backend.get(name)
         # open_sealed returns new bytes, never a view of `stored`.
-        data = envelope.open_sealed(self.keys, KIND_CHUNK, name, stored, length)
+        data = envelope.open_sealed(self.keys, KIND_CHUNK, name, self._fetch(name, length), length)
         if len(data) != length or self.chunk_id(data) != cid:
             raise CorruptObject(name, "content does not match its name")
         return data
+
+    def get_chunk_into(self, cid: bytes, length: int, out: memoryview | bytearray) -> memoryview:
+        """Chunk `cid` opened and re-hashed like get_chunk, but into
+        out[:length] (returned): nothing allocated, for callers that reuse
+        one buffer per thread. Thread-safe. On an error out[:length] holds
+        garbage."""
+        name = chunk_name(cid)
+        view = memoryview(out)[:length]
+        hasher = blake3.blake3(key=self.keys.id_key)     # fed as it is opened: one pass
+        n = envelope.open_sealed_into(self.keys, KIND_CHUNK, name, self._fetch(name, length), view,
+                                      hasher)
+        if n != length or hasher.digest() != cid:
+            raise CorruptObject(name, "content does not match its name")
+        return view
+
+    def _fetch(self, name: str, length: int) -> bytes | memoryview:
+        """A stored chunk of a `length`-byte plaintext, as stored."""
+        if not isinstance(self.backend, DirBackend):
+            return self.backend.get(name)
+        # Stored is never more than the plaintext plus header, nonce and
+        # tag: zstd's output is kept only when smaller. Replaced, never
+        # resized: an exception may still hold a view of it.
+        scratch = getattr(_local, "scratch", None)
+        if scratch is None or len(scratch) < length + _CHUNK_OVERHEAD:
+            scratch = _local.scratch = bytearray(length + _CHUNK_OVERHEAD)
+        return self.backend.get_into(name, scratch)
 
     # -- snapshots ----------------------------------------------------------------
 
@@ -402,6 +416,15 @@ class Store:
             return bytes(index.chunk_len(i))
         return self.get_chunk(cid, index.chunk_len(i))
 
+    def checked_index(self, sid: str) -> tuple[dict[str, Any], Index]:
+        """(manifest, index) of snapshot `sid`, the index checked against the
+        manifest's size and image digest (CorruptObject naming it if not)."""
+        manifest = self.manifest(sid)
+        index = self.index(sid)
+        if index.size != manifest["size"] or index.digest(self._zero_map(index)) != manifest["image_digest"]:
+            raise CorruptObject(index_name(sid), "does not match the manifest's image digest")
+        return manifest, index
+
     def iter_image(self, sid: str, *, workers: int | None = None,
                    readahead: int | None = None) -> Iterator[Extent]:
         """The whole image in order, as Extents: data chunks one by one,
@@ -413,10 +436,7 @@ class Store:
         the manifest's, and every chunk is checked against its id, so the
         bytes yielded are exactly the image the manifest describes (a bad
         chunk raises CorruptObject/ObjectMissing naming it)."""
-        manifest = self.manifest(sid)
-        index = self.index(sid)
-        if index.size != manifest["size"] or index.digest(self._zero_map(index)) != manifest["image_digest"]:
-            raise CorruptObject(index_name(sid), "does not match the manifest's image digest")
+        _, index = self.checked_index(sid)
         workers = workers or self.workers
         readahead = readahead or 2 * workers
         with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
@@ -447,28 +467,14 @@ class Store:
     def restore_to_file(self, sid: str, path: str, *, workers: int | None = None) -> int:
         """Write snapshot `sid` into `path`: a new or existing regular file
         (truncated, then sized: zero runs stay holes) or a block device
-        (zero runs are written as zeroes). Returns the bytes of data written.
-        The file is fsynced before returning."""
-        size = self.manifest(sid)["size"]
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            regular = os.path.isfile(path)
-            if regular:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-            written = 0
-            for ext in self.iter_image(sid, workers=workers):
-                if ext.data is not None:
-                    write_all(fd, ext.data, ext.offset)
-                    written += ext.length
-                elif not regular:
-                    step = self.chunk_size
-                    for off in range(ext.offset, ext.offset + ext.length, step):
-                        write_all(fd, bytes(min(step, ext.offset + ext.length - off)), off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return written
+        (zero runs are zeroed), fsynced, and check the image digest of what
+        was written (image.py). Returns the bytes of data written. A chunk
+        that cannot be read raises ImageIncomplete naming it and the ranges
+        left unwritten, once everything else is written."""
+        from agents.store.image import write_to_file
+        image = write_to_file(self, sid, path, workers=workers)
+        image.check(path)
+        return image.bytes_written
 
     # -- writing --------------------------------------------------------------------
 

@@ -436,14 +436,15 @@ def run_restore(client: AdminClient, args: Namespace) -> Any:
             if args.to_volume:
                 uri, created = _target_volume(client, args, manifest["size"])
                 result = asyncio.run(restore_to_uri(store, args.id, uri, connections=args.connections,
-                                                    check=not args.no_check, progress=bar,
-                                                    tls=_nbd_tls_restore(args)))
+                                                    check=not args.no_check, readback=args.verify_readback,
+                                                    progress=bar, tls=_nbd_tls_restore(args)))
             elif "://" in args.to:
                 result = asyncio.run(restore_to_uri(store, args.id, args.to, connections=args.connections,
-                                                    check=not args.no_check, progress=bar,
-                                                    tls=_nbd_tls_restore(args)))
+                                                    check=not args.no_check, readback=args.verify_readback,
+                                                    progress=bar, tls=_nbd_tls_restore(args)))
             else:
-                result = restore_to_file(store, args.id, args.to, check=not args.no_check, progress=bar)
+                result = restore_to_file(store, args.id, args.to, check=not args.no_check,
+                                         readback=args.verify_readback, progress=bar)
         finally:
             if bar is not None:
                 bar.done()
@@ -479,7 +480,9 @@ def show_restore(r: dict[str, Any], args: Namespace) -> None:
         from splitctl.commands.backup_served import show_instant_restore
         show_instant_restore(r, args)
         return
-    check = "image digest read back and matched" if r["digest_checked"] else "not read back (--no-check)"
+    check = {"read-back": "image digest of what was written and read back matched",
+             "written": "image digest of what was written matched"}.get(
+        r["check"], "image digest not checked (--no-check)")
     made = " (volume created)" if r.get("volume_created") else ""
     print(f"restored {r['snapshot']} to {r['target']}{made}: {format_size(r['bytes_written'])} "
           f"written, {format_size(r['bytes_zeroed'])} zeroes, {r['seconds']:.1f} s; {check}")
@@ -494,11 +497,14 @@ def check_restore(args: Namespace) -> None:
         raise BadInput("--port goes with --to-volume")
     if args.connections < 1 or args.connections > 64:
         raise BadInput(f"--connections {args.connections}: give 1 to 64")
+    if args.no_check and args.verify_readback:
+        raise BadInput("--no-check and --verify-readback: give one")
     if args.instant:
         if not args.to_volume:
             raise BadInput("--instant goes with --to-volume NAME (a new volume)")
-        if args.port or args.no_check:
-            raise BadInput("--port and --no-check do not go with --instant (the daemon restores)")
+        if args.port or args.no_check or args.verify_readback:
+            raise BadInput("--port, --no-check and --verify-readback do not go with --instant "
+                           "(the daemon restores)")
     else:
         for flag, value in (("--wait", args.wait), ("--rate", args.rate is not None)):
             if value:
@@ -738,8 +744,16 @@ def add_commands(backup: Commands) -> None:
                     "(--to FILE: a sparse raw image; a block device works too). Chunks are\n"
                     "fetched and decompressed in parallel and written with many requests in\n"
                     "flight over several connections; zero runs are written as WRITE_ZEROES\n"
-                    "(holes in a file). At the end the target is read back and its image\n"
-                    "digest compared with the snapshot's (--no-check skips that).\n\n"
+                    "(holes in a file); a file or block device is written with O_DIRECT\n"
+                    "where its file system allows. Every chunk is checked against its name\n"
+                    "as it is read, and at the end the image digest of what was written\n"
+                    "(each chunk's id at its offset, zero runs included) is compared with\n"
+                    "the snapshot's. --verify-readback then reads the whole target back\n"
+                    "and compares its digest too: that proves the target returns what it\n"
+                    "was given, at the cost of a second pass. A missing or corrupt chunk\n"
+                    "does not stop the restore: the rest is written, then the command\n"
+                    "fails naming each bad chunk and the byte ranges of the image\n"
+                    "(offset+length) left unwritten.\n\n"
                     "--instant --to-volume NAME: the daemon makes volume NAME (the\n"
                     "snapshot's size; it must not exist) and it is usable at once,\n"
                     "read-write, whatever its size, while the daemon restores it in the\n"
@@ -770,7 +784,10 @@ def add_commands(backup: Commands) -> None:
     sub.add_argument("--to", metavar="URI|FILE", help="an NBD URI, or a file")
     sub.add_argument("--connections", metavar="N", type=int, default=4,
                      help="NBD connections where the export allows multi-conn (default 4)")
-    sub.add_argument("--no-check", action="store_true", help="do not read the target back")
+    sub.add_argument("--no-check", action="store_true",
+                     help="do not compare the image digest at the end (chunks are still checked)")
+    sub.add_argument("--verify-readback", action="store_true",
+                     help="also read the whole target back and compare its image digest")
     sub.add_argument("--instant", action="store_true",
                      help="(--to-volume) a new volume, usable at once, restored in the background")
     sub.add_argument("--rate", metavar="RATE", type=args_rate, default=None,

@@ -67,7 +67,7 @@ def test_volume_backup_and_restore(daemon, volume, tmp_path):
     subprocess.run(["nbdcopy", daemon.uri(volume), str(original)], check=True, timeout=60)
     out = tmp_path / "restored.img"
     res = backup(daemon, "restore", r["snapshot"], "--from", str(store), "--to", str(out))
-    assert res["digest_checked"] and res["bytes_written"] == 12 * MiB, res
+    assert res["digest_checked"] and res["check"] == "written" and res["bytes_written"] == 12 * MiB, res
     subprocess.run(["cmp", str(original), str(out)], check=True)
     assert os.stat(out).st_blocks * 512 <= 16 * MiB, "the restored file is not sparse"
 
@@ -80,7 +80,9 @@ def test_volume_backup_and_restore(daemon, volume, tmp_path):
 
     # Over an existing volume full of other data: zero runs are zeroed.
     write_blocks(daemon, "r", list(range(0, SIZE, 2 * MiB)), seed=9, length=MiB)
-    backup(daemon, "restore", r["snapshot"], "--from", str(store), "--to", daemon.uri("r"))
+    res = backup(daemon, "restore", r["snapshot"], "--from", str(store), "--to", daemon.uri("r"),
+                 "--verify-readback")
+    assert res["check"] == "read-back" and res["bytes_written"] == 12 * MiB, res
     assert first_mismatch(image_digests(daemon.uri(volume)), image_digests(daemon.uri("r"))) is None
 
 
@@ -131,9 +133,32 @@ def test_corrupt_chunk_named_and_restore_refused(daemon, volume, tmp_path):
     victim.write_bytes(bytes(data))
     cp = daemon.splitctl("backup", "verify", r["snapshot"], "--store", str(store), check=False)
     assert cp.returncode == 1 and victim.name in cp.stdout and r["snapshot"] in cp.stdout, cp
+    # The restore writes every other chunk, then refuses naming the chunk and
+    # each byte range of the image it held (offset+length), into a file and
+    # into a volume.
+    from agents.store import open_dir
+    index = open_dir(str(store)).index(r["snapshot"])
+    held = [i * 4 * MiB for i in range(index.count) if index.id_at(i).hex() == victim.name]
+    assert held, "the corrupted chunk is not in the snapshot"
+    ranges = ", ".join(f"{off}+{4 * MiB}" for off in held)
+    out = tmp_path / "x.img"
     status, err, _ = backup_fails(daemon, "restore", r["snapshot"], "--from", str(store),
-                                  "--to", str(tmp_path / "x.img"))
+                                  "--to", str(out))
     assert status == 1 and victim.name in err["message"], err
+    assert err["message"].startswith(f"snapshot {r['snapshot']} is damaged: image bytes {ranges} "
+                                     f"(offset+length) were not restored to {out}"), err
+    original = tmp_path / "original.img"
+    subprocess.run(["nbdcopy", daemon.uri(volume), str(original)], check=True, timeout=60)
+    for off in range(0, SIZE, 4 * MiB):
+        with open(original, "rb") as a, open(out, "rb") as b:
+            a.seek(off)
+            b.seek(off)
+            want = a.read(4 * MiB)
+            assert (b.read(4 * MiB) == want) != (off in held), f"chunk at {off}"
+    status, err, _ = backup_fails(daemon, "restore", r["snapshot"], "--from", str(store),
+                                  "--to-volume", "r", "--create")
+    assert status == 1 and err["message"].startswith(
+        f"snapshot {r['snapshot']} is damaged: image bytes {ranges} (offset+length)"), err
 
 
 def test_human_output(daemon, volume, tmp_path):
@@ -158,6 +183,14 @@ def test_human_output(daemon, volume, tmp_path):
     assert "would remove 1 snapshots, kept 1" in pruned, pruned
     assert "gc:" in text("gc", "--store", store, "--dry-run")
     assert f"forgot 1 snapshots: {sid}" in text("forget", sid, "--store", store)
-    restored = text("restore", text("list", "--store", store).splitlines()[1].split()[0], "--from",
-                    store, "--to", str(tmp_path / "r.img"))
-    assert "image digest read back and matched" in restored, restored
+    sid2 = text("list", "--store", store).splitlines()[1].split()[0]
+    restored = text("restore", sid2, "--from", store, "--to", str(tmp_path / "r.img"))
+    assert "image digest of what was written matched" in restored, restored
+    restored = text("restore", sid2, "--from", store, "--to", str(tmp_path / "r.img"),
+                    "--verify-readback")
+    assert "image digest of what was written and read back matched" in restored, restored
+    restored = text("restore", sid2, "--from", store, "--to", str(tmp_path / "r.img"), "--no-check")
+    assert "image digest not checked (--no-check)" in restored, restored
+    cp = daemon.splitctl("backup", "restore", sid2, "--from", store, "--to", str(tmp_path / "r.img"),
+                         "--no-check", "--verify-readback", check=False)
+    assert cp.returncode == 2 and "--no-check and --verify-readback: give one" in cp.stderr, cp

@@ -79,6 +79,12 @@ def test_served_snapshot_equals_the_image(daemon, image, tmp_path):
             length = min(length, SIZE - off)
             f.seek(off)
             assert h.pread(length, off) == f.read(length), f"differs at {off}+{length}"
+        # A whole chunk (sent as it is cached), and reads across chunks:
+        # data then zero chunk, zero then data, data, zero and data.
+        for off, length in ((0, 4 * MiB), (16 * MiB, 4 * MiB), (3 * MiB, 2 * MiB),
+                            (15 * MiB, 2 * MiB), (3 * MiB, 14 * MiB + 512)):
+            f.seek(off)
+            assert h.pread(length, off) == f.read(length), f"differs at {off}+{length}"
         # Writes are refused (read-only export).
         with pytest.raises(nbd.Error):
             h.pwrite(b"x" * 512, 0)

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from agents.store import (
+    CorruptObject,
     KeyRefused,
     ObjectMissing,
     StoreBadInput,
@@ -154,6 +155,84 @@ def test_restore_to_file_is_sparse_and_exact(store, store_dir):
     with open(out, "rb") as f:
         assert f.read() == image
     assert os.stat(out).st_blocks * 512 < len(image)
+
+
+@pytest.mark.parametrize("where", ["tmpfs", "disk"])
+def test_restore_to_file_over_an_old_file_with_an_unaligned_tail(store, where, tmp_path):
+    """A file that held other data is replaced by exactly the image; the
+    last chunk, 5000 bytes, goes through the page cache, the others are
+    written O_DIRECT (tmpfs and ext4 here both take it)."""
+    image = mixed_image(random.Random(12), 7, tail=5000)
+    sid = backup(store, image)
+    out = os.path.join(store.backend.root if where == "tmpfs" else str(tmp_path), "restored.raw")
+    with open(out, "wb") as f:
+        f.write(random.Random(13).randbytes(len(image) + 3 * CS))
+    assert store.restore_to_file(sid, out) == 5 * CS + 5000     # chunks 1 and 4 are zeroes
+    with open(out, "rb") as f:
+        assert f.read() == image
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_get_chunk_into_opens_like_get_chunk(store_dir, encrypted):
+    """Into a buffer that held garbage: the same bytes as get_chunk, for a
+    compressed and a raw chunk; a wrong length or id is CorruptObject."""
+    key = None
+    if encrypted:
+        key = os.path.join(store_dir, "key")
+        new_key_file(key)
+    s = init_dir(os.path.join(store_dir, "s"), chunk_size=CS, key_file=key)
+    image = mixed_image(random.Random(14), 3)
+    sid = backup(s, image)
+    buf = bytearray(random.Random(15).randbytes(CS + 100))
+    for off in (0, 2 * CS):                 # random (raw), compressible (zstd)
+        cid = s.index(sid).id_at(off // CS)
+        view = s.get_chunk_into(cid, CS, buf)
+        assert len(view) == CS and view == s.get_chunk(cid, CS) == image[off:off + CS]
+        with pytest.raises(CorruptObject, match=chunk_name(cid)):
+            s.get_chunk_into(cid, CS - 4096, buf)
+        with pytest.raises(CorruptObject, match=chunk_name(cid)):
+            s.get_chunk_into(cid, CS, bytearray(CS - 1))
+    s.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device over a 1 MiB file of random bytes on the disk (root),
+    detached afterwards."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup for a loop device")
+    backing = tmp_path / "device.img"
+    backing.write_bytes(random.Random(16).randbytes(16 * CS))
+    cp = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                        text=True, timeout=30)
+    if cp.returncode != 0:
+        pytest.skip(f"no loop device available: {cp.stderr.strip()}")
+    dev = cp.stdout.strip()
+    yield dev
+    subprocess.run(["losetup", "-d", dev], check=True, timeout=30)
+
+
+@pytest.mark.root
+def test_restore_to_a_block_device(store, loop_device):
+    """Over a device full of other bytes: data chunks written (O_DIRECT),
+    zero chunks zeroed (BLKZEROOUT), what lies beyond the image kept; a
+    device smaller than the image is refused before anything is written."""
+    image = mixed_image(random.Random(17), 12)
+    sid = backup(store, image)
+    with open(loop_device, "rb") as f:
+        beyond = f.read()[len(image):]
+    assert store.restore_to_file(sid, loop_device) == 8 * CS
+    with open(loop_device, "rb") as f:
+        got = f.read()
+    assert got[:len(image)] == image and got[len(image):] == beyond
+    big = backup(store, image * 2)
+    with pytest.raises(StoreBadInput, match=f"block device {loop_device} has {16 * CS} bytes, "
+                                            f"the image {24 * CS}"):
+        store.restore_to_file(big, loop_device)
+    with open(loop_device, "rb") as f:
+        assert f.read() == got
 
 
 def test_encryption_keys(store_dir):

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from agents.store import CorruptObject, ObjectMissing, init_dir, new_key_file
+from agents.store import CorruptObject, ImageIncomplete, init_dir, new_key_file
 from agents.store.names import chunk_name, index_name, manifest_name
 
 from .conftest import backup, image_of
@@ -91,8 +91,43 @@ def test_missing_chunk(three):
     report = s.verify(b)
     assert [(p.what, p.snapshots) for p in report.problems] == [("missing", [a, b])]
     assert s.check(read_data=False).broken_snapshots == [a, b]
-    with pytest.raises(ObjectMissing, match=chunk_name(shared)):
-        s.restore_to_file(a, path_of(s, "../restored"))
+    # A restore writes the rest, then names the chunk and the range it held.
+    out = path_of(s, "../restored")
+    with pytest.raises(ImageIncomplete, match=chunk_name(shared)) as e:
+        s.restore_to_file(b, out)
+    assert e.value.ranges == [(CS, CS)] and list(e.value.chunks) == [chunk_name(shared)]
+    assert f"image bytes {CS}+{CS} (offset+length) were not restored" in str(e.value), e.value
+    with open(out, "rb") as f:
+        assert f.read() == s.read_chunk(b, 0) + bytes(CS)
+
+
+def test_restore_names_every_range_of_every_bad_chunk(store_dir):
+    """One corrupt chunk used at three offsets (two of them adjacent) and a
+    missing one: the restore writes every other chunk, then names both
+    chunks and exactly the ranges they held, adjacent ones merged."""
+    s = init_dir(os.path.join(store_dir, "s"), chunk_size=CS)
+    rnd = random.Random(11)
+    x, y, z = rnd.randbytes(CS), rnd.randbytes(CS), rnd.randbytes(CS)
+    image = x + y + x + x + bytes(CS) + z + y[:4096]
+    sid = backup(s, image)
+    flip(path_of(s, chunk_name(s.chunk_id(x))), 100)
+    os.unlink(path_of(s, chunk_name(s.chunk_id(y[:4096]))))
+    out = path_of(s, "../restored")
+    with pytest.raises(ImageIncomplete) as e:
+        s.restore_to_file(sid, out)
+    assert e.value.ranges == [(0, CS), (2 * CS, 2 * CS), (6 * CS, 4096)], e.value.ranges
+    assert sorted(e.value.chunks) == sorted([chunk_name(s.chunk_id(x)), chunk_name(s.chunk_id(y[:4096]))])
+    msg = str(e.value)
+    assert msg.startswith(f"snapshot {sid} is damaged: image bytes 0+{CS}, {2 * CS}+{2 * CS}, "
+                          f"{6 * CS}+4096 (offset+length) were not restored"), msg
+    assert "content does not match its name" in msg or "corrupt object" in msg, msg
+    assert f"missing object {chunk_name(s.chunk_id(y[:4096]))}" in msg, msg
+    with open(out, "rb") as f:
+        got = f.read()
+    assert len(got) == len(image)
+    for i in (1, 4, 5):         # y, zeroes, z: written
+        assert got[i * CS:(i + 1) * CS] == image[i * CS:(i + 1) * CS]
+    s.close()
 
 
 @pytest.mark.parametrize("name_of", [index_name, manifest_name])
