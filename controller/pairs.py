@@ -482,6 +482,9 @@ class PairManager:
                 raise Refused(f"pair {name!r} is split with {pair.diff.count()} regions not yet "
                               "copied: deleting it now leaves the secondary incomplete "
                               "(wait with `splitctl pair wait --until copied`, or use --force)")
+            if isinstance(pair, SourcePair) and pair.state == st.RESTORE:
+                raise Refused(_instant_refusal(pair, "deleting it now leaves the volume half "
+                                               "restored (--force, then delete the volume)"))
             if pair.state == st.RESTORE:
                 raise Refused(f"pair {name!r} is restoring: deleting it now leaves the primary "
                               "half restored (wait, or use --force)")
@@ -516,6 +519,10 @@ class PairManager:
             changes["rate"] = new_rate
         if read_policy is not None:
             _check_read_policy(read_policy, name)
+            if isinstance(pair, SourcePair) and read_policy != pair.read_policy:
+                # Its reads always restore what they read (controller/instant.py).
+                raise Refused(_instant_refusal(pair, f"its read policy is always "
+                                               f"{pair.read_policy} (only --rate can be set)"))
             changes["read_policy"] = read_policy
         if not changes:
             raise BadInput("nothing to set: give a rate or a read policy")
@@ -536,17 +543,14 @@ class PairManager:
 
     def _check(self, pair: Pair, action: str) -> str:
         """The state `action` takes the pair to; Refused if it may not."""
+        if isinstance(pair, SourcePair) and action not in ("drained", "fail"):
+            # Before the state table: its "from restore you can: delete" is
+            # no advice for a volume half restored from a snapshot.
+            raise Refused(_instant_refusal(pair, f"it cannot {action}"))
         try:
             new = st.next_state(pair.name, pair.state, action)
         except st.TransitionRefused as e:
             raise Refused(str(e)) from None
-        if isinstance(pair, SourcePair) and action not in ("drained", "fail"):
-            spec = pair.source.spec
-            raise Refused(f"pair {pair.name!r} is the instant restore of volume {pair.name!r} "
-                          f"from snapshot {spec['snapshot']} of {spec['store']}: it cannot "
-                          f"{action} (a resync cannot repair a failed one: delete the pair and "
-                          f"the volume, splitctl pair delete {pair.name} --force; splitctl volume "
-                          f"delete {pair.name}, and restore again)")
         if action in ("split", "restore"):
             # While a pair restores P, P's file is not yet P's image: regions
             # still to restore are read from S. A split of another pair of P
@@ -812,6 +816,19 @@ def _make_durably(path: str) -> None:
     finally:
         os.close(fd)
     fsync_dir(os.path.dirname(path))
+
+
+def _instant_refusal(pair: SourcePair, what: str) -> str:
+    """Why an instant restore's pair refuses `what`, and what to do instead."""
+    spec = pair.source.spec
+    head = (f"pair {pair.name!r} is the instant restore of volume {pair.name!r} from snapshot "
+            f"{spec['snapshot']} of {spec['store']}: {what}")
+    if pair.state == st.ERROR:
+        return (f"{head}; a resync cannot repair a failed one: delete the pair and the volume "
+                f"(splitctl pair delete {pair.name} --force; splitctl volume delete "
+                f"{pair.name}) and restore again")
+    return (f"{head}; its pair is dissolved once the volume is restored "
+            f"(splitctl backup restore-status {pair.name} --wait)")
 
 
 def _check_read_policy(policy, pair_name: str) -> None:

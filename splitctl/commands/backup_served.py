@@ -186,21 +186,12 @@ def run_instant_restore(client: AdminClient, args: Namespace) -> Any:
 
 
 def wait_restore(client: AdminClient, volume: str, interval: float) -> dict[str, Any]:
-    """Poll backup.restore_status until the restore of `volume` is done (a
-    progress bar on a terminal); PairFailed if it goes to error."""
-    from splitctl.client import PairFailed
+    """Wait until the restore of `volume` is done (a progress bar on a
+    terminal); PairFailed if it goes to error."""
     from splitctl.commands.pair import WaitDisplay
     display = WaitDisplay(sys.stderr, "restored")
     try:
-        while True:
-            status: dict[str, Any] = client.call("backup.restore_status", volume=volume)
-            if status.get("progress"):
-                display.update(status)
-            if status["state"] == "restored":
-                return status
-            if status["state"] in ("error", "deleted"):
-                raise PairFailed(dict(status, reason=status.get("reason") or status["state"]))
-            time.sleep(interval)
+        return client.wait_restore(volume, interval=interval, on_poll=display.update)
     finally:
         display.close()
 

@@ -5,6 +5,7 @@ nbdcopy and ext4 over nbdfuse + loop, across kill -9 and restarts, and its
 failures: a wrong key, a taken name, the store gone, a corrupt chunk."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,13 +13,14 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.agents.backup.helpers import MiB, backup, backup_fails, write_blocks
 from tests.agents.backup.test_served import ext4_snapshot  # noqa: F401  (the fixture)
-from tests.conftest import need
+from tests.conftest import BIN, need
 
 nbd = pytest.importorskip("nbd")
 
@@ -69,6 +71,20 @@ def _unthrottle(daemon, name: str) -> None:
         daemon.call("pair.set", name=name, rate=0)
     except AdminError:
         assert _status(daemon, name)["state"] == "restored"
+
+
+@contextlib.contextmanager
+def _splitctl_started(daemon, *args: str) -> Iterator[subprocess.Popen]:
+    """splitctl ARGS running in the background (killed if still running at the end)."""
+    env = dict(os.environ, SPLITD_ADMIN_SOCKET=str(daemon.admin_socket))
+    proc = subprocess.Popen([str(BIN / "splitctl"), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _wait_restored(daemon, name: str, timeout: float = 120) -> dict:
@@ -176,6 +192,60 @@ def test_writes_and_kill9_mid_restore(daemon, image):
     daemon.restart()
     assert _read_all(daemon, "w") == bytes(expected)
     assert _status(daemon, "w")["state"] == "restored"
+
+
+# -- the pair commands on an instant restore ------------------------------------------
+
+
+def test_pair_wait_on_an_instant_restore(daemon, image):
+    """`pair wait` ends when the restore is done (the pair never reaches
+    state pair: it is dissolved), exit 0, whichever target."""
+    store, sid, plain = image
+    _instant(daemon, store, sid, "pw", "--rate", "64K")
+    with _splitctl_started(daemon, "pair", "wait", "pw", "--until", "synced", "--interval", "0.1",
+                           "--json") as waiter:
+        time.sleep(0.5)
+        assert waiter.poll() is None, waiter.communicate()
+        _unthrottle(daemon, "pw")
+        out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, (out, err)
+    assert json.loads(out)["state"] == "restored", out
+    # Waited on once done: answered at once, for either target.
+    for until in ("synced", "copied"):
+        cp = daemon.splitctl("pair", "wait", "pw", "--until", until, "--timeout", "5")
+        assert "volume pw is restored" in cp.stdout, cp.stdout
+    assert _read_all(daemon, "pw") == plain
+
+
+def test_pair_commands_on_an_instant_restore(daemon, image):
+    """`pair show` says what the pair is; split, resync, restore and a read
+    policy are refused naming the instant restore and what to do instead."""
+    store, sid, plain = image
+    _instant(daemon, store, sid, "pc", "--rate", "64K")
+    shown = daemon.splitctl("pair", "show", "pc").stdout
+    assert re.search(rf"instant restore from snapshot {sid} of {re.escape(str(store))}", shown), shown
+    assert "pc" in daemon.splitctl("pair", "list").stdout
+    for verb in ("split", "resync", "restore"):
+        cp = daemon.splitctl("pair", verb, "pc", "--json", check=False)
+        err = json.loads(cp.stdout)["error"]
+        assert cp.returncode == 1 and err["code"] == "refused", (verb, cp.stdout)
+        assert err["message"].startswith("pair 'pc' is the instant restore of volume 'pc'"), err
+        assert "backup restore-status pc" in err["message"], err
+    cp = daemon.splitctl("pair", "set", "pc", "--read-policy", "wait", "--json", check=False)
+    assert cp.returncode == 1 and "copy-on-read" in cp.stdout, cp.stdout
+    assert daemon.call("pair.show", name="pc")["read_policy"] == "copy-on-read"
+
+
+def test_pair_wait_on_a_failed_instant_restore(daemon, image):
+    store, sid, _ = image
+    _corrupt_chunk(store, sid, 3)
+    _instant(daemon, store, sid, "pf", "--rate", "64K")
+    with _splitctl_started(daemon, "pair", "wait", "pf", "--until", "copied",
+                           "--interval", "0.1") as waiter:
+        daemon.call("pair.set", name="pf", rate=0)      # the engine meets the bad chunk
+        out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 1, (out, err)
+    assert "went to state error" in err and "chunk at 3145728+1048576" in err, err
 
 
 # -- failures: nothing made, or error with the reason, never wrong bytes ----------------
