@@ -390,6 +390,33 @@ def test_corrupt_chunk_met_by_the_background_copy(daemon, image):
     h.shutdown()
 
 
+def test_client_gone_while_its_read_waits(daemon, image):
+    """A client that disconnects while its READ of P waits for a chunk
+    fetch, which then fails: the pair goes to error, and asyncio has no
+    "exception was never retrieved" to report."""
+    from tests.agents.backup.test_served import feed_fifo, fifo_chunk
+    from tests.daemon.rawnbd import CMD_READ, RawClient
+    store, sid, _ = image
+    path, _ = fifo_chunk(store, sid, 3)
+    _instant(daemon, store, sid, "cg", "--rate", "64K")
+    with RawClient.unix(daemon.nbd_socket) as c:
+        c.open("cg")
+        c.send_request(CMD_READ, 3 * MiB + 8192, 4096)
+        deadline = time.monotonic() + 10
+        while not daemon.export_read_bytes("cg"):
+            assert time.monotonic() < deadline, "the READ did not arrive"
+            time.sleep(0.02)
+    while daemon.call("connections")["connections"]:
+        assert time.monotonic() < deadline + 10, "the daemon did not see the client go"
+        time.sleep(0.02)
+    feed_fifo(path, b"not a chunk")          # the fetch fails: a corrupt object
+    while _status(daemon, "cg")["state"] != "error":
+        assert time.monotonic() < deadline + 20, daemon.log_tail()
+        time.sleep(0.05)
+    time.sleep(0.5)                          # anything logged once the future is freed
+    assert "never retrieved" not in daemon.log(), daemon.log_tail()
+
+
 def test_wrong_key_at_restart(daemon, tmp_path):
     daemon.create_volume("k", 4 * MiB)
     write_blocks(daemon, "k", [0], seed=6, length=4 * MiB)

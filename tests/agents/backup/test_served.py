@@ -3,11 +3,14 @@ straight from its store, read with nbdcopy, nbdinfo, qemu-img and libnbd;
 a corrupt chunk, an encrypted store, unserve under a connected client."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -317,6 +320,37 @@ def test_restore_files_killed_leaves_nothing(daemon, ext4_snapshot, tmp_path):
     assert not subprocess.run(["pgrep", "-f", "nbdfuse.*splitd-files-"], capture_output=True).stdout
 
 
+def fifo_chunk(store: Path, sid: str, i: int) -> tuple[Path, bytes]:
+    """Chunk `i` of snapshot `sid`: its file replaced by a FIFO, so that its
+    fetch blocks until the test feeds it; (the FIFO's path, the chunk's bytes)."""
+    from agents.store import open_dir
+    from agents.store.names import chunk_name
+    with open_dir(str(store)) as st:
+        path = store / chunk_name(st.index(sid).id_at(i))
+    stored = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)
+    return path, stored
+
+
+def feed_fifo(path: Path, data: bytes, timeout: float = 30) -> None:
+    """Write `data` into the FIFO once a fetch has it open (ENXIO until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def test_daemon_answers_while_a_chunk_loads(daemon, image):
     """A chunk whose fetch blocks (its file replaced by a FIFO nobody writes
     yet) holds only the reads that need it: other chunks of the snapshot,
@@ -326,13 +360,7 @@ def test_daemon_answers_while_a_chunk_loads(daemon, image):
 
     import nbd
     store, sid, plain = image
-    from agents.store import open_dir
-    from agents.store.names import chunk_name
-    with open_dir(str(store)) as st:
-        path = store / chunk_name(st.index(sid).id_at(17))
-    stored = path.read_bytes()
-    path.unlink()
-    os.mkfifo(path)
+    path, stored = fifo_chunk(store, sid, 17)
     backup(daemon, "serve", sid, "--from", str(store), "--as", "snap")
     slow = nbd.NBD()
     slow.connect_uri(daemon.uri("snap"))
@@ -352,12 +380,38 @@ def test_daemon_answers_while_a_chunk_loads(daemon, image):
         assert daemon.call("status")["volumes"] == 1
         assert reader.is_alive() and not got, "the read of the blocked chunk was answered"
     finally:
-        with open(path, "wb") as fifo:       # release the fetch
-            fifo.write(stored)
+        feed_fifo(path, stored)              # release the fetch
         reader.join(30)
     with open(plain, "rb") as f:
         f.seek(17 * MiB + 8192)
         assert got == [f.read(4096)]
+
+
+def test_client_gone_while_its_read_waits(daemon, image):
+    """A client that disconnects while its READ waits for a chunk fetch,
+    which then fails: the failure is logged once, as a failed READ, and
+    asyncio has no "exception was never retrieved" to report."""
+    from tests.daemon.rawnbd import CMD_READ, RawClient
+    store, sid, _ = image
+    path, _ = fifo_chunk(store, sid, 17)
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "snap")
+    with RawClient.unix(daemon.nbd_socket) as c:
+        c.open("snap")
+        c.send_request(CMD_READ, 17 * MiB + 8192, 4096)
+        deadline = time.monotonic() + 10
+        while not daemon.export_read_bytes("snap"):
+            assert time.monotonic() < deadline, "the READ did not arrive"
+            time.sleep(0.02)
+    while daemon.call("backup.served")["served"][0]["connections"]:
+        assert time.monotonic() < deadline + 10, "the daemon did not see the client go"
+        time.sleep(0.02)
+    feed_fifo(path, b"not a chunk")          # the fetch fails: a corrupt object
+    while "READ failed with EIO" not in daemon.log():
+        assert time.monotonic() < deadline + 20, daemon.log_tail()
+        time.sleep(0.05)
+    time.sleep(0.5)                          # anything logged once the future is freed
+    assert daemon.call("status")
+    assert "never retrieved" not in daemon.log(), daemon.log_tail()
 
 
 def test_cache_is_bounded(daemon, image, tmp_path):
