@@ -60,7 +60,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -112,6 +112,7 @@ class PairManager:
         # their chunks, and the last ones dissolved (backup.restore_status).
         self._fetch_pool: ThreadPoolExecutor | None = None
         self.dissolved: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._reopening: set[asyncio.Task[None]] = set()   # _reopen tasks
         # Present while a daemon runs: found at start, the last stop was not
         # clean and a split may have been answered but lost (module docstring).
         self.running_marker = os.path.join(volumes.data_dir, RUNNING_MARKER)
@@ -248,14 +249,31 @@ class PairManager:
             return SnapshotSource(spec, size, reason=rec.reason or "the pair is in error"), ""
         if not bitmaps["restore"].count():
             return SnapshotSource(spec, size, reason="nothing left to restore"), ""
+        # Opened once the daemon runs (start(): _reopen), in a thread.
+        source = SnapshotSource(spec, size, reason="its backup store is being opened")
+        source.opening = True
+        return source, ""
+
+    async def _reopen(self, pair: SourcePair) -> None:
+        """Background task, at start: the store of an instant restore opened
+        again, in a thread (controller/instant.py: its reads and copies wait
+        meanwhile); if it cannot be, the pair goes to error with the reason.
+        Handles its own errors."""
+        spec = pair.source.spec
         try:
-            loop = asyncio.get_running_loop()
-            return SnapshotSource.open(spec, self.fetch_pool(), loop), ""
-        except (SplitdError, OSError, ValueError, RuntimeError) as e:
-            why = (f"cannot reopen snapshot {spec['snapshot']} of {spec['store']} at start: {e} "
-                   f"(a resync cannot repair this: fix the store or key, or delete the pair "
-                   f"and volume {rec.primary_vol!r} and restore again)")
-            return SnapshotSource(spec, size, reason=str(e)), why
+            await pair.source.load(self.fetch_pool())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- whatever it is, it is the pair's reason
+            if self.pairs.get(pair.name) is pair and pair.state != st.ERROR:
+                self.fail(pair, f"cannot reopen snapshot {spec['snapshot']} of {spec['store']} "
+                                f"at start: {e} (a resync cannot repair this: fix the store or "
+                                f"key, or delete the pair and volume {pair.name!r} and restore "
+                                "again)")
+            return
+        if not pair.source.closed:
+            log.info("instant restore of volume %s: snapshot %s of %s open again", pair.name,
+                     spec["snapshot"], spec["store"])
 
     def fetch_pool(self) -> ThreadPoolExecutor:
         if self._fetch_pool is None:
@@ -264,24 +282,21 @@ class PairManager:
 
     # -- instant restore (controller/instant.py) ----------------------------------------------
 
-    def create_instant(self, store: str, snapshot: str, volume: str, key_file: str | None,
-                       rate: int = 0) -> SourcePair:
+    async def create_instant(self, store: str, snapshot: str, volume: str,
+                             key_file: str | None, rate: int = 0,
+                             check: Callable[[], None] = lambda: None) -> SourcePair:
         """A new volume `volume`, restored from `snapshot` of `store`:
         usable at once, restored in the background (controller/instant.py).
-        Checks first, then opens the store (a wrong key refused: nothing is
-        made), then the bitmap files, then the volume's and pair's rows in
-        one commit."""
+        Checks first (and `check()`), then opens the store in a thread (a
+        wrong key refused: nothing is made; other requests run meanwhile),
+        checks again, then, without an await, the bitmap files, then the
+        volume's and pair's rows in one commit."""
         volume = validate_name(volume)
         rate = parse_rate(rate, f"rate of the restore of {volume!r}")
-        if self.volumes.find(volume) is not None or volume in self.volumes.unavailable \
-                or self.store.get_volume(volume) is not None:
-            raise Conflict(f"volume {volume!r} already exists: an instant restore makes a new "
-                           "volume (give another name, or delete that one first)")
-        if volume in self.unavailable:
-            raise Conflict(f"pair {volume!r} exists but is unavailable "
-                           f"({self.unavailable[volume]}); delete it first")
+        self._check_new_volume(volume)
         spec = source_spec(store, snapshot, key_file)
-        source = SnapshotSource.open(spec, self.fetch_pool(), asyncio.get_running_loop())
+        source = SnapshotSource(spec, 0)
+        await source.load(self.fetch_pool())
         made_files = False
         try:
             size = source.size
@@ -291,6 +306,10 @@ class PairManager:
                                "(splitctl backup restore --to-volume NAME)")
             rs = DEFAULT_REGION_SIZE
             nbits = (size + rs - 1) // rs
+            # A walk of the whole index (262144 chunks for 1 TiB): in a thread too.
+            restore_bits = await asyncio.to_thread(source.restore_bits, nbits, rs)
+            self._check_new_volume(volume)
+            check()
             generation = 1
             self.files.remove_generation(volume, generation)
             self.files.make_folder(volume)
@@ -298,7 +317,7 @@ class PairManager:
             self.files.make_fault_file(volume)
             bitmaps = self.files.write_generation(
                 volume, nbits, generation,
-                {"restore": source.restore_bits(nbits, rs), "delta": _all_bits(nbits)})
+                {"restore": restore_bits, "delta": _all_bits(nbits)})
             now = time.time()
             rec = PairRecord(volume, volume, st.RESTORE, "copy-on-read", rate, None, generation,
                              "", now, None, split_gen=0, delta_base=None,
@@ -320,6 +339,16 @@ class PairManager:
                  "regions to restore", snapshot, store, volume, format_size(size),
                  pair.drain_total, nbits)
         return pair
+
+    def _check_new_volume(self, volume: str) -> None:
+        """May an instant restore make volume `volume`? Conflict if not."""
+        if self.volumes.find(volume) is not None or volume in self.volumes.unavailable \
+                or self.store.get_volume(volume) is not None:
+            raise Conflict(f"volume {volume!r} already exists: an instant restore makes a new "
+                           "volume (give another name, or delete that one first)")
+        if volume in self.unavailable:
+            raise Conflict(f"pair {volume!r} exists but is unavailable "
+                           f"({self.unavailable[volume]}); delete it first")
 
     def _dissolve(self, pair: SourcePair, outcome: str) -> None:
         """An instant restore ends: its row removed (the volume stands alone
@@ -785,9 +814,15 @@ class PairManager:
         self.durability.start()
         for pair in self.pairs.values():
             pair.fill_limit = INLINE_FILL
+            if isinstance(pair, SourcePair) and pair.source.opening:
+                task = asyncio.get_running_loop().create_task(self._reopen(pair))
+                self._reopening.add(task)
+                task.add_done_callback(self._reopening.discard)
         self.engine.start()
 
     async def stop(self) -> None:
+        for task in list(self._reopening):
+            task.cancel()       # (an open under way in its thread is left to finish)
         await self.engine.stop()
         # Every copy made durable, every lazy clear applied, every bitmap
         # (and the WAL) synced: a clean stop, no split can be lost.

@@ -1,8 +1,10 @@
 """Backup snapshots served as read-only NBD exports, straight from the store.
 
 `backup.serve {store, snapshot, name}` opens a store (agents/store), loads the
-snapshot's index once and checks it against the manifest's image digest, and
-adds an export `name` whose backend is a SnapshotBackend:
+snapshot's index once and checks it against the manifest's image digest (in
+a thread: a second or more for a big index in S3, while every other client
+is served), checks the name again, and adds an export `name` whose backend
+is a SnapshotBackend:
 
 - a READ maps to the chunks it covers; a zero chunk is zeroes, a chunk in
   the cache is copied from it, any other is fetched, opened (decrypted,
@@ -287,8 +289,24 @@ class ServedSnapshots:
     def names(self) -> list[str]:
         return list(self.served)
 
-    def serve(self, store: Any, snapshot: Any, name: Any = None, key_file: Any = None,
-              cache_size: Any = None) -> dict[str, Any]:
+    async def serve(self, store: Any, snapshot: Any, name: Any = None, key_file: Any = None,
+                    cache_size: Any = None) -> dict[str, Any]:
+        """Serve `snapshot` of `store` as export `name`. The store is opened
+        and the index loaded and checked in a thread (a second on a big
+        index in S3): other clients are served meanwhile. The name is
+        checked before and again after, then taken at once."""
+        name, limit = self._check(store, snapshot, name, key_file, cache_size)
+        st, manifest, index = await asyncio.to_thread(open_snapshot, store, snapshot, key_file)
+        try:
+            self._check(store, snapshot, name, key_file, cache_size)
+        except BaseException:
+            st.close()
+            raise
+        return self._add(name, store, snapshot, st, manifest, index, limit)
+
+    def _check(self, store: Any, snapshot: Any, name: Any, key_file: Any,
+               cache_size: Any) -> tuple[str, int]:
+        """The request checked: (the export name, the cache's bound)."""
         if not isinstance(store, str) or not store:
             raise BadInput("store must be the path of a backup store directory")
         if not isinstance(snapshot, str) or not snapshot:
@@ -305,7 +323,11 @@ class ServedSnapshots:
                            f"; unserve it first (splitctl backup unserve {name})")
         if self.volume_exists(name):
             raise Conflict(f"export name {name!r} is a volume's; give another (--as NAME)")
-        st, manifest, index = open_snapshot(store, snapshot, key_file)
+        return name, limit
+
+    def _add(self, name: str, store: str, snapshot: str, st: Store, manifest: dict[str, Any],
+             index: Index, limit: int) -> dict[str, Any]:
+        """Export `name` serves the opened snapshot from now on."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="served")
         backend = SnapshotBackend(st, snapshot, index, limit, self._pool, asyncio.get_running_loop())

@@ -85,6 +85,9 @@ def show_pair_show(result: dict[str, Any], args: Namespace) -> None:
         # Not a pair of two volumes: no split, resync or delta; dissolved when done.
         fields.append(("kind", _instant_source(p) + " (dissolved when done: "
                        f"splitctl backup restore-status {p['name']} --wait)"))
+        if (p.get("source") or {}).get("opening"):
+            fields.append(("source", "its backup store is being opened: reads and writes of "
+                                     "regions not yet restored wait for it"))
     fields += [
         ("group", p.get("group") or "-"),
         ("read policy", p["read_policy"]),

@@ -5,7 +5,6 @@ nbdcopy and ext4 over nbdfuse + loop, across kill -9 and restarts, and its
 failures: a wrong key, a taken name, the store gone, a corrupt chunk."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -13,14 +12,23 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.agents.backup.helpers import MiB, backup, backup_fails, write_blocks
+from tests.agents.backup.helpers import (
+    MiB,
+    backup,
+    backup_fails,
+    feed_fifo,
+    fifo_chunk,
+    fifo_object,
+    fifo_writer,
+    splitctl_started,
+    write_blocks,
+)
 from tests.agents.backup.test_served import ext4_snapshot  # noqa: F401  (the fixture)
-from tests.conftest import BIN, need
+from tests.conftest import need
 
 nbd = pytest.importorskip("nbd")
 
@@ -73,18 +81,14 @@ def _unthrottle(daemon, name: str) -> None:
         assert _status(daemon, name)["state"] == "restored"
 
 
-@contextlib.contextmanager
-def _splitctl_started(daemon, *args: str) -> Iterator[subprocess.Popen]:
-    """splitctl ARGS running in the background (killed if still running at the end)."""
-    env = dict(os.environ, SPLITD_ADMIN_SOCKET=str(daemon.admin_socket))
-    proc = subprocess.Popen([str(BIN / "splitctl"), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+def _opened(daemon, name: str, timeout: float = 30) -> dict:
+    """pair.show of an instant restore once its store is open again after
+    a start (it is opened in a thread, or the pair is in error)."""
+    deadline = time.monotonic() + timeout
+    while (show := daemon.call("pair.show", name=name))["source"]["opening"]:
+        assert time.monotonic() < deadline, show
+        time.sleep(0.05)
+    return show
 
 
 def _wait_restored(daemon, name: str, timeout: float = 120) -> dict:
@@ -202,7 +206,7 @@ def test_pair_wait_on_an_instant_restore(daemon, image):
     state pair: it is dissolved), exit 0, whichever target."""
     store, sid, plain = image
     _instant(daemon, store, sid, "pw", "--rate", "64K")
-    with _splitctl_started(daemon, "pair", "wait", "pw", "--until", "synced", "--interval", "0.1",
+    with splitctl_started(daemon, "pair", "wait", "pw", "--until", "synced", "--interval", "0.1",
                            "--json") as waiter:
         time.sleep(0.5)
         assert waiter.poll() is None, waiter.communicate()
@@ -240,12 +244,88 @@ def test_pair_wait_on_a_failed_instant_restore(daemon, image):
     store, sid, _ = image
     _corrupt_chunk(store, sid, 3)
     _instant(daemon, store, sid, "pf", "--rate", "64K")
-    with _splitctl_started(daemon, "pair", "wait", "pf", "--until", "copied",
+    with splitctl_started(daemon, "pair", "wait", "pf", "--until", "copied",
                            "--interval", "0.1") as waiter:
         daemon.call("pair.set", name="pf", rate=0)      # the engine meets the bad chunk
         out, err = waiter.communicate(timeout=120)
     assert waiter.returncode == 1, (out, err)
     assert "went to state error" in err and "chunk at 3145728+1048576" in err, err
+
+
+# -- the store is opened off the event loop --------------------------------------------
+
+
+def test_instant_restore_opens_the_store_off_the_event_loop(daemon, image):
+    """backup restore --instant whose index read blocks (a FIFO): meanwhile
+    a 4 KiB read of another volume and the admin API are answered; once the
+    index comes, the volume is made and restored."""
+    from agents.store.names import index_name
+    from tests.daemon.rawnbd import RawClient
+    store, sid, plain = image
+    path = store / index_name(sid)
+    stored = fifo_object(path)
+    with splitctl_started(daemon, "backup", "restore", sid, "--from", str(store), "--to-volume",
+                          "ol", "--instant", "--json") as restoring:
+        fd = fifo_writer(path)          # the daemon is reading the index now
+        try:
+            with RawClient.unix(daemon.nbd_socket, timeout=5) as c:
+                c.open("src")
+                assert c.read(SIZE - 4096, 4096) == plain[-4096:]
+            assert "ol" not in [v["name"] for v in daemon.call("volume.list")["volumes"]]
+            assert restoring.poll() is None, restoring.communicate()
+        finally:
+            feed_fifo(path, stored, fd)
+        out, err = restoring.communicate(timeout=30)
+    assert restoring.returncode == 0, (out, err)
+    _wait_restored(daemon, "ol")
+    assert _read_all(daemon, "ol") == plain
+
+
+def test_store_reopened_at_start_off_the_event_loop(daemon, image):
+    """At start, an instant restore's store is opened again in a thread,
+    after the listeners are up: other volumes are served meanwhile, and so
+    are the restore's regions already restored; a read of a region not yet
+    restored waits for the store, then gets the snapshot's bytes."""
+    from agents.store.names import index_name
+    from tests.daemon.rawnbd import CMD_READ, RawClient
+    store, sid, plain = image
+    _instant(daemon, store, sid, "rs", "--rate", "64K")
+    h = nbd.NBD()
+    h.connect_uri(daemon.uri("rs"))
+    assert h.pread(4096, SIZE - 4096) == plain[-4096:]   # restored by this read
+    h.shutdown()
+    daemon.stop()
+    path = store / index_name(sid)
+    stored = fifo_object(path)
+    fd = None
+    try:
+        daemon.start()
+        fd = fifo_writer(path)          # the daemon is reading the index now
+        show = daemon.call("pair.show", name="rs")
+        assert show["state"] == "restore" and show["source"]["opening"], show
+        with RawClient.unix(daemon.nbd_socket, timeout=5) as other:
+            other.open("src")
+            assert other.read(0, 4096) == plain[:4096]
+        with RawClient.unix(daemon.nbd_socket, timeout=5) as c:
+            c.open("rs")
+            assert c.read(SIZE - 4096, 4096) == plain[-4096:]    # restored already
+            c.send_request(CMD_READ, 2 * MiB, 4096, cookie=7)    # not restored: waits
+            c.sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                c.recv_exact(1)
+            feed_fifo(path, stored, fd)
+            fd = None
+            c.sock.settimeout(10)
+            reply = c.reply(4096)
+            assert reply.cookie == 7 and reply.error == 0 and reply.payload == plain[2 * MiB:2 * MiB + 4096]
+    finally:
+        if fd is not None:
+            feed_fifo(path, stored, fd)
+    show = daemon.call("pair.show", name="rs")
+    assert show["state"] == "restore" and show["source"]["open"], show
+    _unthrottle(daemon, "rs")
+    _wait_restored(daemon, "rs")
+    assert _read_all(daemon, "rs") == plain
 
 
 # -- failures: nothing made, or error with the reason, never wrong bytes ----------------
@@ -308,7 +388,7 @@ def test_store_gone_at_restart(daemon, image):
     moved = store.with_name("moved")
     store.rename(moved)
     daemon.start()
-    show = daemon.call("pair.show", name="g")
+    show = _opened(daemon, "g")
     assert show["state"] == "error" and "cannot reopen snapshot" in show["reason"], show
     assert "delete the pair" in show["reason"], show
     h = nbd.NBD()
@@ -394,7 +474,6 @@ def test_client_gone_while_its_read_waits(daemon, image):
     """A client that disconnects while its READ of P waits for a chunk
     fetch, which then fails: the pair goes to error, and asyncio has no
     "exception was never retrieved" to report."""
-    from tests.agents.backup.test_served import feed_fifo, fifo_chunk
     from tests.daemon.rawnbd import CMD_READ, RawClient
     store, sid, _ = image
     path, _ = fifo_chunk(store, sid, 3)
@@ -429,7 +508,7 @@ def test_wrong_key_at_restart(daemon, tmp_path):
     daemon.kill9()
     key.write_bytes(other.read_bytes())
     daemon.start()
-    show = daemon.call("pair.show", name="k2")
+    show = _opened(daemon, "k2")
     assert show["state"] == "error" and "cannot reopen snapshot" in show["reason"], show
     assert "key" in show["reason"], show
     # Paths kept for restarts must be absolute (splitctl makes them so).

@@ -3,18 +3,26 @@ straight from its store, read with nbdcopy, nbdinfo, qemu-img and libnbd;
 a corrupt chunk, an encrypted store, unserve under a connected client."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.agents.backup.helpers import MiB, backup, backup_fails, write_blocks
+from tests.agents.backup.helpers import (
+    MiB,
+    backup,
+    backup_fails,
+    feed_fifo,
+    fifo_chunk,
+    fifo_object,
+    fifo_writer,
+    splitctl_started,
+    write_blocks,
+)
 from tests.conftest import need
 
 pytest.importorskip("nbd")
@@ -320,37 +328,6 @@ def test_restore_files_killed_leaves_nothing(daemon, ext4_snapshot, tmp_path):
     assert not subprocess.run(["pgrep", "-f", "nbdfuse.*splitd-files-"], capture_output=True).stdout
 
 
-def fifo_chunk(store: Path, sid: str, i: int) -> tuple[Path, bytes]:
-    """Chunk `i` of snapshot `sid`: its file replaced by a FIFO, so that its
-    fetch blocks until the test feeds it; (the FIFO's path, the chunk's bytes)."""
-    from agents.store import open_dir
-    from agents.store.names import chunk_name
-    with open_dir(str(store)) as st:
-        path = store / chunk_name(st.index(sid).id_at(i))
-    stored = path.read_bytes()
-    path.unlink()
-    os.mkfifo(path)
-    return path, stored
-
-
-def feed_fifo(path: Path, data: bytes, timeout: float = 30) -> None:
-    """Write `data` into the FIFO once a fetch has it open (ENXIO until then)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError as e:
-            if e.errno != errno.ENXIO or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    try:
-        os.set_blocking(fd, True)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def test_daemon_answers_while_a_chunk_loads(daemon, image):
     """A chunk whose fetch blocks (its file replaced by a FIFO nobody writes
     yet) holds only the reads that need it: other chunks of the snapshot,
@@ -412,6 +389,37 @@ def test_client_gone_while_its_read_waits(daemon, image):
     time.sleep(0.5)                          # anything logged once the future is freed
     assert daemon.call("status")
     assert "never retrieved" not in daemon.log(), daemon.log_tail()
+
+
+def test_serve_opens_the_store_off_the_event_loop(daemon, image):
+    """backup serve whose index read blocks (its object a FIFO): meanwhile
+    a 4 KiB read of a volume and the admin API are answered; once the index
+    comes, the snapshot is served."""
+    from agents.store.names import index_name
+    from tests.daemon.rawnbd import RawClient
+    store, sid, plain = image
+    path = store / index_name(sid)
+    stored = fifo_object(path)
+    with splitctl_started(daemon, "backup", "serve", sid, "--from", str(store), "--as", "snap",
+                          "--json") as serving:
+        fd = fifo_writer(path)          # the daemon is reading the index now
+        try:
+            with RawClient.unix(daemon.nbd_socket, timeout=5) as c:
+                c.open("v")
+                assert c.read(SIZE - 4096, 4096) == plain.read_bytes()[-4096:]
+            assert daemon.call("status")["volumes"] == 1
+            assert serving.poll() is None, serving.communicate()
+            assert "snap" not in [s["name"] for s in daemon.call("backup.served")["served"]]
+        finally:
+            feed_fifo(path, stored, fd)
+        out, err = serving.communicate(timeout=30)
+    assert serving.returncode == 0, (out, err)
+    assert json.loads(out)["name"] == "snap"
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(daemon.uri("snap"))
+    assert h.pread(4096, SIZE - 4096) == plain.read_bytes()[-4096:]
+    h.shutdown()
 
 
 def test_cache_is_bounded(daemon, image, tmp_path):
