@@ -56,8 +56,11 @@ What differs from a pair of two volumes, and where:
 - When nothing is left and the clears are durable the pair is dissolved: its
   row removed (one transaction), then its files. The volume stands alone,
   exact. A crash before the row is gone finds a restore with nothing left at
-  start and dissolves it then, without opening the store. A dissolved
-  restore is remembered (in memory, the last few) for `backup.restore_status`.
+  start and dissolves it then, without opening the store. How it ended
+  (restored, or deleted) is recorded in the commit that removes the row
+  (table `restores`, schema v6; gone with the volume), so that
+  `backup.restore_status` says it after restarts too, and says it knows of
+  no instant restore of a volume it has no record of.
 - No split, resync or restore of it, and no other pair on its volume while it
   restores: P's other pairs would have restore copies wait on them, and a
   waiting restore reads S synchronously (Pair.overlay), which a store cannot.

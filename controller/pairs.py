@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -109,9 +108,8 @@ class PairManager:
                                  global_rate, self.ops)
         self.durability.on_round = self.engine.kick
         # Instant restores (controller/instant.py): the threads that fetch
-        # their chunks, and the last ones dissolved (backup.restore_status).
+        # their chunks.
         self._fetch_pool: ThreadPoolExecutor | None = None
-        self.dissolved: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._reopening: set[asyncio.Task[None]] = set()   # _reopen tasks
         # Present while a daemon runs: found at start, the last stop was not
         # clean and a split may have been answered but lost (module docstring).
@@ -334,7 +332,6 @@ class PairManager:
         self.pairs[volume] = pair
         self._wire(pair)
         pair.kick()
-        self.dissolved.pop(volume, None)
         log.info("instant restore of snapshot %s of %s into new volume %s (%s): %d of %d "
                  "regions to restore", snapshot, store, volume, format_size(size),
                  pair.drain_total, nbits)
@@ -351,9 +348,13 @@ class PairManager:
                            f"({self.unavailable[volume]}); delete it first")
 
     def _dissolve(self, pair: SourcePair, outcome: str) -> None:
-        """An instant restore ends: its row removed (the volume stands alone
-        from that commit on), then its files; remembered for restore_status."""
-        self.store.remove_pair(pair.name)
+        """An instant restore ends: its row removed and its end recorded
+        (restore_status, after restarts too) in one commit (the volume
+        stands alone from then on), then its files."""
+        info = pair.describe()
+        info.update(state=outcome, finished=time.time(), remaining=0 if outcome == "restored"
+                    else info["remaining"])
+        self.store.end_restore(pair.name, outcome, json.dumps(info), info["finished"])
         self._unwire(pair)
         del self.pairs[pair.name]
         # Reads still waiting for a fetch: restored meanwhile (by the engine),
@@ -364,27 +365,25 @@ class PairManager:
             bm.close()
         self.files.remove_all(pair.name)
         pair.source.close()
-        info = pair.describe()
-        info.update(state=outcome, finished=time.time(), remaining=0 if outcome == "restored"
-                    else info["remaining"])
-        self.dissolved[pair.name] = info
-        while len(self.dissolved) > 64:
-            self.dissolved.popitem(last=False)
         log.info("instant restore of volume %s %s; the pair is dissolved", pair.name, outcome)
 
+    def _restore_end(self, volume: str) -> dict[str, Any] | None:
+        """The status an instant restore of `volume` ended with, if one did."""
+        ended = self.store.get_restore_end(volume)
+        return json.loads(ended[1]) if ended is not None else None
+
     def restore_status(self, volume: str) -> dict[str, Any]:
-        """An instant restore of `volume`: running (its pair.show), or done."""
+        """An instant restore of `volume`: running (its pair.show), or how it
+        ended (recorded when its pair was dissolved); NotFound otherwise."""
         volume = validate_name(volume)
         pair = self.pairs.get(volume)
         if isinstance(pair, SourcePair):
             return pair.describe()
-        if volume in self.dissolved:
-            return self.dissolved[volume]
-        if pair is None and self.volumes.find(volume) is not None and not self.roles(volume):
-            # Dissolved before a restart (or never an instant restore): it stands alone.
-            return {"name": volume, "primary": volume, "state": "restored", "remaining": 0,
-                    "kind": "instant-restore", "progress": None, "finished": None}
-        raise NotFound(f"no instant restore of volume {volume!r}")
+        ended = self._restore_end(volume)
+        if ended is not None:
+            return ended
+        raise NotFound(f"no instant restore known for volume {volume!r} (none was made, "
+                       "or it ended before this splitd recorded ends)")
 
     def _drop_lost_split(self, pair: Pair) -> None:
         """A mirroring pair at start: drop what a split that did not survive a
@@ -533,9 +532,10 @@ class PairManager:
     def get(self, name: str) -> Pair:
         pair = self.pairs.get(validate_name(name))
         if pair is None:
-            if name in self.dissolved:
+            ended = self._restore_end(name)
+            if ended is not None:
                 raise NotFound(f"no pair named {name!r}: the instant restore of volume {name!r} "
-                               f"ended ({self.dissolved[name]['state']}) and its pair is "
+                               f"ended ({ended['state']}) and its pair is "
                                f"dissolved (splitctl backup restore-status {name})")
             raise NotFound(f"no pair named {name!r} (a pair is named by its secondary volume)")
         return pair

@@ -86,7 +86,7 @@ class Controller:
     def volume_create(self, name: Param, size: Param, region_size: Param = None,
                       read_only: Param = False) -> Reply:
         name = validate_name(name)
-        if self.served is not None and self.served.get(name) is not None:
+        if self.served is not None and self.served.taken(name):
             raise Conflict(f"export name {name!r} serves a backup snapshot; give the volume another name")
         vol = self.manager.create(name, parse_size(size),
                                   parse_region_size(region_size), _flag(read_only, "read_only"))
@@ -305,7 +305,7 @@ class Controller:
         def check() -> None:
             # Before the store is opened, and again after (the open takes a
             # while, other requests run meanwhile), right before the change.
-            if self.served is not None and self.served.get(volume) is not None:
+            if self.served is not None and self.served.taken(volume):
                 raise Conflict(f"export name {volume!r} serves a backup snapshot; give the "
                                "volume another name")
 

@@ -257,7 +257,7 @@ class AdminClient:
             status = self.call("backup.restore_status", volume=volume)
         except AdminError:
             return False
-        # A daemon that remembers no end of it says "restored" with no time.
+        # (An older daemon said "restored", with no time, of any volume alone.)
         return status.get("state") != "restored" or status.get("finished") is not None
 
     def wait_restore(self, volume: str, timeout: float | None = None, interval: float = 1.0,

@@ -198,6 +198,33 @@ def test_writes_and_kill9_mid_restore(daemon, image):
     assert _status(daemon, "w")["state"] == "restored"
 
 
+def test_restore_status_after_restarts(daemon, image):
+    """How an instant restore ended is recorded: restore-status says it
+    after kill -9 and restarts; of a volume never restored it says it
+    knows of none; the record goes with the volume."""
+    store, sid, plain = image
+    _instant(daemon, store, sid, "rd")
+    done = _wait_restored(daemon, "rd")
+    assert done["finished"] and done["source"]["snapshot"] == sid, done
+    for restart in (daemon.kill9, daemon.stop):
+        restart()
+        daemon.start()
+        st = _status(daemon, "rd")
+        assert st["state"] == "restored" and st["finished"] == done["finished"], st
+    cp = daemon.splitctl("pair", "wait", "rd", "--until", "synced", "--timeout", "5")
+    assert "volume rd is restored" in cp.stdout, cp.stdout
+    for name in ("src", "nothing"):
+        code, err, _ = backup_fails(daemon, "restore-status", name)
+        assert code == 1 and err["code"] == "not-found", err
+    assert "no instant restore known for volume 'src'" in \
+        backup_fails(daemon, "restore-status", "src")[1]["message"]
+    cp = daemon.splitctl("pair", "wait", "src", "--until", "synced", "--timeout", "5", check=False)
+    assert cp.returncode == 1 and "no pair named 'src'" in cp.stderr, cp.stderr
+    daemon.call("volume.delete", name="rd")
+    daemon.create_volume("rd", 4 * MiB)
+    assert backup_fails(daemon, "restore-status", "rd")[1]["code"] == "not-found"
+
+
 # -- the pair commands on an instant restore ------------------------------------------
 
 

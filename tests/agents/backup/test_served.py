@@ -422,6 +422,60 @@ def test_serve_opens_the_store_off_the_event_loop(daemon, image):
     h.shutdown()
 
 
+def _served_again(daemon, name: str, timeout: float = 30) -> dict:
+    """`name` in backup.served once its store is no longer being opened
+    (after a start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        [entry] = [s for s in daemon.call("backup.served")["served"] if s["name"] == name]
+        if not entry.get("opening"):
+            return entry
+        assert time.monotonic() < deadline, entry
+        time.sleep(0.05)
+
+
+def test_served_again_after_restarts(daemon, image):
+    """A served snapshot is recorded and served again after kill -9 and
+    after a clean restart; one whose store is gone at start is listed
+    unavailable with the reason (the daemon serves the rest), its export
+    refused naming it, until unserved."""
+    import nbd
+    store, sid, plain = image
+    data = plain.read_bytes()
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "snap", "--cache-size", "32M")
+    for restart in (daemon.kill9, daemon.stop):
+        restart()
+        daemon.start()
+        entry = _served_again(daemon, "snap")
+        assert entry["available"] and entry["snapshot"] == sid, entry
+        assert entry["cache_size"] == 32 * MiB and entry["store"] == str(store), entry
+        h = nbd.NBD()
+        h.connect_uri(daemon.uri("snap"))
+        assert h.pread(4096, SIZE - 4096) == data[-4096:]
+        h.shutdown()
+    daemon.stop()
+    moved = store.with_name("moved")
+    store.rename(moved)
+    daemon.start()
+    entry = _served_again(daemon, "snap")
+    assert not entry["available"] and "cannot open snapshot" in entry["reason"], entry
+    assert "no backup store" in entry["reason"], entry
+    assert "snap: unavailable: cannot open snapshot" in daemon.splitctl("backup", "served").stdout
+    from tests.daemon.rawnbd import OPT_GO, RawClient, info_data
+    with RawClient.unix(daemon.nbd_socket) as c:
+        c.start()
+        [refused] = c.option(OPT_GO, info_data("snap"))
+        assert refused.type & 2**31 and b"'snap' is not available: cannot open" in refused.data
+    assert daemon.call("volume.show", name="v")["size"] == SIZE      # the rest is served
+    err = backup_fails(daemon, "serve", sid, "--from", str(moved), "--as", "snap")[1]
+    assert err["code"] == "conflict" and "unavailable" in err["message"], err
+    assert backup(daemon, "unserve", "snap")["unserved"] is True
+    assert backup(daemon, "served")["served"] == []
+    moved.rename(store)
+    daemon.restart()
+    assert backup(daemon, "served")["served"] == []
+
+
 def test_cache_is_bounded(daemon, image, tmp_path):
     need("nbdcopy")
     store, sid, _ = image
