@@ -60,8 +60,7 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -110,9 +109,9 @@ class PairManager:
                                  global_rate, self.ops)
         self.durability.on_round = self.engine.kick
         # Instant restores (controller/instant.py): the threads that fetch
-        # their chunks, and the last ones dissolved (backup.restore_status).
+        # their chunks.
         self._fetch_pool: ThreadPoolExecutor | None = None
-        self.dissolved: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._reopening: set[asyncio.Task[None]] = set()   # _reopen tasks
         # Present while a daemon runs: found at start, the last stop was not
         # clean and a split may have been answered but lost (module docstring).
         self.running_marker = os.path.join(volumes.data_dir, RUNNING_MARKER)
@@ -249,14 +248,31 @@ class PairManager:
             return SnapshotSource(spec, size, reason=rec.reason or "the pair is in error"), ""
         if not bitmaps["restore"].count():
             return SnapshotSource(spec, size, reason="nothing left to restore"), ""
+        # Opened once the daemon runs (start(): _reopen), in a thread.
+        source = SnapshotSource(spec, size, reason="its backup store is being opened")
+        source.opening = True
+        return source, ""
+
+    async def _reopen(self, pair: SourcePair) -> None:
+        """Background task, at start: the store of an instant restore opened
+        again, in a thread (controller/instant.py: its reads and copies wait
+        meanwhile); if it cannot be, the pair goes to error with the reason.
+        Handles its own errors."""
+        spec = pair.source.spec
         try:
-            loop = asyncio.get_running_loop()
-            return SnapshotSource.open(spec, self.fetch_pool(), loop), ""
-        except (SplitdError, OSError, ValueError, RuntimeError) as e:
-            why = (f"cannot reopen snapshot {spec['snapshot']} of {spec['store']} at start: {e} "
-                   f"(a resync cannot repair this: fix the store or key, or delete the pair "
-                   f"and volume {rec.primary_vol!r} and restore again)")
-            return SnapshotSource(spec, size, reason=str(e)), why
+            await pair.source.load(self.fetch_pool())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- whatever it is, it is the pair's reason
+            if self.pairs.get(pair.name) is pair and pair.state != st.ERROR:
+                self.fail(pair, f"cannot reopen snapshot {spec['snapshot']} of {spec['store']} "
+                                f"at start: {e} (a resync cannot repair this: fix the store or "
+                                f"key, or delete the pair and volume {pair.name!r} and restore "
+                                "again)")
+            return
+        if not pair.source.closed:
+            log.info("instant restore of volume %s: snapshot %s of %s open again", pair.name,
+                     spec["snapshot"], spec["store"])
 
     def fetch_pool(self) -> ThreadPoolExecutor:
         if self._fetch_pool is None:
@@ -265,24 +281,21 @@ class PairManager:
 
     # -- instant restore (controller/instant.py) ----------------------------------------------
 
-    def create_instant(self, store: str, snapshot: str, volume: str, key_file: str | None,
-                       rate: int = 0) -> SourcePair:
+    async def create_instant(self, store: str, snapshot: str, volume: str,
+                             key_file: str | None, rate: int = 0,
+                             check: Callable[[], None] = lambda: None) -> SourcePair:
         """A new volume `volume`, restored from `snapshot` of `store`:
         usable at once, restored in the background (controller/instant.py).
-        Checks first, then opens the store (a wrong key refused: nothing is
-        made), then the bitmap files, then the volume's and pair's rows in
-        one commit."""
+        Checks first (and `check()`), then opens the store in a thread (a
+        wrong key refused: nothing is made; other requests run meanwhile),
+        checks again, then, without an await, the bitmap files, then the
+        volume's and pair's rows in one commit."""
         volume = validate_name(volume)
         rate = parse_rate(rate, f"rate of the restore of {volume!r}")
-        if self.volumes.find(volume) is not None or volume in self.volumes.unavailable \
-                or self.store.get_volume(volume) is not None:
-            raise Conflict(f"volume {volume!r} already exists: an instant restore makes a new "
-                           "volume (give another name, or delete that one first)")
-        if volume in self.unavailable:
-            raise Conflict(f"pair {volume!r} exists but is unavailable "
-                           f"({self.unavailable[volume]}); delete it first")
+        self._check_new_volume(volume)
         spec = source_spec(store, snapshot, key_file)
-        source = SnapshotSource.open(spec, self.fetch_pool(), asyncio.get_running_loop())
+        source = SnapshotSource(spec, 0)
+        await source.load(self.fetch_pool())
         made_files = False
         try:
             size = source.size
@@ -292,6 +305,10 @@ class PairManager:
                                "(splitctl backup restore --to-volume NAME)")
             rs = DEFAULT_REGION_SIZE
             nbits = (size + rs - 1) // rs
+            # A walk of the whole index (262144 chunks for 1 TiB): in a thread too.
+            restore_bits = await asyncio.to_thread(source.restore_bits, nbits, rs)
+            self._check_new_volume(volume)
+            check()
             generation = 1
             self.files.remove_generation(volume, generation)
             self.files.make_folder(volume)
@@ -299,7 +316,7 @@ class PairManager:
             self.files.make_fault_file(volume)
             bitmaps = self.files.write_generation(
                 volume, nbits, generation,
-                {"restore": source.restore_bits(nbits, rs), "delta": _all_bits(nbits)})
+                {"restore": restore_bits, "delta": _all_bits(nbits)})
             now = time.time()
             rec = PairRecord(volume, volume, st.RESTORE, "copy-on-read", rate, None, generation,
                              "", now, None, split_gen=0, delta_base=None,
@@ -316,16 +333,29 @@ class PairManager:
         self.pairs[volume] = pair
         self._wire(pair)
         pair.kick()
-        self.dissolved.pop(volume, None)
         log.info("instant restore of snapshot %s of %s into new volume %s (%s): %d of %d "
                  "regions to restore", snapshot, store, volume, format_size(size),
                  pair.drain_total, nbits)
         return pair
 
+    def _check_new_volume(self, volume: str) -> None:
+        """May an instant restore make volume `volume`? Conflict if not."""
+        if self.volumes.find(volume) is not None or volume in self.volumes.unavailable \
+                or self.store.get_volume(volume) is not None:
+            raise Conflict(f"volume {volume!r} already exists: an instant restore makes a new "
+                           "volume (give another name, or delete that one first)")
+        if volume in self.unavailable:
+            raise Conflict(f"pair {volume!r} exists but is unavailable "
+                           f"({self.unavailable[volume]}); delete it first")
+
     def _dissolve(self, pair: SourcePair, outcome: str) -> None:
-        """An instant restore ends: its row removed (the volume stands alone
-        from that commit on), then its files; remembered for restore_status."""
-        self.store.remove_pair(pair.name)
+        """An instant restore ends: its row removed and its end recorded
+        (restore_status, after restarts too) in one commit (the volume
+        stands alone from then on), then its files."""
+        info = pair.describe()
+        info.update(state=outcome, finished=time.time(), remaining=0 if outcome == "restored"
+                    else info["remaining"])
+        self.store.end_restore(pair.name, outcome, json.dumps(info), info["finished"])
         self._unwire(pair)
         del self.pairs[pair.name]
         # Reads still waiting for a fetch: restored meanwhile (by the engine),
@@ -336,27 +366,25 @@ class PairManager:
             bm.close()
         self.files.remove_all(pair.name)
         pair.source.close()
-        info = pair.describe()
-        info.update(state=outcome, finished=time.time(), remaining=0 if outcome == "restored"
-                    else info["remaining"])
-        self.dissolved[pair.name] = info
-        while len(self.dissolved) > 64:
-            self.dissolved.popitem(last=False)
         log.info("instant restore of volume %s %s; the pair is dissolved", pair.name, outcome)
 
+    def _restore_end(self, volume: str) -> dict[str, Any] | None:
+        """The status an instant restore of `volume` ended with, if one did."""
+        ended = self.store.get_restore_end(volume)
+        return json.loads(ended[1]) if ended is not None else None
+
     def restore_status(self, volume: str) -> dict[str, Any]:
-        """An instant restore of `volume`: running (its pair.show), or done."""
+        """An instant restore of `volume`: running (its pair.show), or how it
+        ended (recorded when its pair was dissolved); NotFound otherwise."""
         volume = validate_name(volume)
         pair = self.pairs.get(volume)
         if isinstance(pair, SourcePair):
             return pair.describe()
-        if volume in self.dissolved:
-            return self.dissolved[volume]
-        if pair is None and self.volumes.find(volume) is not None and not self.roles(volume):
-            # Dissolved before a restart (or never an instant restore): it stands alone.
-            return {"name": volume, "primary": volume, "state": "restored", "remaining": 0,
-                    "kind": "instant-restore", "progress": None, "finished": None}
-        raise NotFound(f"no instant restore of volume {volume!r}")
+        ended = self._restore_end(volume)
+        if ended is not None:
+            return ended
+        raise NotFound(f"no instant restore known for volume {volume!r} (none was made, "
+                       "or it ended before this splitd recorded ends)")
 
     def _drop_lost_split(self, pair: Pair) -> None:
         """A mirroring pair at start: drop what a split that did not survive a
@@ -483,6 +511,9 @@ class PairManager:
                 raise Refused(f"pair {name!r} is split with {pair.diff.count()} regions not yet "
                               "copied: deleting it now leaves the secondary incomplete "
                               "(wait with `splitctl pair wait --until copied`, or use --force)")
+            if isinstance(pair, SourcePair) and pair.state == st.RESTORE:
+                raise Refused(_instant_refusal(pair, "deleting it now leaves the volume half "
+                                               "restored (--force, then delete the volume)"))
             if pair.state == st.RESTORE:
                 raise Refused(f"pair {name!r} is restoring: deleting it now leaves the primary "
                               "half restored (wait, or use --force)")
@@ -511,9 +542,10 @@ class PairManager:
     def get(self, name: str) -> Pair:
         pair = self.pairs.get(validate_name(name))
         if pair is None:
-            if name in self.dissolved:
+            ended = self._restore_end(name)
+            if ended is not None:
                 raise NotFound(f"no pair named {name!r}: the instant restore of volume {name!r} "
-                               f"ended ({self.dissolved[name]['state']}) and its pair is "
+                               f"ended ({ended['state']}) and its pair is "
                                f"dissolved (splitctl backup restore-status {name})")
             raise NotFound(f"no pair named {name!r} (a pair is named by its secondary volume)")
         return pair
@@ -526,6 +558,10 @@ class PairManager:
             changes["rate"] = new_rate
         if read_policy is not None:
             _check_read_policy(read_policy, name)
+            if isinstance(pair, SourcePair) and read_policy != pair.read_policy:
+                # Its reads always restore what they read (controller/instant.py).
+                raise Refused(_instant_refusal(pair, f"its read policy is always "
+                                               f"{pair.read_policy} (only --rate can be set)"))
             changes["read_policy"] = read_policy
         if not changes:
             raise BadInput("nothing to set: give a rate or a read policy")
@@ -546,17 +582,14 @@ class PairManager:
 
     def _check(self, pair: Pair, action: str) -> str:
         """The state `action` takes the pair to; Refused if it may not."""
+        if isinstance(pair, SourcePair) and action not in ("drained", "fail"):
+            # Before the state table: its "from restore you can: delete" is
+            # no advice for a volume half restored from a snapshot.
+            raise Refused(_instant_refusal(pair, f"it cannot {action}"))
         try:
             new = st.next_state(pair.name, pair.state, action)
         except st.TransitionRefused as e:
             raise Refused(str(e)) from None
-        if isinstance(pair, SourcePair) and action not in ("drained", "fail"):
-            spec = pair.source.spec
-            raise Refused(f"pair {pair.name!r} is the instant restore of volume {pair.name!r} "
-                          f"from snapshot {spec['snapshot']} of {spec['store']}: it cannot "
-                          f"{action} (a resync cannot repair a failed one: delete the pair and "
-                          f"the volume, splitctl pair delete {pair.name} --force; splitctl volume "
-                          f"delete {pair.name}, and restore again)")
         if action in ("split", "restore"):
             # While a pair restores P, P's file is not yet P's image: regions
             # still to restore are read from S. A split of another pair of P
@@ -791,9 +824,15 @@ class PairManager:
         self.durability.start()
         for pair in self.pairs.values():
             pair.fill_limit = INLINE_FILL
+            if isinstance(pair, SourcePair) and pair.source.opening:
+                task = asyncio.get_running_loop().create_task(self._reopen(pair))
+                self._reopening.add(task)
+                task.add_done_callback(self._reopening.discard)
         self.engine.start()
 
     async def stop(self) -> None:
+        for task in list(self._reopening):
+            task.cancel()       # (an open under way in its thread is left to finish)
         await self.engine.stop()
         # Every copy made durable, every lazy clear applied, every bitmap
         # (and the WAL) synced: a clean stop, no split can be lost.
@@ -827,6 +866,19 @@ def _make_durably(path: str) -> None:
     finally:
         os.close(fd)
     fsync_dir(os.path.dirname(path))
+
+
+def _instant_refusal(pair: SourcePair, what: str) -> str:
+    """Why an instant restore's pair refuses `what`, and what to do instead."""
+    spec = pair.source.spec
+    head = (f"pair {pair.name!r} is the instant restore of volume {pair.name!r} from snapshot "
+            f"{spec['snapshot']} of {spec['store']}: {what}")
+    if pair.state == st.ERROR:
+        return (f"{head}; a resync cannot repair a failed one: delete the pair and the volume "
+                f"(splitctl pair delete {pair.name} --force; splitctl volume delete "
+                f"{pair.name}) and restore again")
+    return (f"{head}; its pair is dissolved once the volume is restored "
+            f"(splitctl backup restore-status {pair.name} --wait)")
 
 
 def _check_read_policy(policy, pair_name: str) -> None:

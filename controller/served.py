@@ -1,8 +1,10 @@
 """Backup snapshots served as read-only NBD exports, straight from the store.
 
 `backup.serve {store, snapshot, name}` opens a store (agents/store), loads the
-snapshot's index once and checks it against the manifest's image digest, and
-adds an export `name` whose backend is a SnapshotBackend:
+snapshot's index once and checks it against the manifest's image digest (in
+a thread: a second or more for a big index in S3, while every other client
+is served), checks the name again, and adds an export `name` whose backend
+is a SnapshotBackend:
 
 - a READ maps to the chunks it covers; a zero chunk is zeroes, a chunk in
   the cache is copied from it, any other is fetched, opened (decrypted,
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -39,11 +42,13 @@ from agents.store.index import ZERO_ID, Index
 from agents.store.names import index_name
 from common.errors import SplitdError
 from controller.errors import BadInput, Conflict, NotFound
-from volumes.names import parse_size, validate_name
+from volumes.names import parse_size, quoted, validate_name
+from volumes.store import ServedRecord
 
 if TYPE_CHECKING:
     from agents.store import Store
     from daemon.connections import ConnectionRegistry
+    from volumes.store import MetadataStore
 
 log = logging.getLogger("splitd.served")
 
@@ -302,30 +307,118 @@ def open_snapshot(store: str, snapshot: str, key_file: str | None) -> tuple[Stor
     return st, manifest, index
 
 
-class ServedSnapshots:
-    """The snapshots this daemon serves, by export name."""
+# Why a snapshot served before the stop is not served yet.
+OPENING = "its backup store is being opened again (after a start)"
 
-    def __init__(self, registry: ConnectionRegistry, volume_exists: Any) -> None:
+
+class ServedSnapshots:
+    """The snapshots this daemon serves, by export name. Each is recorded
+    in the metadata store (`db`, table `served`) when served and forgotten
+    when unserved; at start (start()) every recorded one is opened again,
+    in a thread each, and served once open. One that is not (yet) open is
+    `unavailable` with the reason: listed, its name taken, its export
+    refused naming the reason, until it opens or is unserved."""
+
+    def __init__(self, registry: ConnectionRegistry, volume_exists: Any,
+                 db: MetadataStore | None = None) -> None:
         self.registry = registry
         self.volume_exists = volume_exists      # name -> bool: a volume owns that name
+        self.db = db
         self.served: dict[str, tuple[SnapshotBackend, dict[str, Any]]] = {}
+        self.unavailable: dict[str, tuple[ServedRecord, str]] = {}   # name -> (its row, why)
+        self._opening: set[asyncio.Task[None]] = set()
         self._pool: ThreadPoolExecutor | None = None
 
     def get(self, name: str) -> SnapshotBackend | None:
         entry = self.served.get(name)
         return entry[0] if entry else None
 
+    def taken(self, name: str) -> bool:
+        """Is export name `name` a served snapshot's (available or not)?"""
+        return name in self.served or name in self.unavailable
+
+    def unavailable_reason(self, name: str) -> str | None:
+        entry = self.unavailable.get(name)
+        return entry[1] if entry else None
+
+    def start(self) -> None:
+        """At start, on the event loop: every snapshot served before the
+        stop opened again, each by a task (module docstring)."""
+        if self.db is None:
+            return
+        for rec in self.db.list_served():
+            self.unavailable[rec.name] = (rec, OPENING)
+            task = asyncio.get_running_loop().create_task(self._serve_again(rec))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+
+    async def _serve_again(self, rec: ServedRecord) -> None:
+        """Background task: one recorded snapshot opened (in a thread) and
+        served; if it cannot be, it stays unavailable with the reason.
+        Handles its own errors."""
+        try:
+            st, manifest, index = await asyncio.to_thread(open_snapshot, rec.store, rec.snapshot,
+                                                          rec.key_file)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- whatever it is, it is the reason
+            why = f"cannot open snapshot {rec.snapshot} of {rec.store}: {e}"
+            if self.unavailable.get(rec.name, (None, ""))[0] is rec:
+                self.unavailable[rec.name] = (rec, why)
+                log.error("served snapshot %s not served again at start: %s (splitctl backup "
+                          "unserve %s forgets it)", rec.name, why, rec.name)
+            return
+        if self.unavailable.get(rec.name, (None, ""))[0] is not rec:
+            st.close()      # unserved meanwhile
+            return
+        if self.volume_exists(rec.name):
+            st.close()
+            why = f"a volume is named {rec.name!r} now"
+            self.unavailable[rec.name] = (rec, why)
+            log.error("served snapshot %s not served again at start: %s", rec.name, why)
+            return
+        del self.unavailable[rec.name]
+        self._add(rec.name, rec.store, rec.snapshot, rec.key_file, st, manifest, index,
+                  rec.cache_size)
+
     def names(self) -> list[str]:
         return list(self.served)
 
-    def serve(self, store: Any, snapshot: Any, name: Any = None, key_file: Any = None,
-              cache_size: Any = None) -> dict[str, Any]:
-        if not isinstance(store, str) or not store:
-            raise BadInput("store must be the path of a backup store directory")
+    async def serve(self, store: Any, snapshot: Any, name: Any = None, key_file: Any = None,
+                    cache_size: Any = None) -> dict[str, Any]:
+        """Serve `snapshot` of `store` as export `name`. The store is opened
+        and the index loaded and checked in a thread (a second on a big
+        index in S3): other clients are served meanwhile. The name is
+        checked before and again after, then taken at once."""
+        name, limit = self._check(store, snapshot, name, key_file, cache_size)
+        st, manifest, index = await asyncio.to_thread(open_snapshot, store, snapshot, key_file)
+        try:
+            self._check(store, snapshot, name, key_file, cache_size)
+        except BaseException:
+            st.close()
+            raise
+        out = self._add(name, store, snapshot, key_file, st, manifest, index, limit)
+        if self.db is not None:
+            try:
+                self.db.add_served(ServedRecord(name, store, snapshot, key_file, limit,
+                                                time.time()))
+            except BaseException:
+                backend, _ = self.served.pop(name)
+                backend.close()
+                raise
+        return out
+
+    def _check(self, store: Any, snapshot: Any, name: Any, key_file: Any,
+               cache_size: Any) -> tuple[str, int]:
+        """The request checked: (the export name, the cache's bound)."""
+        # Both are recorded and opened again at every start: absolute.
+        if not isinstance(store, str) or not store.startswith(("/", "s3://")):
+            raise BadInput(f"store {quoted(store)} must be the absolute path of a backup store "
+                           "directory, or s3://BUCKET/PREFIX")
         if not isinstance(snapshot, str) or not snapshot:
             raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
-        if key_file is not None and not isinstance(key_file, str):
-            raise BadInput("key_file must be a path")
+        if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
+            raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
         name = validate_name(name if name is not None else f"backup-{snapshot}")
         limit = DEFAULT_CACHE if cache_size is None else parse_size(cache_size)
         if not MIN_CACHE <= limit <= MAX_CACHE:
@@ -334,13 +427,22 @@ class ServedSnapshots:
         if name in self.served:
             raise Conflict(f"export {name!r} already serves snapshot {self.served[name][1]['snapshot']}"
                            f"; unserve it first (splitctl backup unserve {name})")
+        if name in self.unavailable:
+            raise Conflict(f"export {name!r} is a served snapshot, unavailable "
+                           f"({self.unavailable[name][1]}); unserve it first (splitctl backup "
+                           f"unserve {name})")
         if self.volume_exists(name):
             raise Conflict(f"export name {name!r} is a volume's; give another (--as NAME)")
-        st, manifest, index = open_snapshot(store, snapshot, key_file)
+        return name, limit
+
+    def _add(self, name: str, store: str, snapshot: str, key_file: str | None, st: Store,
+             manifest: dict[str, Any], index: Index, limit: int) -> dict[str, Any]:
+        """Export `name` serves the opened snapshot from now on."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="served")
         backend = SnapshotBackend(st, snapshot, index, limit, self._pool, asyncio.get_running_loop())
-        info = {"name": name, "store": store, "snapshot": snapshot, "size": index.size,
+        info = {"name": name, "store": store, "snapshot": snapshot, "key_file": key_file,
+                "available": True, "size": index.size,
                 "chunk_size": index.chunk_size, "cache_size": limit, "encrypted": st.encrypted,
                 "directory": manifest.get("directory"), "mountpoint": manifest.get("mountpoint"),
                 "volume": manifest.get("volume")}
@@ -355,12 +457,26 @@ class ServedSnapshots:
                     cache_misses=backend.cache.misses, read_errors=backend.errors)
 
     def list(self) -> dict[str, Any]:
-        return {"served": [self.describe(n) for n in self.served]}
+        out = [self.describe(n) for n in self.served]
+        out += [{"name": rec.name, "store": rec.store, "snapshot": rec.snapshot,
+                 "key_file": rec.key_file, "cache_size": rec.cache_size, "available": False,
+                 "opening": why == OPENING, "reason": why}
+                for rec, why in self.unavailable.values()]
+        return {"served": sorted(out, key=lambda s: s["name"])}
 
     def unserve(self, name: Any, force: Any = False) -> dict[str, Any]:
         name = validate_name(name)
         if not isinstance(force, bool):
             raise BadInput("force must be true or false")
+        if name in self.unavailable:
+            rec, _ = self.unavailable[name]
+            if self.db is not None:
+                self.db.remove_served(name)
+            del self.unavailable[name]
+            log.info("forgot served snapshot %s (%s of %s), which was unavailable", name,
+                     rec.snapshot, rec.store)
+            return {"name": name, "snapshot": rec.snapshot, "unserved": True,
+                    "connections_closed": 0}
         if name not in self.served:
             raise NotFound(f"no served snapshot named {name!r} (splitctl backup served)")
         in_use = self.registry.count(name)
@@ -368,6 +484,8 @@ class ServedSnapshots:
             conns = "connection" if in_use == 1 else "connections"
             raise Conflict(f"served snapshot {name!r} is in use by {in_use} NBD {conns}; "
                            "disconnect first, or unserve with force (--force)")
+        if self.db is not None:
+            self.db.remove_served(name)     # first: a failed commit leaves it served
         backend, info = self.served.pop(name)
         closed = self.registry.close_export(name, "snapshot unserved") if in_use else 0
         backend.close()
@@ -376,6 +494,8 @@ class ServedSnapshots:
                 "connections_closed": closed}
 
     def close(self) -> None:
+        for task in list(self._opening):
+            task.cancel()       # (an open under way in its thread is left to finish)
         for backend, _ in self.served.values():
             backend.close()
         self.served.clear()

@@ -4,7 +4,11 @@ Every method takes keyword parameters as they arrive in a request's "params"
 (already decoded from JSON, so untrusted), checks them, and returns a
 JSON-able dict, or raises an error from controller.errors. Methods are
 synchronous and quick; the admin server calls them on the event loop, so
-none of them may block on anything slower than a metadata commit.
+none of them may block on anything slower than a metadata commit. The two
+that open a backup store (backup.serve, backup.instant_restore) are
+coroutines instead: the open runs in a thread, the checks are made again
+after it, and the change is made with no await in between
+(daemon/admin_server.py answers them when done).
 
 To add a request, write the method and add one line to METHODS at the end.
 """
@@ -82,7 +86,7 @@ class Controller:
     def volume_create(self, name: Param, size: Param, region_size: Param = None,
                       read_only: Param = False) -> Reply:
         name = validate_name(name)
-        if self.served is not None and self.served.get(name) is not None:
+        if self.served is not None and self.served.taken(name):
             raise Conflict(f"export name {name!r} serves a backup snapshot; give the volume another name")
         vol = self.manager.create(name, parse_size(size),
                                   parse_region_size(region_size), _flag(read_only, "read_only"))
@@ -267,9 +271,9 @@ class Controller:
 
     # -- backup snapshots served from a store (controller/served.py) ---------
 
-    def backup_serve(self, store: Param, snapshot: Param, name: Param = None,
-                     key_file: Param = None, cache_size: Param = None) -> Reply:
-        out = self._served.serve(store, snapshot, name, key_file, cache_size)
+    async def backup_serve(self, store: Param, snapshot: Param, name: Param = None,
+                           key_file: Param = None, cache_size: Param = None) -> Reply:
+        out = await self._served.serve(store, snapshot, name, key_file, cache_size)
         out["uris"] = self._uris(out["name"])
         return out
 
@@ -283,8 +287,8 @@ class Controller:
                 pass        # a wildcard address: no one URI to give
         return uris
 
-    def backup_instant_restore(self, store: Param, snapshot: Param, volume: Param,
-                               key_file: Param = None, rate: Param = 0) -> Reply:
+    async def backup_instant_restore(self, store: Param, snapshot: Param, volume: Param,
+                                     key_file: Param = None, rate: Param = 0) -> Reply:
         """A new volume restored from a snapshot, usable at once; the rest is
         restored in the background (controller/instant.py)."""
         # Both are kept in the pair's row and opened again at every start:
@@ -297,10 +301,17 @@ class Controller:
         if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
             raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
         volume = validate_name(volume)
-        if self.served is not None and self.served.get(volume) is not None:
-            raise Conflict(f"export name {volume!r} serves a backup snapshot; give the volume "
-                           "another name")
-        pair = self._pair_manager.create_instant(store, snapshot, volume, key_file, rate)
+
+        def check() -> None:
+            # Before the store is opened, and again after (the open takes a
+            # while, other requests run meanwhile), right before the change.
+            if self.served is not None and self.served.taken(volume):
+                raise Conflict(f"export name {volume!r} serves a backup snapshot; give the "
+                               "volume another name")
+
+        check()
+        pair = await self._pair_manager.create_instant(store, snapshot, volume, key_file, rate,
+                                                       check)
         out = pair.describe()
         out["uris"] = self._uris(volume)
         return out

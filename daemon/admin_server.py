@@ -17,20 +17,26 @@ longer than MAX_LINE is answered with a bad-request error and the connection
 is closed, since we cannot tell where the next request would start.
 
 Controller methods are synchronous and quick, so they run right here on the
-event loop: no request ever sees another one half done.
+event loop: no request ever sees another one half done. The few that must
+wait for something slow (opening a backup store: backup.serve,
+backup.instant_restore) are coroutines: the slow part runs in a thread,
+then they check again and make their change in one go on the loop; the
+reply is sent when they are done (the connection's next requests wait for
+it, so replies stay in order), and other connections are served meanwhile.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common.errors import ErrorCode
 from daemon.listeners import bind_unix, unlink_owned
-from remoteapi.lines import answer, error as _error, parse_request
+from remoteapi.lines import Request, answer, error as _error, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +72,14 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
             except asyncio.IncompleteReadError as e:
                 line = e.partial  # EOF: a last request may lack its newline
                 if line.strip():
-                    await _send(writer, handle_line(line, controller))
+                    await _send(writer, await _reply(handle_line(line, controller)))
                 return
             except asyncio.LimitOverrunError:
                 await _send(writer, _error(None, ErrorCode.BAD_REQUEST,
                                            f"request line longer than {MAX_LINE} bytes"))
                 return
             if line.strip():
-                await _send(writer, handle_line(line, controller))
+                await _send(writer, await _reply(handle_line(line, controller)))
     except (ConnectionError, BrokenPipeError):
         pass  # the client went away; nothing to answer
     except Exception:
@@ -87,20 +93,50 @@ async def _send(writer: asyncio.StreamWriter, reply: bytes) -> None:
     await writer.drain()
 
 
+async def _reply(reply: bytes | asyncio.Future[bytes]) -> bytes:
+    return reply if isinstance(reply, bytes) else await reply
+
+
 def handle_line(line: bytes, controller,
-                authorize: Callable[[str, dict | None], None] | None = None) -> bytes:
-    """One request line in, one reply line out (newline included). Never raises.
-    `authorize(method, params)`, if given, runs first and refuses by raising
-    a SplitdError (the remote admin API's token check, daemon/remote_admin.py)."""
+                authorize: Callable[[str, dict | None], None] | None = None,
+                ) -> bytes | asyncio.Future[bytes]:
+    """One request line in, one reply line out (newline included), or a
+    Future of it for a method that is a coroutine (module docstring). Never
+    raises, nor does the Future. `authorize(method, params)`, if given, runs
+    first and refuses by raising a SplitdError (the remote admin API's token
+    check, daemon/remote_admin.py)."""
     request = parse_request(line)
     if isinstance(request, bytes):
         return request
+    work: list[Awaitable[Any]] = []
 
     def call() -> Any:
         if authorize is not None:
             authorize(request.method, request.params)
-        return controller.call(request.method, request.params)
+        result = controller.call(request.method, request.params)
+        if inspect.isawaitable(result):
+            work.append(result)     # answered by _answer_later
+            return None
+        return result
 
+    reply = answer(request, call, log, _no_space)
+    if not work:
+        return reply
+    return asyncio.ensure_future(_answer_later(request, work[0]))
+
+
+async def _answer_later(request: Request, work: Awaitable[Any]) -> bytes:
+    """The reply to `request` once `work` (its method's coroutine) is done."""
+    try:
+        result = await work
+    except Exception as e:  # noqa: BLE001 -- answered as answer() answers it
+        failure = e
+
+        def call() -> Any:
+            raise failure
+    else:
+        def call() -> Any:
+            return result
     return answer(request, call, log, _no_space)
 
 

@@ -854,10 +854,14 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self.held -= nbytes
                 if self.held < HELD:
                     self._resume("held")
-            if self.phase is not Phase.TRANSMISSION or f.cancelled():
+            if f.cancelled():
+                return
+            # Retrieved even when no reply goes out (the client went away
+            # meanwhile): else asyncio logs "exception was never retrieved".
+            exc = f.exception()
+            if self.phase is not Phase.TRANSMISSION:
                 return
             out: Out = []
-            exc = f.exception()
             if exc is None:
                 on_success(out, f.result())
             else:

@@ -102,6 +102,10 @@ class VolumeExports:
             # A backup snapshot served from its store (controller/served.py).
             return Export(name, snap, snap.size, True,
                           description=f"splitd backup snapshot {snap.sid} (read-only)")
+        why = self.served.unavailable_reason(name) if vol is None and self.served is not None \
+            else None
+        if why is not None:
+            raise ExportUnavailable(f"served snapshot {name!r} is not available: {why}")
         if vol is None:
             raise ExportUnknown(f"no export named {name!r}" if name
                                 else "no default export: give an export name")

@@ -148,7 +148,8 @@ class Daemon:
                                 name, format_size(size), name, format_size(vol.size))
             registry = ConnectionRegistry()
             pairs = PairManager(manager, registry, cfg.copy_rate)
-            served = ServedSnapshots(registry, lambda n: manager.find(n) is not None)
+            served = ServedSnapshots(registry, lambda n: manager.find(n) is not None,
+                                     manager.store)
             exports = VolumeExports(manager, pairs, cfg.default_export, served)
             server = NBDServer(exports, registry, tls_context=tls_context,
                                max_connections=cfg.max_connections,
@@ -183,6 +184,7 @@ class Daemon:
             manager.close()
             raise
         pairs.start()
+        served.start()
         log.info("admin socket %s; %d volumes; ready", cfg.admin_socket, len(manager.list()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)

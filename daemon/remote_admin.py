@@ -24,10 +24,12 @@ limited to MAX_LINE (admin requests are small).
 The connection itself (TLS over memory buffers, the token line, the bounds)
 is remoteapi/server.py, shared with the host agent; this module is what is
 the daemon's: its tokens, the scope of each admin method, the audit log.
-The admin calls are synchronous, as on the Unix socket.
+The admin calls are answered as on the Unix socket: most at once, those that
+open a backup store when done (a Future: the connection's next requests wait).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -87,7 +89,7 @@ class RemoteAdmin:
     def welcome(self, token: TokenRecord) -> dict[str, Any]:
         return {"token": token.name, "scope": token.scope, "volumes": token.volumes}
 
-    def handle(self, conn: TokenConnection, line: bytes) -> bytes:
+    def handle(self, conn: TokenConnection, line: bytes) -> bytes | asyncio.Future[bytes]:
         return handle_line(line, self.controller,
                            lambda method, params: self._authorize(conn, method, params))
 

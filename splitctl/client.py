@@ -222,12 +222,24 @@ class AdminClient:
         deleted, the daemon stopped). `on_poll` sees every pair.show, e.g.
         to draw progress. A pair that cannot get there by itself (`synced`
         while split) is waited on all the same: someone may resync it.
+
+        An instant restore (pair.show's kind "instant-restore") never gets
+        to `pair`: its pair is dissolved once the volume is restored. For
+        it, whatever `until`, this waits as wait_restore does, and returns
+        its last backup.restore_status (state "restored").
         """
         if until not in WAIT_TARGETS:
             raise ValueError(f"unknown wait target {until!r} (one of {', '.join(WAIT_TARGETS)})")
         deadline = None if timeout is None else clock() + timeout
         while True:
-            pair = self.call("pair.show", name=name)
+            try:
+                pair = self.call("pair.show", name=name)
+            except AdminError as e:
+                if e.code != ErrorCode.NOT_FOUND or not self._restore_known(name):
+                    raise
+                pair = {"kind": "instant-restore"}
+            if pair.get("kind") == "instant-restore":
+                return self._poll_restore(name, deadline, timeout, interval, on_poll, clock, sleep)
             if on_poll is not None:
                 on_poll(pair)
             if target_reached(pair, until):
@@ -237,6 +249,42 @@ class AdminClient:
             now = clock()
             if deadline is not None and now >= deadline:
                 raise WaitTimeout(pair, until, timeout or 0.0)
+            sleep(interval if deadline is None else min(interval, deadline - now))
+
+    def _restore_known(self, volume: str) -> bool:
+        """Does the daemon know of an instant restore of `volume` (running or done)?"""
+        try:
+            status = self.call("backup.restore_status", volume=volume)
+        except AdminError:
+            return False
+        # (An older daemon said "restored", with no time, of any volume alone.)
+        return status.get("state") != "restored" or status.get("finished") is not None
+
+    def wait_restore(self, volume: str, timeout: float | None = None, interval: float = 1.0,
+                     on_poll: Callable[[dict], None] | None = None,
+                     clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep) -> dict:
+        """Poll backup.restore_status until the instant restore of `volume`
+        is done (state "restored"): return that last status. PairFailed if
+        it goes to error or its pair is deleted, WaitTimeout after
+        `timeout` seconds; `on_poll` sees every status that has progress."""
+        deadline = None if timeout is None else clock() + timeout
+        return self._poll_restore(volume, deadline, timeout, interval, on_poll, clock, sleep)
+
+    def _poll_restore(self, volume: str, deadline: float | None, timeout: float | None,
+                      interval: float, on_poll: Callable[[dict], None] | None,
+                      clock: Callable[[], float], sleep: Callable[[float], None]) -> dict:
+        while True:
+            status = self.call("backup.restore_status", volume=volume)
+            if on_poll is not None and status.get("progress"):
+                on_poll(status)
+            if status["state"] == "restored":
+                return status
+            if status["state"] in ("error", "deleted"):
+                raise PairFailed(dict(status, reason=status.get("reason") or status["state"]))
+            now = clock()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(status, "restored", timeout or 0.0)
             sleep(interval if deadline is None else min(interval, deadline - now))
 
     def _connect(self) -> socket.socket:

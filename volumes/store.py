@@ -89,6 +89,29 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE pairs ADD COLUMN source TEXT;
     """,
+    # 5 -> 6: backup snapshots served from their store (controller/served.py),
+    # served again at every start: the export name, where the store is
+    # (a directory or s3://), the snapshot, the key file (NULL for a plain
+    # store) and the chunk cache's bound. And the instant restores that
+    # ended (controller/instant.py), for backup.restore_status after a
+    # restart: `outcome` restored or deleted, `info` the status (JSON) at
+    # the end; a volume's row goes with the volume.
+    """
+    CREATE TABLE served (
+        name        TEXT PRIMARY KEY,
+        store       TEXT NOT NULL,
+        snapshot    TEXT NOT NULL,
+        key_file    TEXT,
+        cache_size  INTEGER NOT NULL,
+        created     REAL NOT NULL
+    );
+    CREATE TABLE restores (
+        volume      TEXT PRIMARY KEY REFERENCES volumes(name),
+        outcome     TEXT NOT NULL,
+        info        TEXT NOT NULL,
+        finished    REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -259,8 +282,10 @@ class MetadataStore:
                 raise KeyError(name)
 
     def remove_volume(self, name: str) -> bool:
-        """Delete the row; False if there was none."""
+        """Delete the row (and the record of its instant restore); False if
+        there was none."""
         with self.transaction() as db:
+            db.execute("DELETE FROM restores WHERE volume = ?", (name,))
             return db.execute("DELETE FROM volumes WHERE name = ?", (name,)).rowcount == 1
 
 
@@ -295,6 +320,44 @@ class MetadataStore:
         with self.transaction() as db:
             return db.execute("DELETE FROM pairs WHERE secondary = ?", (secondary,)).rowcount == 1
 
+    # -- instant restores that ended ------------------------------------------
+
+    def end_restore(self, volume: str, outcome: str, info: str, finished: float) -> None:
+        """An instant restore's pair dissolved: its row removed and its end
+        recorded, in one transaction (`info`: JSON)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM pairs WHERE secondary = ?", (volume,))
+            db.execute("INSERT OR REPLACE INTO restores (volume, outcome, info, finished) "
+                       "VALUES (?, ?, ?, ?)", (volume, outcome, info, finished))
+
+    def get_restore_end(self, volume: str) -> tuple[str, str, float] | None:
+        """(outcome, info, finished) of the instant restore of `volume` that ended."""
+        with self._lock:
+            row = self._db.execute("SELECT outcome, info, finished FROM restores "
+                                   "WHERE volume = ?", (volume,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def forget_restore_end(self, volume: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM restores WHERE volume = ?", (volume,))
+
+    # -- served snapshots ---------------------------------------------------
+
+    def add_served(self, rec: ServedRecord) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO served (name, store, snapshot, key_file, cache_size, created) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", rec)
+
+    def list_served(self) -> list[ServedRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, store, snapshot, key_file, cache_size, created "
+                                    "FROM served ORDER BY name").fetchall()
+        return [ServedRecord(*r) for r in rows]
+
+    def remove_served(self, name: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM served WHERE name = ?", (name,)).rowcount == 1
+
 
     # -- tokens -------------------------------------------------------------
 
@@ -325,6 +388,15 @@ class TokenRecord(NamedTuple):
     secret_sha256: str      # hex; the secret itself is never stored
     created: float
     last_used: float | None
+
+
+class ServedRecord(NamedTuple):
+    name: str               # the export's name
+    store: str              # absolute path of the store, or s3://BUCKET/PREFIX
+    snapshot: str
+    key_file: str | None
+    cache_size: int
+    created: float
 
 
 class PairRecord(NamedTuple):

@@ -89,9 +89,14 @@ def run_served(client: AdminClient, args: Namespace) -> Any:
 
 
 def show_served(r: dict[str, Any], args: Namespace) -> None:
+    up = [s for s in r["served"] if s.get("available", True)]
+    down = [s for s in r["served"] if not s.get("available", True)]
     print_table(["NAME", "SNAPSHOT", "SIZE", "CACHED", "CONNS", "ERRORS", "STORE"],
                 [[s["name"], s["snapshot"], format_size(s["size"]), format_size(s["cached"]),
-                  str(s["connections"]), str(s["read_errors"]), s["store"]] for s in r["served"]])
+                  str(s["connections"]), str(s["read_errors"]), s["store"]] for s in up])
+    for s in down:
+        # Served before the last stop, not (yet) again: why.
+        print(f"{s['name']}: unavailable: {s['reason']}")
 
 
 # -- files / restore-files ------------------------------------------------------------
@@ -186,21 +191,12 @@ def run_instant_restore(client: AdminClient, args: Namespace) -> Any:
 
 
 def wait_restore(client: AdminClient, volume: str, interval: float) -> dict[str, Any]:
-    """Poll backup.restore_status until the restore of `volume` is done (a
-    progress bar on a terminal); PairFailed if it goes to error."""
-    from splitctl.client import PairFailed
+    """Wait until the restore of `volume` is done (a progress bar on a
+    terminal); PairFailed if it goes to error."""
     from splitctl.commands.pair import WaitDisplay
     display = WaitDisplay(sys.stderr, "restored")
     try:
-        while True:
-            status: dict[str, Any] = client.call("backup.restore_status", volume=volume)
-            if status.get("progress"):
-                display.update(status)
-            if status["state"] == "restored":
-                return status
-            if status["state"] in ("error", "deleted"):
-                raise PairFailed(dict(status, reason=status.get("reason") or status["state"]))
-            time.sleep(interval)
+        return client.wait_restore(volume, interval=interval, on_poll=display.update)
     finally:
         display.close()
 
@@ -250,7 +246,8 @@ def add_commands(backup: Commands) -> None:
                     "go first), and read ahead on sequential access. base:allocation comes\n"
                     "from the index (zero chunks are holes). A missing or corrupt chunk\n"
                     "fails the reads that need it with EIO (the daemon logs why).\n\n"
-                    "The daemon opens the store and the key file itself, at these paths.\n"
+                    "The daemon opens the store and the key file itself, at these paths,\n"
+                    "and serves the snapshot again after each restart until unserved.\n"
                     "Printed: the export name, then the snapshot, sizes and its URIs.",
         examples="  splitctl backup serve ID --from /srv/backup --as vm1-yesterday\n"
                  "  nbdinfo --map nbd+unix:///vm1-yesterday?socket=/run/splitd/nbd.sock",
@@ -273,7 +270,10 @@ def add_commands(backup: Commands) -> None:
     sub = backup.command(
         "served", run_served, show_served, help="the snapshots the daemon serves",
         description="Every snapshot the daemon serves: export name, snapshot, store, size,\n"
-                    "bytes in its chunk cache, NBD connections, and reads failed with EIO.",
+                    "bytes in its chunk cache, NBD connections, and reads failed with EIO.\n"
+                    "Served snapshots are served again after a restart; one whose store\n"
+                    "cannot be opened then (or is still being opened) is listed below the\n"
+                    "table as unavailable, with the reason (backup unserve forgets it).",
         examples="  splitctl backup served --json", exit_status=EXIT_STATUS)
 
     sub = backup.command(

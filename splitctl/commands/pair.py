@@ -61,13 +61,34 @@ def run_pair_show(client: AdminClient, args: Namespace) -> Any:
     return client.call("pair.show", name=args.name)
 
 
+# pair.show's kind of an instant restore (controller/instant.py): a restore
+# pair whose S is a backup snapshot; dissolved once the volume is restored.
+INSTANT = "instant-restore"
+
+
+def _instant_source(p: dict[str, Any]) -> str:
+    src = p.get("source") or {}
+    return f"instant restore from snapshot {src.get('snapshot')} of {src.get('store')}"
+
+
 def show_pair_show(result: dict[str, Any], args: Namespace) -> None:
     p = result
     rs = p["region_size"]
     state = p["state"] + (f" ({p['reason']})" if p.get("reason") else "")
+    instant = p.get("kind") == INSTANT
     fields = [
-        ("pair", f"{p['name']} ({p['primary']} -> {p['secondary']})"),
+        ("pair", f"{p['name']} ({p['secondary']} -> {p['primary']})" if instant
+         else f"{p['name']} ({p['primary']} -> {p['secondary']})"),
         ("state", state),
+    ]
+    if instant:
+        # Not a pair of two volumes: no split, resync or delta; dissolved when done.
+        fields.append(("kind", _instant_source(p) + " (dissolved when done: "
+                       f"splitctl backup restore-status {p['name']} --wait)"))
+        if (p.get("source") or {}).get("opening"):
+            fields.append(("source", "its backup store is being opened: reads and writes of "
+                                     "regions not yet restored wait for it"))
+    fields += [
         ("group", p.get("group") or "-"),
         ("read policy", p["read_policy"]),
         ("rate limit", rate_text(p["rate"])),
@@ -83,8 +104,9 @@ def show_pair_show(result: dict[str, Any], args: Namespace) -> None:
     if p["state"] == PairState.RESTORE:
         fields.append(("to restore", regions_text(p["to_restore"], rs)))
     copying = p["remaining"] > 0
+    if not instant:
+        fields.append(("delta", regions_text(p["delta"], rs) + " changed since the previous split"))
     fields += [
-        ("delta", regions_text(p["delta"], rs) + " changed since the previous split"),
         ("progress", progress_text(p) if p["progress"]["total"] else "nothing to copy"),
         # The daemon's rate is a moving average: once idle it only says how the
         # last copy went, so it is shown while there is something to copy.
@@ -95,7 +117,8 @@ def show_pair_show(result: dict[str, Any], args: Namespace) -> None:
         ("copy-on-read", str(p["copy_on_read"])),
         ("staged reads", str(p["staged"])),
     ]
-    fields.append(("split gen", split_gen_text(p)))
+    if not instant:
+        fields.append(("split gen", split_gen_text(p)))
     if p.get("split_at"):
         fields.append(("split at", time_text(p["split_at"])))
     if p.get("created"):
@@ -219,7 +242,10 @@ def run_pair_wait(client: AdminClient, args: Namespace) -> Any:
 
 
 def show_pair_wait(result: dict[str, Any], args: Namespace) -> None:
-    if args.until == WaitTarget.SYNCED:
+    if result.get("kind") == INSTANT:
+        print(f"volume {result['name']} is restored: the {_instant_source(result)} is done; its "
+              "pair is dissolved and the volume stands alone")
+    elif args.until == WaitTarget.SYNCED:
         print(f"pair {result['name']} is synced: {result['secondary']} mirrors "
               f"{result['primary']} (state pair)")
     else:

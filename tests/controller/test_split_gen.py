@@ -301,7 +301,7 @@ def test_migration_from_v3_keeps_pairs(tmp_path):
 
     env = Env(data)
     try:
-        assert env.pairs.store.schema_version == SCHEMA_VERSION == 5
+        assert env.pairs.store.schema_version == SCHEMA_VERSION == 6
         # Every pair as it was, its v3 columns unchanged.
         new_rows = [tuple(r)[:10] for r in env.pairs.store.list_pairs()]
         assert new_rows == sorted(old_rows)
@@ -322,6 +322,8 @@ def test_migration_from_v3_keeps_pairs(tmp_path):
         assert store.schema_version == SCHEMA_VERSION
         assert [(r.split_gen, r.delta_base) for r in store.list_pairs()] == [(2, 1), (1, None)]
         assert [r.source for r in store.list_pairs()] == [None, None]
+        # v6: served snapshots and ended instant restores, none yet.
+        assert store.list_served() == [] and store.get_restore_end("s1") is None
     finally:
         store.close()
 

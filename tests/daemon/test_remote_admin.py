@@ -188,6 +188,27 @@ def test_admin_token_manages_tokens_remotely(rd, pki):
     assert rd.call("volume.show", name="logs")["size"] == 4 << 20
 
 
+def test_admin_token_serves_a_backup_snapshot_remotely(rd, pki):
+    """backup.serve is answered when the store is open (a thread opens it):
+    its reply, or its error, in order on the connection, then the next call."""
+    need("nbdinfo")
+    admin = make_token(rd, "ops", "admin")
+    store = rd.tmp / "store"
+    rd.splitctl("backup", "init", str(store))
+    sid = json.loads(rd.splitctl("backup", "run", "--volume", rd.uri("db"), "--to", str(store),
+                                 "--json").stdout)["snapshot"]
+    with client(rd, pki, admin.read_text().strip()) as a:
+        with pytest.raises(AdminError) as e:
+            a.call("backup.serve", store=str(rd.tmp / "nowhere"), snapshot=sid, name="snap")
+        assert e.value.message.startswith("no backup store at "), e.value.message
+        served = a.call("backup.serve", store=str(store), snapshot=sid, name="snap")
+        assert served["name"] == "snap" and served["size"] == 4 << 20, served
+        assert a.call("status")["pid"] == rd.pid
+    cp = subprocess.run(["nbdinfo", "--size", rd.uri("snap")], check=True, capture_output=True,
+                        text=True)
+    assert int(cp.stdout) == 4 << 20
+
+
 # -- refusals -----------------------------------------------------------------------------------
 
 def test_wrong_token_is_unauthorized(rd, pki):

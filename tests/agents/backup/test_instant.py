@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents.backup.helpers import MiB, backup, backup_fails, write_blocks
+from tests.agents.backup.helpers import (
+    MiB,
+    backup,
+    backup_fails,
+    feed_fifo,
+    fifo_chunk,
+    fifo_object,
+    fifo_writer,
+    splitctl_started,
+    write_blocks,
+)
 from tests.agents.backup.test_served import ext4_snapshot  # noqa: F401  (the fixture)
 from tests.conftest import need
 
@@ -69,6 +79,16 @@ def _unthrottle(daemon, name: str) -> None:
         daemon.call("pair.set", name=name, rate=0)
     except AdminError:
         assert _status(daemon, name)["state"] == "restored"
+
+
+def _opened(daemon, name: str, timeout: float = 30) -> dict:
+    """pair.show of an instant restore once its store is open again after
+    a start (it is opened in a thread, or the pair is in error)."""
+    deadline = time.monotonic() + timeout
+    while (show := daemon.call("pair.show", name=name))["source"]["opening"]:
+        assert time.monotonic() < deadline, show
+        time.sleep(0.05)
+    return show
 
 
 def _wait_restored(daemon, name: str, timeout: float = 120) -> dict:
@@ -178,6 +198,163 @@ def test_writes_and_kill9_mid_restore(daemon, image):
     assert _status(daemon, "w")["state"] == "restored"
 
 
+def test_restore_status_after_restarts(daemon, image):
+    """How an instant restore ended is recorded: restore-status says it
+    after kill -9 and restarts; of a volume never restored it says it
+    knows of none; the record goes with the volume."""
+    store, sid, plain = image
+    _instant(daemon, store, sid, "rd")
+    done = _wait_restored(daemon, "rd")
+    assert done["finished"] and done["source"]["snapshot"] == sid, done
+    for restart in (daemon.kill9, daemon.stop):
+        restart()
+        daemon.start()
+        st = _status(daemon, "rd")
+        assert st["state"] == "restored" and st["finished"] == done["finished"], st
+    cp = daemon.splitctl("pair", "wait", "rd", "--until", "synced", "--timeout", "5")
+    assert "volume rd is restored" in cp.stdout, cp.stdout
+    for name in ("src", "nothing"):
+        code, err, _ = backup_fails(daemon, "restore-status", name)
+        assert code == 1 and err["code"] == "not-found", err
+    assert "no instant restore known for volume 'src'" in \
+        backup_fails(daemon, "restore-status", "src")[1]["message"]
+    cp = daemon.splitctl("pair", "wait", "src", "--until", "synced", "--timeout", "5", check=False)
+    assert cp.returncode == 1 and "no pair named 'src'" in cp.stderr, cp.stderr
+    daemon.call("volume.delete", name="rd")
+    daemon.create_volume("rd", 4 * MiB)
+    assert backup_fails(daemon, "restore-status", "rd")[1]["code"] == "not-found"
+
+
+# -- the pair commands on an instant restore ------------------------------------------
+
+
+def test_pair_wait_on_an_instant_restore(daemon, image):
+    """`pair wait` ends when the restore is done (the pair never reaches
+    state pair: it is dissolved), exit 0, whichever target."""
+    store, sid, plain = image
+    _instant(daemon, store, sid, "pw", "--rate", "64K")
+    with splitctl_started(daemon, "pair", "wait", "pw", "--until", "synced", "--interval", "0.1",
+                           "--json") as waiter:
+        time.sleep(0.5)
+        assert waiter.poll() is None, waiter.communicate()
+        _unthrottle(daemon, "pw")
+        out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, (out, err)
+    assert json.loads(out)["state"] == "restored", out
+    # Waited on once done: answered at once, for either target.
+    for until in ("synced", "copied"):
+        cp = daemon.splitctl("pair", "wait", "pw", "--until", until, "--timeout", "5")
+        assert "volume pw is restored" in cp.stdout, cp.stdout
+    assert _read_all(daemon, "pw") == plain
+
+
+def test_pair_commands_on_an_instant_restore(daemon, image):
+    """`pair show` says what the pair is; split, resync, restore and a read
+    policy are refused naming the instant restore and what to do instead."""
+    store, sid, plain = image
+    _instant(daemon, store, sid, "pc", "--rate", "64K")
+    shown = daemon.splitctl("pair", "show", "pc").stdout
+    assert re.search(rf"instant restore from snapshot {sid} of {re.escape(str(store))}", shown), shown
+    assert "pc" in daemon.splitctl("pair", "list").stdout
+    for verb in ("split", "resync", "restore"):
+        cp = daemon.splitctl("pair", verb, "pc", "--json", check=False)
+        err = json.loads(cp.stdout)["error"]
+        assert cp.returncode == 1 and err["code"] == "refused", (verb, cp.stdout)
+        assert err["message"].startswith("pair 'pc' is the instant restore of volume 'pc'"), err
+        assert "backup restore-status pc" in err["message"], err
+    cp = daemon.splitctl("pair", "set", "pc", "--read-policy", "wait", "--json", check=False)
+    assert cp.returncode == 1 and "copy-on-read" in cp.stdout, cp.stdout
+    assert daemon.call("pair.show", name="pc")["read_policy"] == "copy-on-read"
+
+
+def test_pair_wait_on_a_failed_instant_restore(daemon, image):
+    store, sid, _ = image
+    _corrupt_chunk(store, sid, 3)
+    _instant(daemon, store, sid, "pf", "--rate", "64K")
+    with splitctl_started(daemon, "pair", "wait", "pf", "--until", "copied",
+                           "--interval", "0.1") as waiter:
+        daemon.call("pair.set", name="pf", rate=0)      # the engine meets the bad chunk
+        out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 1, (out, err)
+    assert "went to state error" in err and "chunk at 3145728+1048576" in err, err
+
+
+# -- the store is opened off the event loop --------------------------------------------
+
+
+def test_instant_restore_opens_the_store_off_the_event_loop(daemon, image):
+    """backup restore --instant whose index read blocks (a FIFO): meanwhile
+    a 4 KiB read of another volume and the admin API are answered; once the
+    index comes, the volume is made and restored."""
+    from agents.store.names import index_name
+    from tests.daemon.rawnbd import RawClient
+    store, sid, plain = image
+    path = store / index_name(sid)
+    stored = fifo_object(path)
+    with splitctl_started(daemon, "backup", "restore", sid, "--from", str(store), "--to-volume",
+                          "ol", "--instant", "--json") as restoring:
+        fd = fifo_writer(path)          # the daemon is reading the index now
+        try:
+            with RawClient.unix(daemon.nbd_socket, timeout=5) as c:
+                c.open("src")
+                assert c.read(SIZE - 4096, 4096) == plain[-4096:]
+            assert "ol" not in [v["name"] for v in daemon.call("volume.list")["volumes"]]
+            assert restoring.poll() is None, restoring.communicate()
+        finally:
+            feed_fifo(path, stored, fd)
+        out, err = restoring.communicate(timeout=30)
+    assert restoring.returncode == 0, (out, err)
+    _wait_restored(daemon, "ol")
+    assert _read_all(daemon, "ol") == plain
+
+
+def test_store_reopened_at_start_off_the_event_loop(daemon, image):
+    """At start, an instant restore's store is opened again in a thread,
+    after the listeners are up: other volumes are served meanwhile, and so
+    are the restore's regions already restored; a read of a region not yet
+    restored waits for the store, then gets the snapshot's bytes."""
+    from agents.store.names import index_name
+    from tests.daemon.rawnbd import CMD_READ, RawClient
+    store, sid, plain = image
+    _instant(daemon, store, sid, "rs", "--rate", "64K")
+    h = nbd.NBD()
+    h.connect_uri(daemon.uri("rs"))
+    assert h.pread(4096, SIZE - 4096) == plain[-4096:]   # restored by this read
+    h.shutdown()
+    daemon.stop()
+    path = store / index_name(sid)
+    stored = fifo_object(path)
+    fd = None
+    try:
+        daemon.start()
+        fd = fifo_writer(path)          # the daemon is reading the index now
+        show = daemon.call("pair.show", name="rs")
+        assert show["state"] == "restore" and show["source"]["opening"], show
+        with RawClient.unix(daemon.nbd_socket, timeout=5) as other:
+            other.open("src")
+            assert other.read(0, 4096) == plain[:4096]
+        with RawClient.unix(daemon.nbd_socket, timeout=5) as c:
+            c.open("rs")
+            assert c.read(SIZE - 4096, 4096) == plain[-4096:]    # restored already
+            c.send_request(CMD_READ, 2 * MiB, 4096, cookie=7)    # not restored: waits
+            c.sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                c.recv_exact(1)
+            feed_fifo(path, stored, fd)
+            fd = None
+            c.sock.settimeout(10)
+            reply = c.reply(4096)
+            assert reply.cookie == 7 and reply.error == 0 and reply.payload == plain[2 * MiB:2 * MiB + 4096]
+    finally:
+        if fd is not None:
+            feed_fifo(path, stored, fd)
+    show = daemon.call("pair.show", name="rs")
+    assert show["state"] == "restore" and show["source"]["open"], show
+    _unthrottle(daemon, "rs")
+    _wait_restored(daemon, "rs")
+    assert _read_all(daemon, "rs") == plain
+
+
 # -- failures: nothing made, or error with the reason, never wrong bytes ----------------
 
 
@@ -238,7 +415,7 @@ def test_store_gone_at_restart(daemon, image):
     moved = store.with_name("moved")
     store.rename(moved)
     daemon.start()
-    show = daemon.call("pair.show", name="g")
+    show = _opened(daemon, "g")
     assert show["state"] == "error" and "cannot reopen snapshot" in show["reason"], show
     assert "delete the pair" in show["reason"], show
     h = nbd.NBD()
@@ -324,6 +501,32 @@ def test_corrupt_chunk_met_by_the_background_copy(daemon, image):
     h.shutdown()
 
 
+def test_client_gone_while_its_read_waits(daemon, image):
+    """A client that disconnects while its READ of P waits for a chunk
+    fetch, which then fails: the pair goes to error, and asyncio has no
+    "exception was never retrieved" to report."""
+    from tests.daemon.rawnbd import CMD_READ, RawClient
+    store, sid, _ = image
+    path, _ = fifo_chunk(store, sid, 3)
+    _instant(daemon, store, sid, "cg", "--rate", "64K")
+    with RawClient.unix(daemon.nbd_socket) as c:
+        c.open("cg")
+        c.send_request(CMD_READ, 3 * MiB + 8192, 4096)
+        deadline = time.monotonic() + 10
+        while not daemon.export_read_bytes("cg"):
+            assert time.monotonic() < deadline, "the READ did not arrive"
+            time.sleep(0.02)
+    while daemon.call("connections")["connections"]:
+        assert time.monotonic() < deadline + 10, "the daemon did not see the client go"
+        time.sleep(0.02)
+    feed_fifo(path, b"not a chunk")          # the fetch fails: a corrupt object
+    while _status(daemon, "cg")["state"] != "error":
+        assert time.monotonic() < deadline + 20, daemon.log_tail()
+        time.sleep(0.05)
+    time.sleep(0.5)                          # anything logged once the future is freed
+    assert "never retrieved" not in daemon.log(), daemon.log_tail()
+
+
 def test_wrong_key_at_restart(daemon, tmp_path):
     daemon.create_volume("k", 4 * MiB)
     write_blocks(daemon, "k", [0], seed=6, length=4 * MiB)
@@ -336,7 +539,7 @@ def test_wrong_key_at_restart(daemon, tmp_path):
     daemon.kill9()
     key.write_bytes(other.read_bytes())
     daemon.start()
-    show = daemon.call("pair.show", name="k2")
+    show = _opened(daemon, "k2")
     assert show["state"] == "error" and "cannot reopen snapshot" in show["reason"], show
     assert "key" in show["reason"], show
     # Paths kept for restarts must be absolute (splitctl makes them so).

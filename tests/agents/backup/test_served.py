@@ -8,10 +8,21 @@ import os
 import random
 import re
 import subprocess
+import time
 
 import pytest
 
-from tests.agents.backup.helpers import MiB, backup, backup_fails, write_blocks
+from tests.agents.backup.helpers import (
+    MiB,
+    backup,
+    backup_fails,
+    feed_fifo,
+    fifo_chunk,
+    fifo_object,
+    fifo_writer,
+    splitctl_started,
+    write_blocks,
+)
 from tests.conftest import need
 
 pytest.importorskip("nbd")
@@ -332,13 +343,7 @@ def test_daemon_answers_while_a_chunk_loads(daemon, image):
 
     import nbd
     store, sid, plain = image
-    from agents.store import open_dir
-    from agents.store.names import chunk_name
-    with open_dir(str(store)) as st:
-        path = store / chunk_name(st.index(sid).id_at(17))
-    stored = path.read_bytes()
-    path.unlink()
-    os.mkfifo(path)
+    path, stored = fifo_chunk(store, sid, 17)
     backup(daemon, "serve", sid, "--from", str(store), "--as", "snap")
     slow = nbd.NBD()
     slow.connect_uri(daemon.uri("snap"))
@@ -358,12 +363,123 @@ def test_daemon_answers_while_a_chunk_loads(daemon, image):
         assert daemon.call("status")["volumes"] == 1
         assert reader.is_alive() and not got, "the read of the blocked chunk was answered"
     finally:
-        with open(path, "wb") as fifo:       # release the fetch
-            fifo.write(stored)
+        feed_fifo(path, stored)              # release the fetch
         reader.join(30)
     with open(plain, "rb") as f:
         f.seek(17 * MiB + 8192)
         assert got == [f.read(4096)]
+
+
+def test_client_gone_while_its_read_waits(daemon, image):
+    """A client that disconnects while its READ waits for a chunk fetch,
+    which then fails: the failure is logged once, as a failed READ, and
+    asyncio has no "exception was never retrieved" to report."""
+    from tests.daemon.rawnbd import CMD_READ, RawClient
+    store, sid, _ = image
+    path, _ = fifo_chunk(store, sid, 17)
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "snap")
+    with RawClient.unix(daemon.nbd_socket) as c:
+        c.open("snap")
+        c.send_request(CMD_READ, 17 * MiB + 8192, 4096)
+        deadline = time.monotonic() + 10
+        while not daemon.export_read_bytes("snap"):
+            assert time.monotonic() < deadline, "the READ did not arrive"
+            time.sleep(0.02)
+    while daemon.call("backup.served")["served"][0]["connections"]:
+        assert time.monotonic() < deadline + 10, "the daemon did not see the client go"
+        time.sleep(0.02)
+    feed_fifo(path, b"not a chunk")          # the fetch fails: a corrupt object
+    while "READ failed with EIO" not in daemon.log():
+        assert time.monotonic() < deadline + 20, daemon.log_tail()
+        time.sleep(0.05)
+    time.sleep(0.5)                          # anything logged once the future is freed
+    assert daemon.call("status")
+    assert "never retrieved" not in daemon.log(), daemon.log_tail()
+
+
+def test_serve_opens_the_store_off_the_event_loop(daemon, image):
+    """backup serve whose index read blocks (its object a FIFO): meanwhile
+    a 4 KiB read of a volume and the admin API are answered; once the index
+    comes, the snapshot is served."""
+    from agents.store.names import index_name
+    from tests.daemon.rawnbd import RawClient
+    store, sid, plain = image
+    path = store / index_name(sid)
+    stored = fifo_object(path)
+    with splitctl_started(daemon, "backup", "serve", sid, "--from", str(store), "--as", "snap",
+                          "--json") as serving:
+        fd = fifo_writer(path)          # the daemon is reading the index now
+        try:
+            with RawClient.unix(daemon.nbd_socket, timeout=5) as c:
+                c.open("v")
+                assert c.read(SIZE - 4096, 4096) == plain.read_bytes()[-4096:]
+            assert daemon.call("status")["volumes"] == 1
+            assert serving.poll() is None, serving.communicate()
+            assert "snap" not in [s["name"] for s in daemon.call("backup.served")["served"]]
+        finally:
+            feed_fifo(path, stored, fd)
+        out, err = serving.communicate(timeout=30)
+    assert serving.returncode == 0, (out, err)
+    assert json.loads(out)["name"] == "snap"
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(daemon.uri("snap"))
+    assert h.pread(4096, SIZE - 4096) == plain.read_bytes()[-4096:]
+    h.shutdown()
+
+
+def _served_again(daemon, name: str, timeout: float = 30) -> dict:
+    """`name` in backup.served once its store is no longer being opened
+    (after a start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        [entry] = [s for s in daemon.call("backup.served")["served"] if s["name"] == name]
+        if not entry.get("opening"):
+            return entry
+        assert time.monotonic() < deadline, entry
+        time.sleep(0.05)
+
+
+def test_served_again_after_restarts(daemon, image):
+    """A served snapshot is recorded and served again after kill -9 and
+    after a clean restart; one whose store is gone at start is listed
+    unavailable with the reason (the daemon serves the rest), its export
+    refused naming it, until unserved."""
+    import nbd
+    store, sid, plain = image
+    data = plain.read_bytes()
+    backup(daemon, "serve", sid, "--from", str(store), "--as", "snap", "--cache-size", "32M")
+    for restart in (daemon.kill9, daemon.stop):
+        restart()
+        daemon.start()
+        entry = _served_again(daemon, "snap")
+        assert entry["available"] and entry["snapshot"] == sid, entry
+        assert entry["cache_size"] == 32 * MiB and entry["store"] == str(store), entry
+        h = nbd.NBD()
+        h.connect_uri(daemon.uri("snap"))
+        assert h.pread(4096, SIZE - 4096) == data[-4096:]
+        h.shutdown()
+    daemon.stop()
+    moved = store.with_name("moved")
+    store.rename(moved)
+    daemon.start()
+    entry = _served_again(daemon, "snap")
+    assert not entry["available"] and "cannot open snapshot" in entry["reason"], entry
+    assert "no backup store" in entry["reason"], entry
+    assert "snap: unavailable: cannot open snapshot" in daemon.splitctl("backup", "served").stdout
+    from tests.daemon.rawnbd import OPT_GO, RawClient, info_data
+    with RawClient.unix(daemon.nbd_socket) as c:
+        c.start()
+        [refused] = c.option(OPT_GO, info_data("snap"))
+        assert refused.type & 2**31 and b"'snap' is not available: cannot open" in refused.data
+    assert daemon.call("volume.show", name="v")["size"] == SIZE      # the rest is served
+    err = backup_fails(daemon, "serve", sid, "--from", str(moved), "--as", "snap")[1]
+    assert err["code"] == "conflict" and "unavailable" in err["message"], err
+    assert backup(daemon, "unserve", "snap")["unserved"] is True
+    assert backup(daemon, "served")["served"] == []
+    moved.rename(store)
+    daemon.restart()
+    assert backup(daemon, "served")["served"] == []
 
 
 def test_cache_is_bounded(daemon, image, tmp_path):
