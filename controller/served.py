@@ -311,6 +311,19 @@ def open_snapshot(store: str, snapshot: str, key_file: str | None) -> tuple[Stor
 OPENING = "its backup store is being opened again (after a start)"
 
 
+def check_source(store: Any, snapshot: Any, key_file: Any) -> None:
+    """A snapshot named in a request (backup.serve, backup.instant_restore):
+    the store, snapshot id and key file. Both paths are recorded and opened
+    again at every start, so they must be absolute."""
+    if not isinstance(store, str) or not store.startswith(("/", "s3://")):
+        raise BadInput(f"store {quoted(store)} must be the absolute path of a backup store "
+                       "directory, or s3://BUCKET/PREFIX")
+    if not isinstance(snapshot, str) or not snapshot:
+        raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
+    if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
+        raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
+
+
 class ServedSnapshots:
     """The snapshots this daemon serves, by export name. Each is recorded
     in the metadata store (`db`, table `served`) when served and forgotten
@@ -411,14 +424,7 @@ class ServedSnapshots:
     def _check(self, store: Any, snapshot: Any, name: Any, key_file: Any,
                cache_size: Any) -> tuple[str, int]:
         """The request checked: (the export name, the cache's bound)."""
-        # Both are recorded and opened again at every start: absolute.
-        if not isinstance(store, str) or not store.startswith(("/", "s3://")):
-            raise BadInput(f"store {quoted(store)} must be the absolute path of a backup store "
-                           "directory, or s3://BUCKET/PREFIX")
-        if not isinstance(snapshot, str) or not snapshot:
-            raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
-        if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
-            raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
+        check_source(store, snapshot, key_file)
         name = validate_name(name if name is not None else f"backup-{snapshot}")
         limit = DEFAULT_CACHE if cache_size is None else parse_size(cache_size)
         if not MIN_CACHE <= limit <= MAX_CACHE:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from controller import ports
 from controller.errors import BadInput, Conflict, NotFound, UnknownMethod
 from controller.pairs import Refused
+from controller.served import check_source
 from controller.tokens import Tokens, describe as describe_token
 from volumes.names import parse_region_size, parse_size, quoted, validate_name
 
@@ -291,15 +292,8 @@ class Controller:
                                      key_file: Param = None, rate: Param = 0) -> Reply:
         """A new volume restored from a snapshot, usable at once; the rest is
         restored in the background (controller/instant.py)."""
-        # Both are kept in the pair's row and opened again at every start:
-        # absolute, not relative to wherever the daemon runs.
-        if not isinstance(store, str) or not (store.startswith(("/", "s3://"))):
-            raise BadInput(f"store {quoted(store)} must be the absolute path of a backup store "
-                           "directory, or s3://BUCKET/PREFIX")
-        if not isinstance(snapshot, str) or not snapshot:
-            raise BadInput("snapshot must be a snapshot id (splitctl backup list)")
-        if key_file is not None and (not isinstance(key_file, str) or not key_file.startswith("/")):
-            raise BadInput(f"key_file {quoted(key_file)} must be an absolute path")
+        # Kept in the pair's row and opened again at every start.
+        check_source(store, snapshot, key_file)
         volume = validate_name(volume)
 
         def check() -> None:
