@@ -218,7 +218,8 @@ class WaitDisplay:
             self.stream.write("\r" + progress_bar(pair, width) + "\x1b[K")
             self.stream.flush()
             self.drawn = True
-        elif time.monotonic() - self.last_report >= QUIET_REPORT_EVERY:
+        elif pair.get("remaining") and time.monotonic() - self.last_report >= QUIET_REPORT_EVERY:
+            # (Nothing remaining: the wait is over, its outcome line follows.)
             self.last_report = time.monotonic()
             self.stream.write(f"{PROG}: waiting for pair {pair['name']} to be {self.until}: "
                               f"{pair['state']}, {progress_text(pair)}, "

@@ -6,6 +6,7 @@ progress output is checked on a real pseudo-terminal.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -601,3 +602,18 @@ def test_wait_pair_stops_on_error():
         client.wait("synced")
     assert e.value.message == "pair 'snap' went to state error: disk on fire"
     assert isinstance(e.value, AdminError) and e.value.pair["state"] == "error"
+
+
+def test_wait_without_a_terminal_prints_no_waiting_line_once_nothing_remains(monkeypatch):
+    """The poll that ends the wait (nothing remaining, the drain done) is
+    not reported as still waiting, however long since the last line: the
+    outcome line follows it. (Under load the last poll often came due.)"""
+    monkeypatch.setattr(pair_commands, "QUIET_REPORT_EVERY", 0.0)
+    out = io.StringIO()
+    display = pair_commands.WaitDisplay(out, "synced")
+    status = {"name": "snap", "state": "copy", "remaining": 4, "copy_rate": 1 << 20,
+              "eta_s": 1, "regions": 32, "progress": {"done": 28, "total": 32}}
+    display.update(status)
+    display.update(dict(status, state="pair", remaining=0, progress={"done": 0, "total": 0}))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and ": copy, " in lines[0], lines
